@@ -1,0 +1,16 @@
+"""scaletrain.kernels: fused Triton kernels, each beside a plain-torch reference it is tested against.
+
+A leaf package (imports only torch and, optionally, triton). Public functions dispatch to Triton when it
+can run on the given tensors (CUDA, or CPU under ``TRITON_INTERPRET=1``) and otherwise to the references
+in ``kernels.reference``; ``TRITON_AVAILABLE`` says whether Triton imported at all. Each kernel is also
+registered as a ``torch.library`` op in the ``scaletrain_kernels`` namespace with autograd, so it works
+under torch.compile.
+
+Kernels: attention (flash, GQA, causal, sliding window, lse), rms_norm, apply_rope, swiglu,
+fused_linear_cross_entropy. See each module's docstring for layouts and algorithms.
+"""
+
+from ._triton import INTERPRET, TRITON_AVAILABLE
+from .attention import attention
+
+__all__ = ["INTERPRET", "TRITON_AVAILABLE", "attention"]

@@ -1,0 +1,366 @@
+"""Flash attention (FlashAttention-2 style) forward + backward in Triton, with GQA, causal and sliding window.
+
+Layout: q_BHTD [B, H, T, D]; k_BHSD / v_BHSD [B, Hkv, S, D] with Hkv dividing H (grouped-query attention:
+query head h reads kv head h // (H // Hkv)). D must be a power of two in [16, 128]. T and S need not be
+multiples of the block sizes. Masking conventions (bottom-right aligned causal, left-bounded window) are
+documented in ``reference.attention_mask``.
+
+Why: the [T, S] score matrix is never stored. The forward streams K/V blocks through an online softmax
+(running max m and normalizer l, kept in the log2 domain so the kernel uses exp2) and saves only
+out and lse = log(sum(exp(scores))) per row. The backward recomputes probabilities from lse:
+  preprocess  delta = rowsum(dO * O) - dlse      (dlse lets gradients flow through the returned lse,
+                                                  which ring attention needs when merging partial outputs)
+  dK/dV       one program per kv block, looping over every query head of its GQA group (no atomics)
+  dQ          one program per query block, looping over kv blocks
+with dS = P * (dP - delta), dP = dO V^T.
+
+Under the Triton interpreter (CPU tests) dot operands are upcast to fp32 because the interpreter's bf16
+dot is not correct; on GPU bf16/fp16 operands go straight to tensor cores with fp32 accumulation, and
+fp32 inputs use IEEE (not TF32) dots so they match the reference closely.
+"""
+
+import math
+
+import torch
+
+from . import reference
+from ._triton import INTERPRET, kernel_op, launch, tl, triton, use_triton
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Out, LSE,
+    qk_scale_log2, T, S, H, HKV, q_offset, window,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hkv = h // (H // HKV)
+    q_base = pid_bh.to(tl.int64) * T * HEAD_DIM
+    kv_base = (b * HKV + hkv).to(tl.int64) * S * HEAD_DIM
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    q_pos = offs_m + q_offset  # absolute position of each query (bottom-right alignment)
+
+    # Only visit kv blocks that can hold a visible key for some query of this block.
+    lo = 0
+    hi = S
+    if CAUSAL:
+        hi = tl.minimum(S, pid_m * BLOCK_M + BLOCK_M + q_offset)
+    if WINDOWED:
+        lo = tl.maximum(0, pid_m * BLOCK_M + q_offset - window + 1)
+        lo = (lo // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        k_idx = start_n + offs_n
+        kv_mask = k_idx[:, None] < S
+        k = tl.load(K + kv_base + k_idx[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_base + k_idx[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale_log2
+        visible = k_idx[None, :] < S
+        if CAUSAL:
+            visible = visible & (k_idx[None, :] <= q_pos[:, None])
+        if WINDOWED:
+            visible = visible & (k_idx[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no visible key yet keeps m = -inf; shift by 0 instead to avoid inf - inf.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    tl.store(Out + q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=offs_m[:, None] < T)
+    tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(Out, DO, DLSE, DELTA, T, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    base = pid_bh.to(tl.int64) * T * HEAD_DIM
+    row_mask = offs_m[:, None] < T
+    o = tl.load(Out + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=row_mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=row_mask, other=0.0).to(tl.float32)
+    dlse = tl.load(DLSE + pid_bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1) - dlse, mask=offs_m < T)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    qk_scale_log2, sm_scale, T, S, H, HKV, q_offset, window,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)  # over B * HKV
+    b = pid_bh // HKV
+    hkv = pid_bh % HKV
+    group = H // HKV
+    kv_base = pid_bh.to(tl.int64) * S * HEAD_DIM
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kv_mask = offs_n[:, None] < S
+    k = tl.load(K + kv_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    # Query rows that can see some key of this block: q_pos >= first key (causal), q_pos < last key + window.
+    lo = 0
+    hi = T
+    if CAUSAL:
+        lo = tl.maximum(0, pid_n * BLOCK_N - q_offset)
+        lo = (lo // BLOCK_M) * BLOCK_M
+    if WINDOWED:
+        hi = tl.minimum(T, pid_n * BLOCK_N + BLOCK_N - 1 + window - q_offset)
+
+    for g in range(0, group):
+        bh = (b * H + hkv * group + g).to(tl.int64)
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + offs_m0
+            row_mask = offs_m[:, None] < T
+            q = tl.load(Q + bh * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=row_mask, other=0.0)
+            do = tl.load(DO + bh * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=row_mask,
+                         other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=0.0)
+            lse = tl.where(lse == float("-inf"), 0.0, lse)  # fully-masked rows: all p are 0 anyway
+            delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale_log2
+            q_pos = offs_m + q_offset
+            visible = (offs_m[:, None] < T) & (offs_n[None, :] < S)
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= q_pos[:, None])
+            if WINDOWED:
+                visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
+            p = tl.where(visible, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+
+    dk = dk * sm_scale
+    tl.store(DK + kv_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + kv_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    qk_scale_log2, sm_scale, T, S, H, HKV, q_offset, window,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hkv = h // (H // HKV)
+    q_base = pid_bh.to(tl.int64) * T * HEAD_DIM
+    kv_base = (b * HKV + hkv).to(tl.int64) * S * HEAD_DIM
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_mask = offs_m[:, None] < T
+    q = tl.load(Q + q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=row_mask, other=0.0)
+    do = tl.load(DO + q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=row_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    q_pos = offs_m + q_offset
+
+    lo = 0
+    hi = S
+    if CAUSAL:
+        hi = tl.minimum(S, pid_m * BLOCK_M + BLOCK_M + q_offset)
+    if WINDOWED:
+        lo = tl.maximum(0, pid_m * BLOCK_M + q_offset - window + 1)
+        lo = (lo // BLOCK_N) * BLOCK_N
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kv_mask = offs_n[:, None] < S
+        k = tl.load(K + kv_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale_log2
+        visible = offs_n[None, :] < S
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= q_pos[:, None])
+        if WINDOWED:
+            visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
+        p = tl.where(visible, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+
+    dq = dq * sm_scale
+    tl.store(DQ + q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_mask)
+
+
+def _config(head_dim: int, dtype: torch.dtype) -> dict:
+    """Block sizes / launch options. Interpreter: small blocks exercise the multi-block paths cheaply."""
+    prec = "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit operands
+    if INTERPRET:
+        return dict(fwd_m=16, fwd_n=16, bwd_m=16, bwd_n=16, warps=1, stages=1, upcast=True, prec=prec)
+    wide = head_dim > 64 or dtype == torch.float32  # keep shared memory per stage bounded
+    return dict(
+        fwd_m=64 if wide else 128, fwd_n=64, bwd_m=32 if wide else 64, bwd_n=64,
+        warps=8 if head_dim > 64 else 4, stages=2 if wide else 3, upcast=False, prec=prec,
+    )  # fmt: skip
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"expected q [B,H,T,D], k/v [B,Hkv,S,D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    b, h, _, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d or h % k.shape[1] != 0:
+        raise ValueError(f"kv shape {tuple(k.shape)} incompatible with q {tuple(q.shape)} (Hkv must divide H)")
+    if d not in (16, 32, 64, 128):
+        raise ValueError(f"head_dim must be one of 16, 32, 64, 128; got {d}")
+
+
+def _fwd_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool, window: int):
+    b, h, t, _ = q.shape
+    return torch.empty_like(q), q.new_empty((b, h, t), dtype=torch.float32)
+
+
+@kernel_op("attention_fwd", fake=_fwd_fake)
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool, window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out [B,H,T,D], lse [B,H,T] fp32). ``window`` <= 0 means no window."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    b, h, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty((b, h, t), device=q.device, dtype=torch.float32)
+    cfg = _config(d, q.dtype)
+    grid = (triton.cdiv(t, cfg["fwd_m"]), b * h)
+    launch(_attn_fwd_kernel)[grid](
+        q, k, v, out, lse, scale * LOG2E, t, s, h, hkv, s - t, window,
+        HEAD_DIM=d, BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], CAUSAL=causal, WINDOWED=window > 0,
+        UPCAST=cfg["upcast"], PREC=cfg["prec"], num_warps=cfg["warps"], num_stages=cfg["stages"],
+    )  # fmt: skip
+    return out, lse
+
+
+def _bwd_fake(do, q, k, v, out, lse, dlse, scale: float, causal: bool, window: int):  # noqa: ANN001
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@kernel_op("attention_bwd", fake=_bwd_fake)
+def attention_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    dlse: torch.Tensor, scale: float, causal: bool, window: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Returns (dq, dk, dv); ``dlse`` is the incoming gradient of lse (zeros when lse was unused)."""
+    do, q, k, v, out = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous()
+    lse, dlse = lse.contiguous(), dlse.float().contiguous()
+    b, h, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    cfg = _config(d, q.dtype)
+    delta = torch.empty_like(lse)
+    launch(_attn_bwd_preprocess_kernel)[(triton.cdiv(t, cfg["bwd_m"]), b * h)](
+        out, do, dlse, delta, t, HEAD_DIM=d, BLOCK_M=cfg["bwd_m"]
+    )
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    common = dict(
+        HEAD_DIM=d, BLOCK_M=cfg["bwd_m"], BLOCK_N=cfg["bwd_n"], CAUSAL=causal, WINDOWED=window > 0,
+        UPCAST=cfg["upcast"], PREC=cfg["prec"], num_warps=cfg["warps"], num_stages=cfg["stages"],
+    )  # fmt: skip
+    launch(_attn_bwd_dkdv_kernel)[(triton.cdiv(s, cfg["bwd_n"]), b * hkv)](
+        q, k, v, do, lse, delta, dk, dv, scale * LOG2E, scale, t, s, h, hkv, s - t, window, **common
+    )
+    launch(_attn_bwd_dq_kernel)[(triton.cdiv(t, cfg["bwd_m"]), b * h)](
+        q, k, v, do, lse, delta, dq, scale * LOG2E, scale, t, s, h, hkv, s - t, window, **common
+    )
+    return dq, dk, dv
+
+
+def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    q, k, v, scale, causal, window = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale, ctx.causal, ctx.window = scale, causal, window
+
+
+def _backward(ctx, dout: torch.Tensor, dlse: torch.Tensor | None):  # noqa: ANN001
+    q, k, v, out, lse = ctx.saved_tensors
+    if dlse is None:
+        dlse = torch.zeros_like(lse)
+    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, dlse, ctx.scale, ctx.causal, ctx.window)
+    return dq, dk, dv, None, None, None
+
+
+if hasattr(attention_fwd, "register_autograd"):
+    attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(
+    q_BHTD: torch.Tensor,
+    k_BHSD: torch.Tensor,
+    v_BHSD: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float | None = None,
+    window: int | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Flash attention. Returns out [B,H,T,D] (q's dtype), plus lse [B,H,T] fp32 when ``return_lse``.
+
+    ``scale`` defaults to 1/sqrt(D). ``window`` (>= 1) restricts each query to keys with
+    key_pos > query_pos - window. Rows that see no key (possible when causal and T > S) give out=0, lse=-inf.
+    Falls back to ``reference.attention_reference`` when Triton cannot run on these tensors.
+    """
+    _check(q_BHTD, k_BHSD, v_BHSD)
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    scale = 1.0 / math.sqrt(q_BHTD.shape[-1]) if scale is None else float(scale)
+    if use_triton(q_BHTD, k_BHSD, v_BHSD):
+        out, lse = attention_fwd(q_BHTD, k_BHSD, v_BHSD, scale, causal, window or 0)
+    else:
+        out, lse = reference.attention_reference(q_BHTD, k_BHSD, v_BHSD, causal=causal, scale=scale, window=window)
+    return (out, lse) if return_lse else out
