@@ -1,0 +1,63 @@
+"""Peak memory of the training process on one device, in GiB.
+
+Accelerators (CUDA/ROCm, XPU) report the caching allocator's `max_memory_allocated`: the
+tensors PyTorch held at the high-water mark, which is what decides out-of-memory. On the
+CPU there is no allocator counter, so we report the process's peak resident set size;
+that includes the interpreter and libraries, so treat it as an upper bound.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+_GIB = float(1 << 30)
+
+
+def _accelerator_module(device: torch.device):
+    """`torch.cuda` / `torch.xpu` when that backend has peak-memory counters, else None."""
+    module = getattr(torch, device.type, None)
+    if module is not None and hasattr(module, "max_memory_allocated") and hasattr(module, "reset_peak_memory_stats"):
+        return module
+    return None
+
+
+def _max_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes (getrusage(2) on each).
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory since the last `reset_peak_memory(device)` (or process start), in GiB.
+
+    Devices with no counter at all (meta, MPS) return NaN rather than a misleading 0.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return _max_rss_bytes() / _GIB
+    module = _accelerator_module(device)
+    if module is None:
+        return float("nan")
+    return module.max_memory_allocated(device) / _GIB
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window (e.g. after the first step, so warmup is excluded).
+
+    On the CPU this asks Linux to reset the peak RSS (writing 5 to /proc/self/clear_refs,
+    Linux >= 4.0); where that is not possible the CPU peak simply stays process-wide.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+        except OSError:
+            pass  # not Linux, or not permitted: keep the process-wide peak
+        return
+    module = _accelerator_module(device)
+    if module is not None:
+        module.reset_peak_memory_stats(device)
