@@ -146,7 +146,7 @@ def test_workers_give_identical_batches():
         for _ in range(12):  # crosses two epoch boundaries
             a, b = plain.next_step(), workers.next_step()
             assert len(a) == len(b)
-            for x, y in zip(a, b):
+            for x, y in zip(a, b, strict=True):
                 assert x.keys() == y.keys()
                 for k in x:
                     assert torch.equal(x[k], y[k]), k
@@ -190,7 +190,7 @@ def test_token_windows_through_loader():
     (batch,) = loader.next_step()
     assert batch["input"].shape == (4, 16) and batch["target"].shape == (4, 16)
     assert batch["input"].dtype == torch.int64
-    for row, sid in zip(batch["input"], batch["sample_ids"].tolist()):
+    for row, sid in zip(batch["input"], batch["sample_ids"].tolist(), strict=True):
         assert torch.equal(row, ds[sid]["input"])
 
 
