@@ -25,7 +25,42 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+
+def _attention_fwd_flops(q_shape, k_shape, v_shape, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """QK^T plus attention @ V, full (non-causal) like torch's own SDPA formulas; GQA-aware."""
+    batch, heads, s_q, d_qk = q_shape
+    s_k, d_v = k_shape[-2], v_shape[-1]
+    return 2 * batch * heads * s_q * s_k * (d_qk + d_v)
+
+
+def _attention_bwd_flops(grad_shape, q_shape, k_shape, v_shape, *args: Any, **kwargs: Any) -> int:
+    """dV, dP, dQ and dK: four matmuls of forward size, i.e. twice the forward."""
+    return 2 * _attention_fwd_flops(q_shape, k_shape, v_shape)
+
+
+def _extra_formulas() -> dict[Any, Callable[..., int]]:
+    """Formulas for ops torch's counter has none for (on the torch versions we support).
+
+    The CPU SDPA kernel is the one that matters: without it a real-CPU count of any
+    attention model misses all attention FLOPs, and would disagree with the meta count
+    (which decomposes SDPA into counted bmms). Torch's own formula wins if it has one.
+    """
+    aten = torch.ops.aten
+    extra: dict[Any, Callable[..., int]] = {}
+    for name, formula in (
+        ("_scaled_dot_product_flash_attention_for_cpu", _attention_fwd_flops),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", _attention_bwd_flops),
+    ):
+        op = getattr(aten, name, None)
+        if op is not None and op not in flop_registry:
+            extra[op] = formula
+    return extra
+
+
+def _counter() -> FlopCounterMode:
+    return FlopCounterMode(display=False, custom_mapping=_extra_formulas())
 
 
 def _floating_tensors(obj: Any) -> Iterator[torch.Tensor]:
@@ -62,7 +97,7 @@ def _as_tuple(inputs: Any) -> tuple:
 
 def count_forward_flops(model: nn.Module, inputs: tuple, kwargs: dict[str, Any] | None = None) -> int:
     """FLOPs of one forward of `model(*inputs, **kwargs)`, without building an autograd graph."""
-    counter = FlopCounterMode(display=False)
+    counter = _counter()
     with torch.no_grad(), counter:
         model(*_as_tuple(inputs), **(kwargs or {}))
     return int(counter.get_total_flops())
@@ -94,7 +129,7 @@ def count_train_flops(
     saved_grads = [t.grad for t in leaves]
     for leaf in leaves:
         leaf.grad = None
-    counter = FlopCounterMode(display=False)
+    counter = _counter()
     try:
         with torch.enable_grad(), counter:
             output = model(*inputs, **(kwargs or {}))
