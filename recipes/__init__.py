@@ -1,0 +1,1 @@
+"""Model families. Each sub-package registers one recipe; the core discovers them all."""

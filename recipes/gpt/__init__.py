@@ -1,0 +1,100 @@
+"""GPT / Llama recipe: decoder-only language models on text or token files.
+
+Configs: recipes/gpt/configs/ (tiny for a CPU; gpt2-small; llama 1B, 8B, 70B for GPUs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from recipes.gpt.model import GPT, GPTConfig
+from recipes.gpt.parallelize import parallelize_gpt
+from scaletrain.config.schema import JobConfig, opt
+from scaletrain.data import TokenWindowDataset, bundled_corpus_path, load_tokenizer, load_tokens
+from scaletrain.parallel.dims import ParallelDims
+from scaletrain.registry import Recipe, register_recipe
+
+
+@dataclass
+class TextDataConfig:
+    path: str = opt("bundled", "Text (.txt) or token-id file (.bin/.npy); 'bundled' = the shipped corpus.")
+    tokenizer: str = opt("byte", "'byte' or a path to a tokenizer .json (see `scaletrain tokenizer train`).")
+    token_dtype: Literal["uint16", "uint32"] = opt("uint16", "On-disk dtype of .bin token files.")
+    seq_len: int = opt(128, "Tokens per training sample.")
+    num_workers: int = opt(0, "Background loader processes (0 = load in the training process).")
+
+
+def _data_path(cfg: JobConfig) -> str:
+    return str(bundled_corpus_path()) if cfg.data.path == "bundled" else cfg.data.path
+
+
+def build_dataset(cfg: JobConfig) -> TokenWindowDataset:
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tokens = load_tokens(_data_path(cfg), tokenizer, cfg.data.token_dtype, seq_len=cfg.data.seq_len)
+    return TokenWindowDataset(tokens, cfg.data.seq_len)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor]:
+    return (batch["input"],)
+
+
+def loss(logits_BTV: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    # fp32 softmax: bf16 logits lose the small probabilities that cross-entropy depends on.
+    return F.cross_entropy(logits_BTV.flatten(0, 1).float(), batch["target"].flatten())
+
+
+def validate(cfg: JobConfig, dims: ParallelDims) -> None:
+    m, d = cfg.model, cfg.data
+    checks = [
+        (m.dim % m.n_heads == 0, f"model.dim: {m.dim} is not divisible by model.n_heads={m.n_heads}"),
+        (m.head_dim % 2 == 0 or m.pos != "rope", f"model.dim/model.n_heads = {m.head_dim} must be even for RoPE"),
+        (m.n_heads % m.kv_heads == 0, f"model.n_kv_heads: {m.kv_heads} does not divide model.n_heads={m.n_heads}"),
+        (d.seq_len >= 1, f"data.seq_len: {d.seq_len} is not allowed; use >= 1"),
+        (d.seq_len <= m.max_seq_len, f"data.seq_len: {d.seq_len} exceeds model.max_seq_len={m.max_seq_len}"),
+        (d.num_workers >= 0, f"data.num_workers: {d.num_workers} is not allowed; use >= 0"),
+    ]
+    tp = dims.tp
+    if tp > 1:
+        checks += [
+            (m.n_heads % tp == 0, f"parallel.tp: {tp} does not divide model.n_heads={m.n_heads}"),
+            (m.kv_heads % tp == 0, f"parallel.tp: {tp} does not divide the kv heads (model.n_kv_heads={m.kv_heads})"),
+            (m.hidden_dim % tp == 0, f"parallel.tp: {tp} does not divide the MLP hidden width {m.hidden_dim}"),
+            (m.vocab_size % tp == 0, f"parallel.tp: {tp} does not divide model.vocab_size={m.vocab_size}"),
+            (d.seq_len % tp == 0, f"data.seq_len: {d.seq_len} is not divisible by parallel.tp={tp} (sequence parallel)"),
+            (not m.tie_embeddings, "model.tie_embeddings: tied embeddings are not supported with tensor parallel"),
+        ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    if cfg.data.path != "bundled":
+        from pathlib import Path
+
+        if not Path(cfg.data.path).is_file():
+            raise ValueError(f"data.path: {cfg.data.path!r} does not exist")
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if tokenizer.vocab_size > m.vocab_size:
+        raise ValueError(
+            f"model.vocab_size: {m.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})"
+        )
+
+
+RECIPE = register_recipe(
+    Recipe(
+        name="gpt",
+        model_config=GPTConfig,
+        data_config=TextDataConfig,
+        build_model=GPT,
+        parallelize=parallelize_gpt,
+        build_dataset=build_dataset,
+        model_inputs=model_inputs,
+        loss=loss,
+        validate=validate,
+        units_per_sample=lambda cfg: cfg.data.seq_len,
+        unit="tokens",
+        supports_loss_parallel=True,
+    )
+)

@@ -1,0 +1,198 @@
+"""Decoder-only transformer: Llama-style and GPT-2-style blocks from one config.
+
+A plain nn.Module with no parallel code (recipes/gpt/parallelize.py adds that). Built on
+the meta device; `init_tensor` fills every parameter and buffer by name, so initialization
+does not depend on how the model was sharded (see scaletrain/parallel/init.py).
+
+Shape legend: B batch, T sequence, D model dim, H heads, K kv heads, E head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scaletrain.config.schema import opt
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = opt(512, "Vocabulary size (>= the tokenizer's).")
+    dim: int = opt(128, "Model (residual stream) width D.")
+    n_layers: int = opt(4, "Number of transformer blocks.")
+    n_heads: int = opt(4, "Attention heads H.")
+    n_kv_heads: int = opt(0, "Key/value heads K for grouped-query attention; 0 = n_heads.")
+    ffn_hidden: int = opt(0, "MLP hidden width; 0 = 4*D for GELU, 8/3*D rounded up to multiple_of for SwiGLU.")
+    ffn_multiplier: float = opt(1.0, "Scales the automatic SwiGLU hidden width (Llama-3 uses 1.3 for 8B, 1.5 for 70B).")
+    multiple_of: int = opt(64, "SwiGLU hidden width is rounded up to a multiple of this.")
+    norm: Literal["rmsnorm", "layernorm"] = opt("rmsnorm", "Normalization layer.")
+    norm_eps: float = opt(1e-5, "Normalization epsilon.")
+    pos: Literal["rope", "learned"] = opt("rope", "Position encoding: rotary (Llama) or learned table (GPT-2).")
+    rope_theta: float = opt(10000.0, "RoPE base frequency.")
+    max_seq_len: int = opt(256, "Longest sequence the model supports (RoPE cache / position table size).")
+    mlp: Literal["swiglu", "gelu"] = opt("swiglu", "MLP kind.")
+    bias: bool = opt(False, "Biases in linear layers (GPT-2 uses them).")
+    tie_embeddings: bool = opt(False, "Share the input embedding and output projection weights.")
+    attention: Literal["sdpa", "eager"] = opt("sdpa", "Attention implementation.")
+    init_std: float = opt(0.02, "Std of the normal init of weights (output projections scaled by 1/sqrt(2L)).")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        if self.mlp == "gelu":
+            return 4 * self.dim
+        hidden = int(self.ffn_multiplier * int(8 * self.dim / 3))
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+
+def _norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x_BTHE: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor) -> torch.Tensor:
+    # Rotate-half convention (pairs are (i, i + E/2)), the layout Hugging Face Llama uses,
+    # so exported weights need no permutation.
+    cos = cos_TE[None, :, None, :].to(x_BTHE.dtype)
+    sin = sin_TE[None, :, None, :].to(x_BTHE.dtype)
+    return x_BTHE * cos + rotate_half(x_BTHE) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.use_sdpa = cfg.attention == "sdpa"
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.bias)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.bias)
+
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        # -1 heads: under tensor parallel each rank holds H/tp query and K/tp kv heads.
+        q = self.wq(x_BTD).view(B, T, -1, self.head_dim)
+        k = self.wk(x_BTD).view(B, T, -1, self.head_dim)
+        v = self.wv(x_BTD).view(B, T, -1, self.head_dim)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # B H T E
+        group = q.shape[1] // k.shape[1]
+        if self.use_sdpa:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
+        else:
+            out = eager_attention(q, k, v, group)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def eager_attention(q_BHTE: torch.Tensor, k_BKTE: torch.Tensor, v_BKTE: torch.Tensor, group: int) -> torch.Tensor:
+    """Causal attention in plain ops: the readable reference the fused paths are checked against."""
+    k = k_BKTE.repeat_interleave(group, dim=1)
+    v = v_BKTE.repeat_interleave(group, dim=1)
+    T = q_BHTE.shape[2]
+    scores = (q_BHTE @ k.transpose(-2, -1)) / math.sqrt(q_BHTE.shape[-1])
+    mask = torch.ones(T, T, dtype=torch.bool, device=q_BHTE.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.bias)
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.bias)
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.bias) if self.swiglu else None
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.w2(F.silu(self.w1(x_BTD)) * self.w3(x_BTD))
+        return self.w2(F.gelu(self.w1(x_BTD), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.attention_norm = _norm(cfg)
+        self.attention = Attention(cfg)
+        self.ffn_norm = _norm(cfg)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+        x_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), cos, sin)
+        return x_BTD + self.feed_forward(self.ffn_norm(x_BTD))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.pos == "learned" else None
+        # A dict keyed by the layer index: pipeline stages delete layers and the rest keep
+        # their names, so checkpoints line up across layouts.
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.norm = _norm(cfg)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        if cfg.pos == "rope":
+            # Not persistent: derived from the config, so checkpoints do not carry it.
+            self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+        else:
+            self.rope_cos = self.rope_sin = None
+
+    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        T = tokens_BT.shape[1]
+        h = self.tok_embeddings(tokens_BT)
+        if self.pos_embeddings is not None:
+            h = h + self.pos_embeddings(torch.arange(T, device=tokens_BT.device))
+        cos = self.rope_cos[:T] if self.rope_cos is not None else None
+        sin = self.rope_sin[:T] if self.rope_sin is not None else None
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        return self.output(self.norm(h))
+
+    @torch.no_grad()
+    def init_tensor(self, name: str, tensor: torch.Tensor, generator: torch.Generator) -> None:
+        """Fill the full value of parameter/buffer `name` (see scaletrain/parallel/init.py)."""
+        cfg = self.cfg
+        leaf = name.rsplit(".", 1)[-1]
+        if name in ("rope_cos", "rope_sin"):
+            inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+            angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), inv_freq)
+            angles = torch.cat((angles, angles), dim=-1)
+            tensor.copy_(angles.cos() if name == "rope_cos" else angles.sin())
+        elif "norm" in name:
+            tensor.fill_(1.0 if leaf == "weight" else 0.0)
+        elif leaf == "bias":
+            tensor.zero_()
+        elif name in ("tok_embeddings.weight", "pos_embeddings.weight", "output.weight"):
+            nn.init.normal_(tensor, std=cfg.init_std, generator=generator)
+        elif leaf == "weight":
+            # Residual-branch outputs shrink with depth so the stream's variance stays O(1).
+            std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else cfg.init_std
+            nn.init.trunc_normal_(tensor, std=std, a=-3 * std, b=3 * std, generator=generator)
+        else:
+            raise KeyError(f"GPT.init_tensor does not know how to initialize {name!r}")

@@ -1,0 +1,124 @@
+"""The job config: nested dataclasses, one per section, one help string per field.
+
+Recipe-specific sections (`model`, `data`) are dataclasses that the recipe registers;
+the loader swaps them in once it knows `recipe`. Everything else is the same for every
+model family. The help strings become `scaletrain config help` and CLI error messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with a help string (mutable defaults go through a factory)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class JobSection:
+    name: str = opt("default", "Run name; outputs go to <run_dir>/<name>/.")
+    run_dir: str = opt("runs", "Folder holding one sub-folder per run.")
+    seed: int = opt(0, "Seed for weights, data order and dropout; same seed + layout = same run.")
+    deterministic: bool = opt(False, "Use deterministic algorithms (bitwise repeatable, slower on GPU).")
+    description: str = opt("", "Free text, stored with the run.")
+
+
+@dataclass
+class TrainSection:
+    steps: int = opt(200, "Number of optimizer steps.")
+    global_batch_size: int = opt(16, "Samples per optimizer step, over all data-parallel ranks.")
+    micro_batch_size: int = opt(0, "Samples per rank per forward; 0 = global_batch_size / dp (no accumulation).")
+    lr: float = opt(3e-3, "Peak learning rate.")
+    min_lr_ratio: float = opt(0.1, "Final LR as a fraction of the peak (cosine, linear and WSD decay).")
+    warmup_steps: int = opt(20, "Linear warmup steps.")
+    schedule: Literal["cosine", "linear", "wsd", "constant"] = opt(
+        "cosine", "LR schedule after warmup; wsd = warmup-stable-decay."
+    )
+    wsd_decay_fraction: float = opt(0.2, "WSD: fraction of steps spent in the final decay.")
+    weight_decay: float = opt(0.1, "AdamW weight decay (not applied to norms, biases, embeddings' positions).")
+    beta1: float = opt(0.9, "AdamW beta1.")
+    beta2: float = opt(0.95, "AdamW beta2.")
+    eps: float = opt(1e-8, "AdamW epsilon.")
+    fused_optimizer: bool = opt(True, "Use the fused (or foreach) AdamW implementation when the device has it.")
+    grad_clip: float = opt(1.0, "Clip the global gradient norm to this value; 0 disables clipping.")
+    dtype: Literal["fp32", "bf16", "fp16"] = opt(
+        "fp32", "Compute dtype: FSDP2 MixedPrecisionPolicy when sharding, autocast otherwise."
+    )
+    reduce_dtype: Literal["fp32", "bf16"] = opt("fp32", "Gradient reduction dtype under FSDP2 mixed precision.")
+    loss_scaler: Literal["none", "dynamic"] = opt("none", "Loss scaling; fp16 needs 'dynamic'.")
+    compile: bool = opt(False, "torch.compile each repeated block.")
+    log_interval: int = opt(1, "Log metrics every N steps.")
+    abort_on_nan: bool = opt(True, "Stop with an error naming the step when the loss is NaN or Inf.")
+
+
+@dataclass
+class ParallelSection:
+    dp_replicate: int = opt(1, "Data-parallel replicas (DDP, or the replicate axis of HSDP).")
+    dp_shard: int = opt(-1, "FSDP2 shard degree; -1 = whatever the world size leaves over.")
+    cp: int = opt(1, "Context-parallel degree (sequence split across ranks).")
+    tp: int = opt(1, "Tensor-parallel degree.")
+    pp: int = opt(1, "Pipeline-parallel degree.")
+    loss_parallel: bool = opt(True, "With tp > 1, compute cross-entropy on vocab-sharded logits.")
+    reshard_after_forward: Literal["default", "always", "never"] = opt(
+        "default", "FSDP2: free gathered params after forward (always), keep them (never), or all but the root (default)."
+    )
+    fsdp_cpu_offload: bool = opt(False, "FSDP2: keep params, grads and optimizer state on the CPU (needs a GPU).")
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "dualpipev"] = opt(
+        "1f1b", "Pipeline schedule."
+    )
+    microbatches: int = opt(0, "Pipeline microbatches per step; 0 = pp.")
+    stages_per_rank: int = opt(1, "Virtual pipeline stages per rank (interleaved schedules).")
+    cp_method: Literal["ring", "alltoall"] = opt("ring", "Context-parallel attention method.")
+    backend: Literal["auto", "nccl", "gloo"] = opt("auto", "Process-group backend; auto = nccl on CUDA, else gloo.")
+    timeout_s: int = opt(600, "Collective timeout in seconds.")
+
+    @property
+    def degrees(self) -> dict[str, int]:
+        return {"pp": self.pp, "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard,
+                "cp": self.cp, "tp": self.tp}
+
+
+@dataclass
+class ActivationCheckpointSection:
+    mode: Literal["none", "full", "selective"] = opt("none", "Recompute activations in backward.")
+    selective: str = opt(
+        "op", "With mode=selective: 'op' (save matmul/attention outputs, recompute the rest) or N (every N-th block)."
+    )
+
+
+@dataclass
+class CheckpointSection:
+    enable: bool = opt(True, "Write checkpoints.")
+    interval: int = opt(100, "Save every N steps (and at the end).")
+    keep: int = opt(2, "Keep the newest K complete checkpoints.")
+    resume: bool = opt(True, "Continue from the newest complete checkpoint in the run folder, if any.")
+    load_path: str = opt("", "Initial weights to load (a checkpoint folder) when not resuming.")
+
+
+@dataclass
+class MetricsSection:
+    console: bool = opt(True, "Print a progress line on rank 0.")
+    jsonl: bool = opt(True, "Write metrics.jsonl in the run folder.")
+    tensorboard: bool = opt(True, "Write TensorBoard events to <run>/tb.")
+    wandb: bool = opt(False, "Log to Weights & Biases (needs wandb installed).")
+    wandb_project: str = opt("scaletrain", "W&B project.")
+    mlflow: bool = opt(False, "Log to MLflow (needs mlflow installed).")
+    mlflow_experiment: str = opt("scaletrain", "MLflow experiment.")
+    peak_tflops: float = opt(0.0, "Device peak TFLOP/s for MFU; 0 = look the device up in the known-GPU table.")
+
+
+@dataclass
+class JobConfig:
+    recipe: str = opt("gpt", "Model family; `scaletrain recipes` lists the registered ones.")
+    job: JobSection = field(default_factory=JobSection)
+    model: Any = None  # the recipe's model dataclass
+    data: Any = None  # the recipe's data dataclass
+    train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    activation_checkpoint: ActivationCheckpointSection = field(default_factory=ActivationCheckpointSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)

@@ -1,0 +1,87 @@
+"""Cross-field checks, run before any process group or model exists.
+
+Each failure is a ValueError naming the field, the value and what would be allowed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scaletrain.config.schema import JobConfig
+from scaletrain.parallel.dims import ParallelDims
+from scaletrain.registry import get_recipe
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def micro_batch_size(cfg: JobConfig, dims: ParallelDims) -> int:
+    return cfg.train.micro_batch_size or cfg.train.global_batch_size // dims.dp_size
+
+
+def grad_accum_steps(cfg: JobConfig, dims: ParallelDims) -> int:
+    return cfg.train.global_batch_size // (dims.dp_size * micro_batch_size(cfg, dims))
+
+
+def validate_config(cfg: JobConfig, world_size: int) -> ParallelDims:
+    """Check the whole config for `world_size` processes; returns the resolved parallel dims."""
+    dims = ParallelDims.resolve(cfg.parallel.degrees, world_size)
+    t, p = cfg.train, cfg.parallel
+
+    _check(t.steps >= 1, f"train.steps: {t.steps} is not allowed; use >= 1")
+    _check(t.lr > 0, f"train.lr: {t.lr} is not allowed; use > 0")
+    _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio: {t.min_lr_ratio} is not allowed; use a value in [0, 1]")
+    _check(0 <= t.warmup_steps <= t.steps, f"train.warmup_steps: {t.warmup_steps} must be in [0, train.steps={t.steps}]")
+    _check(0 < t.wsd_decay_fraction <= 1, f"train.wsd_decay_fraction: {t.wsd_decay_fraction} must be in (0, 1]")
+    _check(t.grad_clip >= 0, f"train.grad_clip: {t.grad_clip} is not allowed; use >= 0 (0 disables clipping)")
+    _check(t.log_interval >= 1, f"train.log_interval: {t.log_interval} is not allowed; use >= 1")
+
+    gbs, mbs = t.global_batch_size, t.micro_batch_size
+    _check(gbs >= 1, f"train.global_batch_size: {gbs} is not allowed; use >= 1")
+    _check(mbs >= 0, f"train.micro_batch_size: {mbs} is not allowed; use 0 (auto) or >= 1")
+    _check(
+        gbs % dims.dp_size == 0,
+        f"train.global_batch_size: {gbs} is not divisible by the data-parallel degree {dims.dp_size} "
+        f"(dp_replicate={dims.dp_replicate} x dp_shard={dims.dp_shard})",
+    )
+    _check(
+        mbs == 0 or gbs % (dims.dp_size * mbs) == 0,
+        f"train.micro_batch_size: global_batch_size {gbs} is not divisible by dp {dims.dp_size} x "
+        f"micro_batch_size {mbs}; pick a micro batch that divides {gbs // dims.dp_size}",
+    )
+
+    if t.dtype == "fp16":
+        _check(
+            t.loss_scaler == "dynamic",
+            "train.loss_scaler: fp16 training needs loss scaling (gradients underflow); set train.loss_scaler=dynamic",
+        )
+    else:
+        _check(
+            t.loss_scaler == "none",
+            f"train.loss_scaler: loss scaling is only for fp16; with train.dtype={t.dtype} use 'none'",
+        )
+    if p.fsdp_cpu_offload:
+        _check(
+            torch.cuda.is_available(),
+            "parallel.fsdp_cpu_offload: FSDP2's CPU offload needs a GPU (it moves shards between device and host); "
+            "it is not available on a CPU-only machine",
+        )
+        _check(dims.fsdp_enabled or dims.hsdp_enabled, "parallel.fsdp_cpu_offload: needs FSDP (dp_shard > 1)")
+    _check(
+        not (dims.dp_replicate > 1 and dims.dp_shard == 1 and (dims.tp > 1 or dims.cp > 1)),
+        "parallel.dp_replicate: replication combined with tp/cp runs as HSDP; set dp_shard >= 2 "
+        "(e.g. dp_replicate=1, dp_shard=N for FSDP) — DDP does not compose with tensor or context parallel",
+    )
+    _check(dims.pp == 1, "parallel.pp: pipeline parallelism is not available in this version yet; use pp=1")
+    _check(dims.cp == 1, "parallel.cp: context parallelism is not available in this version yet; use cp=1")
+
+    c = cfg.checkpoint
+    _check(c.interval >= 1, f"checkpoint.interval: {c.interval} is not allowed; use >= 1")
+    _check(c.keep >= 1, f"checkpoint.keep: {c.keep} is not allowed; use >= 1")
+
+    recipe = get_recipe(cfg.recipe)
+    if recipe.validate is not None:
+        recipe.validate(cfg, dims)
+    return dims

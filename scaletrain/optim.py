@@ -1,0 +1,59 @@
+"""AdamW with decay/no-decay groups and the LR schedules (warmup + cosine / linear / WSD / constant)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from scaletrain.config.schema import TrainSection
+
+
+def build_optimizer(model: nn.Module, train: TrainSection, device_type: str) -> torch.optim.AdamW:
+    # Matrices decay; vectors (norm gains, biases) do not — decaying a gain towards 0
+    # fights the normalization it exists for.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    # fused is fastest on GPUs; on CPU the foreach path is used so that every layout
+    # (plain tensors or DTensors) runs the same arithmetic and parity holds exactly.
+    fused = train.fused_optimizer and device_type == "cuda"
+    return torch.optim.AdamW(
+        groups,
+        lr=train.lr,
+        betas=(train.beta1, train.beta2),
+        eps=train.eps,
+        fused=fused or None,
+        foreach=None if fused else True,
+    )
+
+
+def lr_multiplier(step: int, train: TrainSection) -> float:
+    """LR at optimizer step `step` (0-based) as a fraction of the peak."""
+    warmup, total, floor = train.warmup_steps, train.steps, train.min_lr_ratio
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if train.schedule == "constant":
+        return 1.0
+    if train.schedule == "wsd":
+        decay_steps = max(1, int(round(train.wsd_decay_fraction * total)))
+        decay_start = total - decay_steps
+        if step < decay_start:
+            return 1.0
+        progress = (step - decay_start) / decay_steps
+        return floor + (1.0 - floor) * (1.0 - progress)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if train.schedule == "linear":
+        return floor + (1.0 - floor) * (1.0 - progress)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection) -> LambdaLR:
+    return LambdaLR(optimizer, lambda step: lr_multiplier(step, train))

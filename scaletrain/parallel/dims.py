@@ -1,0 +1,134 @@
+"""Parallel degrees -> validated sizes -> one DeviceMesh with named axes.
+
+Axis order, outermost first: pp, dp_replicate, dp_shard, cp, tp. tp is innermost so its
+ranks are neighbours (same node, fastest links); pp is outermost because it sends the
+least data. Flattened axes used by the core:
+  dp          = dp_replicate x dp_shard          (data loading: ranks that see different samples)
+  dp_shard_cp = dp_shard x cp                    (FSDP shards over both: cp ranks hold the same weights)
+  dp_cp       = dp_replicate x dp_shard x cp     (loss / grad-norm averaging)
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+@dataclass
+class ParallelDims:
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    world_size: int
+    _mesh: DeviceMesh | None = field(default=None, repr=False)
+    _axes: dict[str, DeviceMesh] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def resolve(cls, degrees: dict[str, int], world_size: int) -> ParallelDims:
+        """Fill dp_shard=-1 from the world size and check that the product matches it."""
+        for axis in AXES:
+            value = degrees[axis]
+            if value < 1 and not (axis == "dp_shard" and value == -1):
+                allowed = "-1 (auto) or >= 1" if axis == "dp_shard" else ">= 1"
+                raise ValueError(f"parallel.{axis}: {value} is not allowed; use {allowed}")
+        dp_shard = degrees["dp_shard"]
+        others = degrees["pp"] * degrees["dp_replicate"] * degrees["cp"] * degrees["tp"]
+        if dp_shard == -1:
+            if world_size % others:
+                raise ValueError(
+                    f"parallel: pp*dp_replicate*cp*tp = {others} does not divide the world size {world_size}"
+                )
+            dp_shard = world_size // others
+        product = others * dp_shard
+        if product != world_size:
+            desc = " x ".join(f"{a}={degrees[a] if a != 'dp_shard' else dp_shard}" for a in AXES)
+            raise ValueError(
+                f"parallel: {desc} = {product} ranks, but the world size is {world_size}; "
+                "make the product equal the number of processes (dp_shard=-1 fills in the rest)"
+            )
+        return cls(degrees["pp"], degrees["dp_replicate"], dp_shard, degrees["cp"], degrees["tp"], world_size)
+
+    # Which strategies are on.
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp_replicate * self.dp_shard > 1
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        return self.dp_shard > 1 or (self.cp > 1 and not self.ddp_enabled)
+
+    @property
+    def ddp_enabled(self) -> bool:
+        """Plain DDP: replicas and nothing else. With tp/cp/pp, replication goes through HSDP."""
+        return self.dp_replicate > 1 and self.dp_shard == 1 and self.tp == 1 and self.cp == 1 and self.pp == 1
+
+    @property
+    def hsdp_enabled(self) -> bool:
+        return self.dp_replicate > 1 and not self.ddp_enabled
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def cp_enabled(self) -> bool:
+        return self.cp > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    @property
+    def dp_size(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    def describe(self) -> str:
+        on = [f"{a}={getattr(self, a)}" for a in AXES if getattr(self, a) > 1]
+        return " x ".join(on) if on else "single process"
+
+    @property
+    def mesh(self) -> DeviceMesh:
+        if self._mesh is None:
+            raise RuntimeError("ParallelDims.build_mesh(device_type) has not been called")
+        return self._mesh
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        sizes = {a: getattr(self, a) for a in AXES}
+        # Keep every axis, including size-1 ones: code can then always ask for axis("tp")
+        # etc., and the flattened axes below exist in every layout.
+        mesh = init_device_mesh(device_type, tuple(sizes.values()), mesh_dim_names=AXES)
+        self._axes = {a: mesh[a] for a in AXES}
+        self._axes["dp"] = mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        self._axes["dp_shard_cp"] = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        self._axes["dp_cp"] = mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        self._mesh = mesh
+        return mesh
+
+    def axis(self, name: str) -> DeviceMesh:
+        """The 1-D mesh of one axis (plain or flattened), e.g. axis("tp"), axis("dp_cp")."""
+        self.mesh  # noqa: B018 - raises if the mesh was not built
+        return self._axes[name]
+
+    def hsdp_mesh(self) -> DeviceMesh:
+        """2-D (dp_replicate, dp_shard_cp) mesh for HSDP."""
+        with warnings.catch_warnings():
+            # torch >= 2.11 warns that slicing flattened axes from the root will change;
+            # it still works in 2.11-2.13, and there is no other public way to get this 2-D view.
+            warnings.simplefilter("ignore", UserWarning)
+            return self.mesh["dp_replicate", "dp_shard_cp"]
+
+    def dp_coordinates(self) -> tuple[int, int]:
+        """(rank, size) along the data axis — what the data loader shards by."""
+        dp_mesh = self.axis("dp")
+        return dp_mesh.get_local_rank(), dp_mesh.size()
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,95 @@
+"""The recipe registry: how the core finds model families without naming them.
+
+A recipe is one small spec (`Recipe`) that a family registers at import time. The core
+discovers families by importing every sub-package of the `recipes` package and every
+`scaletrain.recipes` entry point (for families shipped in other packages); it never
+imports a family by name. Unknown or duplicate names fail loudly with the known names.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from scaletrain.config.schema import JobConfig
+    from scaletrain.parallel.dims import ParallelDims
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a model family gives the core.
+
+    build_model:  model config -> nn.Module; called under `torch.device("meta")`. The module
+                  has `init_tensor(name, tensor, generator)` filling the *full* value of each
+                  parameter or buffer, so initialization is independent of the layout.
+    parallelize:  (model, dims, job config) -> model; applies TP, activation checkpointing,
+                  compile and FSDP/DDP in that order (see scaletrain.parallel).
+    build_dataset: job config -> map-style dataset; item i is a dict of tensors and must be a
+                  pure function of i (the core's loader owns order, sharding and resumption).
+    model_inputs: batch dict -> tuple of positional model inputs.
+    loss:         (model output, batch dict) -> scalar mean loss over the batch.
+    validate:     (job config, parallel dims) -> None; raises ValueError naming a field.
+    units_per_sample: job config -> tokens (or 1 for sample-counted families) per sample.
+    """
+
+    name: str
+    model_config: type
+    data_config: type
+    build_model: Callable[[Any], nn.Module]
+    parallelize: Callable[[nn.Module, ParallelDims, JobConfig], nn.Module]
+    build_dataset: Callable[[JobConfig], Any]
+    model_inputs: Callable[[dict[str, torch.Tensor]], tuple]
+    loss: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]
+    validate: Callable[[JobConfig, ParallelDims], None] | None = None
+    units_per_sample: Callable[[JobConfig], int] = lambda cfg: 1
+    unit: Literal["tokens", "samples"] = "samples"
+    # For families with vocab-sized outputs: TP may compute the loss on sharded logits.
+    supports_loss_parallel: bool = False
+
+
+_RECIPES: dict[str, Recipe] = {}
+_discovered = False
+
+
+def register_recipe(recipe: Recipe) -> Recipe:
+    if recipe.name in _RECIPES and _RECIPES[recipe.name] is not recipe:
+        raise ValueError(f"recipe {recipe.name!r} is registered twice; known: {sorted(_RECIPES)}")
+    _RECIPES[recipe.name] = recipe
+    return recipe
+
+
+def discover_recipes() -> None:
+    """Import every family under the `recipes` package and every registered entry point."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    try:
+        package = importlib.import_module("recipes")
+    except ModuleNotFoundError:
+        package = None
+    if package is not None:
+        for info in pkgutil.iter_modules(package.__path__):
+            if info.ispkg:
+                importlib.import_module(f"recipes.{info.name}")
+    for ep in entry_points(group="scaletrain.recipes"):
+        ep.load()
+
+
+def get_recipe(name: str) -> Recipe:
+    discover_recipes()
+    if name not in _RECIPES:
+        raise ValueError(f"recipe: unknown recipe {name!r}; known recipes: {sorted(_RECIPES)}")
+    return _RECIPES[name]
+
+
+def known_recipes() -> list[str]:
+    discover_recipes()
+    return sorted(_RECIPES)

@@ -1,0 +1,283 @@
+"""The training loop, for every recipe and every layout.
+
+Runbook:
+  scaletrain train recipes/gpt/configs/tiny.yaml                     # one process, CPU or one GPU
+  scaletrain train recipes/gpt/configs/tiny.yaml --train.steps 50    # dotted overrides
+  torchrun --nproc-per-node 4 -m scaletrain.train recipes/gpt/configs/tiny.yaml \
+      --parallel.dp_shard 2 --parallel.tp 2                          # FSDP2 x TP on 4 processes
+  scaletrain config show recipes/gpt/configs/tiny.yaml               # the resolved config
+
+Order of work: parse + validate the whole config (no process group yet) -> build the
+dataset (bad data files fail here) -> process group + device mesh -> model on the meta
+device -> FLOPs counted on meta -> recipe.parallelize -> materialize + init -> optimizer
+-> resume from the newest complete checkpoint if there is one -> loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from scaletrain.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+from scaletrain.config import (
+    JobConfig,
+    config_to_dict,
+    grad_accum_steps,
+    load_config,
+    micro_batch_size,
+    validate_config,
+)
+from scaletrain.data import ShardedLoader
+from scaletrain.distributed import destroy_distributed, init_distributed, world_size_from_env
+from scaletrain.metrics import MetricLogger, count_train_flops, mfu, peak_memory_gib, peak_tflops
+from scaletrain.optim import build_optimizer, build_scheduler
+from scaletrain.parallel import ParallelDims, init_model
+from scaletrain.parallel.data_parallel import DTYPES
+from scaletrain.parallel.grad_norm import clip_grad_norm_
+from scaletrain.registry import Recipe, get_recipe
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def _meta_batch(dataset: Any, batch_size: int) -> dict[str, torch.Tensor]:
+    item = dataset[0]
+    return {k: v.unsqueeze(0).expand(batch_size, *v.shape).to("meta") for k, v in item.items()}
+
+
+def _count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_sample(recipe: Recipe, model: torch.nn.Module, dataset: Any) -> int:
+    """Training FLOPs (forward + backward) of one sample, counted on the meta device."""
+    batch = _meta_batch(dataset, 1)
+    return count_train_flops(model, recipe.model_inputs(batch), loss_fn=lambda out: recipe.loss(out, batch))
+
+
+def _set_grad_sync(model: torch.nn.Module, enabled: bool) -> None:
+    # FSDP2 and composable DDP both skip the gradient reduction on non-final micro-batches.
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
+
+
+def _full(value: torch.Tensor) -> torch.Tensor:
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+class Trainer:
+    """Holds the built pieces of one run; `fit()` runs the loop."""
+
+    def __init__(self, cfg: JobConfig, dims: ParallelDims, dataset: Any, device: torch.device):
+        self.cfg, self.dims, self.device = cfg, dims, device
+        self.recipe = get_recipe(cfg.recipe)
+        self.rank = dist.get_rank()
+        self.run_dir = Path(cfg.job.run_dir) / cfg.job.name
+        dims.build_mesh(device.type)
+        torch.manual_seed(cfg.job.seed)
+        if cfg.job.deterministic:
+            torch.use_deterministic_algorithms(True)
+
+        with torch.device("meta"):
+            model = self.recipe.build_model(cfg.model)
+        self.num_params = _count_params(model)
+        self.flops_per_sample = flops_per_sample(self.recipe, model, dataset)
+        self.model = self.recipe.parallelize(model, dims, cfg)
+        init_model(self.model, device, cfg.job.seed)
+        self.model.train()
+
+        self.optimizer = build_optimizer(self.model, cfg.train, device.type)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.train.loss_scaler == "dynamic" else None
+        dp_rank, dp_size = dims.dp_coordinates()
+        self.micro_batch_size = micro_batch_size(cfg, dims)
+        self.loader = ShardedLoader(
+            dataset,
+            global_batch_size=cfg.train.global_batch_size,
+            micro_batch_size=self.micro_batch_size,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            seed=cfg.job.seed,
+            num_workers=getattr(cfg.data, "num_workers", 0),
+        )
+        sharded = dims.fsdp_enabled or dims.hsdp_enabled
+        # FSDP2 casts parameters itself (MixedPrecisionPolicy); elsewhere autocast does it.
+        use_autocast = not sharded and cfg.train.dtype != "fp32"
+        self.autocast = (
+            (lambda: torch.autocast(device.type, dtype=DTYPES[cfg.train.dtype])) if use_autocast else contextlib.nullcontext
+        )
+        use_loss_parallel = dims.tp_enabled and cfg.parallel.loss_parallel and self.recipe.supports_loss_parallel
+        self.loss_context = loss_parallel if use_loss_parallel else contextlib.nullcontext
+        self.units_per_step = cfg.train.global_batch_size * self.recipe.units_per_sample(cfg)
+        self.peak, self.peak_note = peak_tflops(device, DTYPES[cfg.train.dtype], cfg.metrics.peak_tflops)
+        self.step = 0
+
+    # -- checkpoints --------------------------------------------------------------------------
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def maybe_resume(self) -> str | None:
+        ckpt = self.cfg.checkpoint
+        found = complete_checkpoints(self.checkpoint_root) if ckpt.resume else []
+        if found:
+            folder = found[-1][1]
+            self._load(folder, with_optimizer=True)
+            return f"resumed from {folder} (step {self.step})"
+        if ckpt.load_path:
+            load_checkpoint(Path(ckpt.load_path), self.model, None)
+            return f"loaded initial weights from {ckpt.load_path}"
+        return None
+
+    def _load(self, folder: Path, with_optimizer: bool) -> None:
+        state = load_checkpoint(folder, self.model, self.optimizer if with_optimizer else None)
+        self.step = state["step"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["data"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def save(self) -> Path:
+        trainer_state = {
+            "step": self.step,
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.loader.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "recipe": self.cfg.recipe,
+        }
+        return save_checkpoint(
+            self.checkpoint_root,
+            self.step,
+            self.model,
+            self.optimizer,
+            trainer_state,
+            layout=self.dims.describe(),
+            keep=self.cfg.checkpoint.keep,
+        )
+
+    # -- one optimizer step -------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        micro_batches = self.loader.next_step()
+        loss_sum = torch.zeros((), device=self.device)
+        for index, batch in enumerate(micro_batches):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            _set_grad_sync(self.model, index == len(micro_batches) - 1)
+            with self.loss_context():
+                with self.autocast():
+                    output = self.model(*self.recipe.model_inputs(batch))
+                # Mean over the micro-batch, divided by the accumulation count: summed over
+                # micro-batches and averaged over dp ranks this is the global-batch mean.
+                loss = self.recipe.loss(output, batch) / len(micro_batches)
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            loss_sum += _full(loss.detach()).float()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = clip_grad_norm_(list(self.model.parameters()), self.cfg.train.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        if self.dims.dp_size * self.dims.cp > 1:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG, group=self.dims.axis("dp_cp").get_group())
+        self.step += 1
+        return {"loss": loss_sum.item(), "grad_norm": float(grad_norm), "lr": lr}
+
+    def fit(self) -> list[dict[str, float]]:
+        cfg = self.cfg
+        logger = MetricLogger(
+            cfg.metrics, str(self.run_dir), self.rank, config_to_dict(cfg), unit=self.recipe.unit,
+            total_steps=cfg.train.steps,
+        )
+        try:
+            self._announce(logger)
+            history = []
+            while self.step < cfg.train.steps:
+                start = time.perf_counter()
+                metrics = self.train_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds = time.perf_counter() - start
+                if cfg.train.abort_on_nan and not math.isfinite(metrics["loss"]):
+                    raise NonFiniteLossError(f"loss is {metrics['loss']} at step {self.step}; stopping")
+                flops = self.flops_per_sample * cfg.train.global_batch_size
+                metrics.update(
+                    step_time_s=seconds,
+                    throughput=self.units_per_step / seconds,
+                    mfu=mfu(flops, seconds, self.dims.world_size, self.peak),
+                    mem_gib=peak_memory_gib(self.device),
+                )
+                history.append({"step": self.step, **metrics})
+                if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps:
+                    logger.log(self.step, metrics)
+                if cfg.checkpoint.enable and (
+                    self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.steps
+                ):
+                    folder = self.save()
+                    logger.log_text(f"checkpoint saved: {folder}")
+            return history
+        finally:
+            logger.close()
+            self.loader.close()
+
+    def _announce(self, logger: MetricLogger) -> None:
+        cfg, dims = self.cfg, self.dims
+        resumed = self.maybe_resume()
+        lines = [
+            f"scaletrain: recipe {cfg.recipe} | {self.num_params / 1e6:.2f}M params | "
+            f"{self.flops_per_sample / 1e9:.3f} GFLOP/sample (fwd+bwd)",
+            f"layout: {dims.describe()} on {dims.world_size} x {self.device.type} | "
+            f"global batch {cfg.train.global_batch_size} = dp {dims.dp_size} x micro {self.micro_batch_size} x "
+            f"accum {grad_accum_steps(cfg, dims)} | dtype {cfg.train.dtype}",
+            f"data: {len(self.loader.dataset)} samples | run dir {self.run_dir}",
+            f"mfu: {self.peak_note}",
+        ]
+        if resumed:
+            lines.append(resumed)
+        for line in lines:
+            logger.log_text(line)
+
+
+def run(cfg: JobConfig) -> list[dict[str, float]]:
+    """Validate, build and train; returns the per-step metrics (on every rank)."""
+    dims = validate_config(cfg, world_size_from_env())
+    dataset = get_recipe(cfg.recipe).build_dataset(cfg)
+    info = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
+    try:
+        return Trainer(cfg, dims, dataset, info.device).fit()
+    finally:
+        destroy_distributed()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = argv.pop(0) if argv and not argv[0].startswith("--") else None
+    try:
+        # Every config problem surfaces here, before a process group or model exists.
+        cfg = load_config(path, argv)
+        validate_config(cfg, world_size_from_env())
+    except ValueError as exc:
+        print(f"scaletrain: config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    try:
+        run(cfg)
+    except NonFiniteLossError as exc:
+        print(f"scaletrain: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from exc
+
+
+if __name__ == "__main__":
+    main()
