@@ -17,6 +17,7 @@ windows; item i is a pure function of i, as the core's loader requires.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import tempfile
 from pathlib import Path
@@ -192,6 +193,24 @@ class TokenWindowDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return self.num_windows
+
+    def __getstate__(self) -> dict:
+        # Pickling an np.memmap copies its contents; DataLoader workers started with spawn or
+        # forkserver would each get a private copy of the corpus. Ship the file location instead.
+        state = self.__dict__.copy()
+        tokens = self.tokens
+        # Only a memmap made directly on the file (its base is the mmap object): a slice keeps
+        # its parent's `offset` attribute, so its location cannot be recovered that way.
+        if isinstance(tokens, np.memmap) and isinstance(tokens.base, mmap.mmap) and tokens.filename is not None:
+            state["tokens"] = ("memmap", str(tokens.filename), tokens.dtype.str, int(tokens.offset), len(tokens))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        tokens = state["tokens"]
+        if isinstance(tokens, tuple) and tokens[0] == "memmap":
+            _, filename, dtype, offset, length = tokens
+            state["tokens"] = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=(length,))
+        self.__dict__.update(state)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         i = int(i)

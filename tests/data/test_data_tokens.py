@@ -248,3 +248,26 @@ def test_bundled_corpus_windows(tmp_path):
     assert len(ds) == (len(tokens) - 1) // 128 > 1000
     text = ByteTokenizer().decode(ds[0]["input"].tolist())
     assert text.startswith("# scaletrain bundled corpus")
+
+
+@pytest.mark.parametrize("ext", [".npy", ".bin"])
+def test_window_dataset_pickles_memmap_by_reference(tmp_path, ext):
+    """Workers started with spawn/forkserver must not receive a copy of the whole corpus."""
+    import pickle
+
+    ids = (np.arange(50_000) % 257).astype(np.uint16)
+    path = tmp_path / f"toks{ext}"
+    if ext == ".npy":
+        np.save(path, ids)
+    else:
+        ids.tofile(path)
+    tokens = load_tokens(str(path), ByteTokenizer())
+    for arr, small in ((tokens, True), (tokens[1000:], False)):  # a slice falls back to a copy
+        ds = TokenWindowDataset(arr, 32)
+        blob = pickle.dumps(ds)
+        assert (len(blob) < 2_000) == small
+        clone = pickle.loads(blob)
+        assert len(clone) == len(ds)
+        for i in (0, 7, len(ds) - 1):
+            assert torch.equal(clone[i]["input"], ds[i]["input"])
+            assert torch.equal(clone[i]["target"], ds[i]["target"])
