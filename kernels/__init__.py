@@ -12,5 +12,17 @@ fused_linear_cross_entropy. See each module's docstring for layouts and algorith
 
 from ._triton import INTERPRET, TRITON_AVAILABLE
 from .attention import attention
+from .fused_linear_ce import fused_linear_cross_entropy
+from .rms_norm import rms_norm
+from .rope import apply_rope
+from .swiglu import swiglu
 
-__all__ = ["INTERPRET", "TRITON_AVAILABLE", "attention"]
+__all__ = [
+    "INTERPRET",
+    "TRITON_AVAILABLE",
+    "apply_rope",
+    "attention",
+    "fused_linear_cross_entropy",
+    "rms_norm",
+    "swiglu",
+]
