@@ -75,22 +75,65 @@ class _CollateWithIds:
         return batch
 
 
+class _RankSchedule:
+    """Which dataset indices one rank reads for the step that starts at a global sample number.
+
+    Holds no progress, only the layout and a one-epoch permutation cache, so the loader and
+    its worker-mode sampler each own one without sharing state.
+    """
+
+    def __init__(self, num_samples: int, seed: int, rank_batch_size: int, dp_rank: int, micro_batch_size: int):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.rank_batch_size = rank_batch_size
+        self.dp_rank = dp_rank
+        self.micro_batch_size = micro_batch_size
+        # A step spans at most a few epochs and steps move forward, so one cached epoch suffices.
+        self._perm_epoch = -1
+        self._perm = torch.zeros(0, dtype=torch.int64)
+
+    def _epoch_perm(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            self._perm = epoch_permutation(self.num_samples, self.seed, epoch)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def global_indices(self, start: int, count: int) -> torch.Tensor:
+        """Dataset indices of global sample numbers [start, start + count), in order."""
+        parts = []
+        k, end = start, start + count
+        while k < end:
+            epoch, pos = divmod(k, self.num_samples)
+            take = min(end - k, self.num_samples - pos)
+            parts.append(self._epoch_perm(epoch)[pos : pos + take])
+            k += take
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
+    def micro_batches(self, consumed: int) -> list[list[int]]:
+        """This rank's micro-batches (lists of dataset indices) for the step starting at `consumed`."""
+        start = consumed + self.dp_rank * self.rank_batch_size
+        ids = self.global_indices(start, self.rank_batch_size).tolist()
+        mb = self.micro_batch_size
+        return [ids[i : i + mb] for i in range(0, len(ids), mb)]
+
+
 class _MicroBatchSampler(Sampler[list[int]]):
     """Endless micro-batches of dataset indices for one rank, from a given consumed_samples.
 
-    Iterated in the main process by DataLoader (which may run ahead to prefetch); it holds its
-    own cursor, so running ahead never touches the loader's `consumed_samples`.
+    Iterated in the main process by DataLoader (which may run ahead to prefetch); it has its
+    own cursor and schedule, so running ahead never touches the loader's `consumed_samples`.
     """
 
-    def __init__(self, loader: ShardedLoader, start_consumed: int) -> None:
-        self.loader = loader
+    def __init__(self, schedule: _RankSchedule, global_batch_size: int, start_consumed: int) -> None:
+        self.schedule = schedule
+        self.global_batch_size = global_batch_size
         self.start_consumed = start_consumed
 
     def __iter__(self) -> Iterator[list[int]]:
         consumed = self.start_consumed
         while True:
-            yield from self.loader._rank_micro_batch_indices(consumed)
-            consumed += self.loader.global_batch_size
+            yield from self.schedule.micro_batches(consumed)
+            consumed += self.global_batch_size
 
 
 class ShardedLoader:
@@ -145,44 +188,22 @@ class ShardedLoader:
         self.num_micro_batches = self.rank_batch_size // self.micro_batch_size
 
         self._consumed_samples = 0
-        # One cached epoch permutation; a step spans at most a few epochs, and steps move forward.
-        self._perm_epoch = -1
-        self._perm: torch.Tensor | None = None
+        self._schedule = self._new_schedule()
         self._worker_iter: Iterator[Batch] | None = None
 
-    # ----- order ---------------------------------------------------------------------------
-
-    def _epoch_perm(self, epoch: int) -> torch.Tensor:
-        if epoch != self._perm_epoch:
-            self._perm = epoch_permutation(self.num_samples, self.seed, epoch)
-            self._perm_epoch = epoch
-        assert self._perm is not None
-        return self._perm
+    def _new_schedule(self) -> _RankSchedule:
+        return _RankSchedule(self.num_samples, self.seed, self.rank_batch_size, self.dp_rank, self.micro_batch_size)
 
     def global_indices(self, start: int, count: int) -> torch.Tensor:
         """Dataset indices of global sample numbers [start, start + count), in order."""
-        parts = []
-        k, end = start, start + count
-        while k < end:
-            epoch, pos = divmod(k, self.num_samples)
-            take = min(end - k, self.num_samples - pos)
-            parts.append(self._epoch_perm(epoch)[pos : pos + take])
-            k += take
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
-
-    def _rank_micro_batch_indices(self, consumed: int) -> list[list[int]]:
-        """This rank's micro-batches (lists of dataset indices) for the step starting at `consumed`."""
-        start = consumed + self.dp_rank * self.rank_batch_size
-        ids = self.global_indices(start, self.rank_batch_size).tolist()
-        mb = self.micro_batch_size
-        return [ids[i : i + mb] for i in range(0, len(ids), mb)]
+        return self._schedule.global_indices(start, count)
 
     # ----- iteration -----------------------------------------------------------------------
 
     def next_step(self) -> list[Batch]:
         """This rank's micro-batches for the next optimizer step (num_micro_batches of them)."""
         if self.num_workers == 0:
-            batches = [self._collate_indices(ids) for ids in self._rank_micro_batch_indices(self._consumed_samples)]
+            batches = [self._collate_indices(ids) for ids in self._schedule.micro_batches(self._consumed_samples)]
         else:
             if self._worker_iter is None:
                 self._worker_iter = self._start_workers()
@@ -202,7 +223,7 @@ class ShardedLoader:
     def _start_workers(self) -> Iterator[Batch]:
         loader = DataLoader(
             _IndexedDataset(self.dataset),
-            batch_sampler=_MicroBatchSampler(self, self._consumed_samples),
+            batch_sampler=_MicroBatchSampler(self._new_schedule(), self.global_batch_size, self._consumed_samples),
             num_workers=self.num_workers,
             collate_fn=_CollateWithIds(self.collate),
             # Results come back in sampler order regardless of which worker finishes first.
