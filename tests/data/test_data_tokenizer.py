@@ -124,3 +124,17 @@ def test_load_tokenizer_without_eos_names_file(bpe, tmp_path):
 def test_train_bpe_rejects_tiny_vocab(corpus_slice, tmp_path):
     with pytest.raises(ValueError, match="vocab_size"):
         train_bpe([str(corpus_slice)], vocab_size=100, out_path=str(tmp_path / "t.json"))
+
+
+def test_bpe_training_is_deterministic(corpus_slice, tmp_path, bpe):
+    again = train_bpe([str(corpus_slice)], vocab_size=600, out_path=str(tmp_path / "again.json"))
+    assert again.fingerprint == bpe[0].fingerprint
+
+
+def test_bpe_txt_tokens_match_encode(bpe, corpus_slice, tmp_path):
+    from scaletrain.data import load_tokens
+
+    tok = bpe[0]
+    arr = load_tokens(str(corpus_slice), tok, cache_dir=str(tmp_path))
+    text = corpus_slice.read_text(encoding="utf-8")
+    assert arr.tolist() == tok.encode(text) + [tok.eos_id]
