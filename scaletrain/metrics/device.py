@@ -140,8 +140,11 @@ def peak_tflops(device: torch.device, dtype: torch.dtype, override: float = 0.0)
         value, path = spec.fp16, "fp16"
     elif dtype == torch.float32:
         # fp32 training is really TF32 training when the tensor-core path is allowed.
-        value, path = (spec.tf32, "tf32 (fp32 compute on TF32 tensor cores)") if _tf32_enabled() else (
-            spec.fp32, "fp32 (TF32 matmuls disabled)")
+        value, path = (
+            (spec.tf32, "tf32 (fp32 compute on TF32 tensor cores)")
+            if _tf32_enabled()
+            else (spec.fp32, "fp32 (TF32 matmuls disabled)")
+        )
     else:
         return None, f"no peak for dtype {dtype} on {spec.name}; {HINT_SET_PEAK}"
     if value is None:

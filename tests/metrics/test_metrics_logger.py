@@ -29,13 +29,25 @@ def _local(**overrides: object) -> MetricsSection:
 def test_console_line_has_all_fields() -> None:
     stream = io.StringIO()
     logger = MetricLogger(_local(jsonl=False, tensorboard=False), "unused", 0, CONFIG, stream=stream)
-    logger.log(12, {"loss": 2.34117, "lr": 3e-3, "grad_norm": 0.8123, "throughput": 45_123.0,
-                    "mfu": 0.4123, "mem_gib": 1.234, "tokens_seen": 4096})
+    logger.log(
+        12,
+        {
+            "loss": 2.34117,
+            "lr": 3e-3,
+            "grad_norm": 0.8123,
+            "throughput": 45_123.0,
+            "mfu": 0.4123,
+            "mem_gib": 1.234,
+            "tokens_seen": 4096,
+        },
+    )
     logger.log(13, {"loss": torch.tensor(2.1), "mfu": None})
     logger.log_text("resumed from step 11")
     lines = stream.getvalue().splitlines()
-    assert lines[0] == ("step 12/200 | loss 2.3412 | lr 3.0e-03 | gnorm 0.812 | 45.1k tok/s | mfu 41.2% "
-                        "| mem 1.23 GiB | tokens_seen 4096")
+    assert lines[0] == (
+        "step 12/200 | loss 2.3412 | lr 3.0e-03 | gnorm 0.812 | 45.1k tok/s | mfu 41.2% "
+        "| mem 1.23 GiB | tokens_seen 4096"
+    )
     assert lines[1] == "step 13/200 | loss 2.1000 | mfu n/a"
     assert lines[2] == "resumed from step 11"
 
@@ -163,16 +175,23 @@ def test_mlflow_sink_with_fake_module_and_failure_is_not_fatal(tmp_path, monkeyp
         with pytest.warns(UserWarning, match="MlflowSink.log failed"):
             logger.log(2, {"loss": 1.0})
         logger.log(3, {"loss": 0.5})  # sink dropped: no call, no exception
-    assert calls[:3] == [("experiment", "scaletrain"), ("start", "unit"),
-                         ("params", {"job.name": "unit", "train.steps": "200", "train.lr": "0.003"})]
+    assert calls[:3] == [
+        ("experiment", "scaletrain"),
+        ("start", "unit"),
+        ("params", {"job.name": "unit", "train.steps": "200", "train.lr": "0.003"}),
+    ]
     assert [c for c in calls if c[0] == "metrics"] == [("metrics", 1, {"train/loss": 2.0})]
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3  # local sinks unaffected
 
 
 @pytest.mark.parametrize(
     ("image", "shape"),
-    [(np.ones((3, 6, 5), np.float32), (6, 5, 3)), (np.ones((6, 5, 3), np.float32), (6, 5, 3)),
-     (np.ones((6, 5), np.float32), (6, 5, 1)), (torch.ones(1, 6, 5), (6, 5, 1))],
+    [
+        (np.ones((3, 6, 5), np.float32), (6, 5, 3)),
+        (np.ones((6, 5, 3), np.float32), (6, 5, 3)),
+        (np.ones((6, 5), np.float32), (6, 5, 1)),
+        (torch.ones(1, 6, 5), (6, 5, 1)),
+    ],
 )
 def test_image_layouts(image, shape) -> None:
     hwc = to_hwc_uint8(image)
