@@ -73,8 +73,12 @@ def save_checkpoint(
     *,
     layout: str,
     keep: int,
+    extra_tensors: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the published folder."""
+    """Collective: every rank calls it. Returns the published folder.
+
+    `extra_tensors` holds further named tensor dicts saved beside the model (e.g. "ema").
+    """
     rank = dist.get_rank()
     final = _step_dir(root, step)
     partial = final.with_name(final.name + ".partial")
@@ -86,6 +90,7 @@ def save_checkpoint(
     state = {
         "model": get_model_state_dict(model),
         "optimizer": get_optimizer_state_dict(model, optimizer),
+        **(extra_tensors or {}),
     }
     dcp.save(state, checkpoint_id=str(partial))
     if rank == 0:
@@ -103,8 +108,10 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer: Any | None) -> dict[str, Any]:
-    """Load model (and optimizer) in place from `folder`; returns the trainer state."""
+def load_checkpoint(
+    folder: Path, model: nn.Module, optimizer: Any | None, extra_tensors: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Load model (and optimizer, and `extra_tensors` in place) from `folder`; returns the trainer state."""
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         raise CheckpointError(f"{folder}: no manifest.json — not a complete scaletrain checkpoint")
@@ -121,6 +128,7 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: Any | None) -> di
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    state.update(extra_tensors or {})
     dcp.load(state, checkpoint_id=str(folder))
     set_model_state_dict(model, state["model"])
     if optimizer is not None:

@@ -6,7 +6,6 @@ import math
 
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 
 from scaletrain.config.schema import TrainSection
 
@@ -55,5 +54,10 @@ def lr_multiplier(step: int, train: TrainSection) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection) -> LambdaLR:
-    return LambdaLR(optimizer, lambda step: lr_multiplier(step, train))
+def set_lr(optimizer: torch.optim.Optimizer, step: int, train: TrainSection) -> float:
+    """Set the LR for optimizer step `step`. Stateless: a pure function of the step, so a
+    resumed run (even with a changed schedule) needs no scheduler state."""
+    lr = train.lr * lr_multiplier(step, train)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr

@@ -37,6 +37,10 @@ class Recipe:
     loss:         (model output, batch dict) -> scalar mean loss over the batch.
     validate:     (job config, parallel dims) -> None; raises ValueError naming a field.
     units_per_sample: job config -> tokens (or 1 for sample-counted families) per sample.
+    evaluate:     (model, job config, step, logger) -> dict of metrics; called every eval.interval
+                  steps on every rank with the EMA weights when train.ema_decay > 0 (e.g. to
+                  write sample grids with logger.log_image).
+    sample:       argv -> None; the `scaletrain sample <ckpt> ...` command for this family.
     """
 
     name: str
@@ -52,6 +56,8 @@ class Recipe:
     unit: Literal["tokens", "samples"] = "samples"
     # For families with vocab-sized outputs: TP may compute the loss on sharded logits.
     supports_loss_parallel: bool = False
+    evaluate: Callable[[nn.Module, JobConfig, int, Any], dict[str, float]] | None = None
+    sample: Callable[[list[str]], None] | None = None
 
 
 _RECIPES: dict[str, Recipe] = {}

@@ -38,8 +38,9 @@ from scaletrain.config import (
 )
 from scaletrain.data import ShardedLoader
 from scaletrain.distributed import destroy_distributed, init_distributed, world_size_from_env
+from scaletrain.ema import EMA
 from scaletrain.metrics import MetricLogger, count_train_flops, mfu, peak_memory_gib, peak_tflops
-from scaletrain.optim import build_optimizer, build_scheduler
+from scaletrain.optim import build_optimizer, set_lr
 from scaletrain.parallel import ParallelDims, init_model
 from scaletrain.parallel.data_parallel import DTYPES
 from scaletrain.parallel.grad_norm import clip_grad_norm_
@@ -97,7 +98,7 @@ class Trainer:
         self.model.train()
 
         self.optimizer = build_optimizer(self.model, cfg.train, device.type)
-        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.scaler = torch.amp.GradScaler(device.type) if cfg.train.loss_scaler == "dynamic" else None
         dp_rank, dp_size = dims.dp_coordinates()
         self.micro_batch_size = micro_batch_size(cfg, dims)
@@ -140,17 +141,20 @@ class Trainer:
         return None
 
     def _load(self, folder: Path, with_optimizer: bool) -> None:
-        state = load_checkpoint(folder, self.model, self.optimizer if with_optimizer else None)
+        state = load_checkpoint(
+            folder, self.model, self.optimizer if with_optimizer else None, extra_tensors=self._extra_tensors()
+        )
         self.step = state["step"]
-        self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["data"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
+    def _extra_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"ema": self.ema.state_dict()} if self.ema is not None else {}
+
     def save(self) -> Path:
         trainer_state = {
             "step": self.step,
-            "scheduler": self.scheduler.state_dict(),
             "data": self.loader.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "recipe": self.cfg.recipe,
@@ -163,6 +167,7 @@ class Trainer:
             trainer_state,
             layout=self.dims.describe(),
             keep=self.cfg.checkpoint.keep,
+            extra_tensors=self._extra_tensors(),
         )
 
     # -- one optimizer step -------------------------------------------------------------------
@@ -183,14 +188,15 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = clip_grad_norm_(list(self.model.parameters()), self.cfg.train.grad_clip)
+        lr = set_lr(self.optimizer, self.step, self.cfg.train)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
         if self.dims.dp_size * self.dims.cp > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG, group=self.dims.axis("dp_cp").get_group())
         self.step += 1
@@ -223,6 +229,10 @@ class Trainer:
                 history.append({"step": self.step, **metrics})
                 if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps:
                     logger.log(self.step, metrics)
+                if cfg.eval.interval and self.recipe.evaluate is not None and (
+                    self.step % cfg.eval.interval == 0 or self.step == cfg.train.steps
+                ):
+                    self.evaluate(logger)
                 if cfg.checkpoint.enable and (
                     self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.steps
                 ):
@@ -232,6 +242,18 @@ class Trainer:
         finally:
             logger.close()
             self.loader.close()
+
+    def evaluate(self, logger: MetricLogger) -> dict[str, float]:
+        self.model.eval()
+        ema = self.ema.swapped_into(self.model) if self.ema is not None else contextlib.nullcontext(self.model)
+        try:
+            with torch.no_grad(), ema as model:
+                results = self.recipe.evaluate(model, self.cfg, self.step, logger) or {}
+        finally:
+            self.model.train()
+        if results:
+            logger.log(self.step, {f"eval/{k}": v for k, v in results.items()})
+        return results
 
     def _announce(self, logger: MetricLogger) -> None:
         cfg, dims = self.cfg, self.dims

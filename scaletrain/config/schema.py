@@ -51,6 +51,7 @@ class TrainSection:
     reduce_dtype: Literal["fp32", "bf16"] = opt("fp32", "Gradient reduction dtype under FSDP2 mixed precision.")
     loss_scaler: Literal["none", "dynamic"] = opt("none", "Loss scaling; fp16 needs 'dynamic'.")
     compile: bool = opt(False, "torch.compile each repeated block.")
+    ema_decay: float = opt(0.0, "Keep an exponential moving average of the weights with this decay (0 = off).")
     log_interval: int = opt(1, "Log metrics every N steps.")
     abort_on_nan: bool = opt(True, "Stop with an error naming the step when the loss is NaN or Inf.")
 
@@ -112,6 +113,12 @@ class MetricsSection:
 
 
 @dataclass
+class EvalSection:
+    interval: int = opt(0, "Run the recipe's evaluation (samples, metrics) every N steps; 0 = never.")
+    num_samples: int = opt(16, "Samples the evaluation generates (for families that sample).")
+
+
+@dataclass
 class JobConfig:
     recipe: str = opt("gpt", "Model family; `scaletrain recipes` lists the registered ones.")
     job: JobSection = field(default_factory=JobSection)
@@ -122,3 +129,4 @@ class JobConfig:
     activation_checkpoint: ActivationCheckpointSection = field(default_factory=ActivationCheckpointSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    eval: EvalSection = field(default_factory=EvalSection)
