@@ -1,0 +1,85 @@
+"""How the diffusion models are parallelized: TP -> activation checkpointing -> compile -> FSDP2/DDP.
+
+DiT tensor parallel follows the GPT's Megatron split inside each block: q/k/v and fc1
+column-wise (each rank owns n_heads/tp heads and F/tp hidden units), wo and fc2 row-wise
+(one all-reduce per branch). The adaLN regressor (6*D outputs per block, a third of
+DiT-XL's weights) is split column-wise and all-gathered, so its weights are sharded too.
+Sequence parallel is not used (tokens are few: 256 for DiT-XL/2 at 256 px).
+
+Every other parameter (patch embedding, timestep/class embedders, final layer) is
+replicated over tp as a DTensor, so that all parameters live on the tp mesh and FSDP and
+the gradient norm see one layout (as in recipes/gpt/parallelize.py).
+
+The U-Net is data parallel only (DDP or FSDP2 per residual/attention block).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, distribute_module
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from recipes.diffusion.dit import DiT
+from scaletrain.config.schema import JobConfig
+from scaletrain.parallel import (
+    ParallelDims,
+    apply_activation_checkpointing,
+    apply_compile,
+    apply_data_parallel,
+)
+
+
+def _replicate_on(module: nn.Module, mesh) -> None:
+    """Make `module`'s parameters tp-replicated DTensors; its inputs/outputs stay plain tensors."""
+    distribute_module(
+        module,
+        mesh,
+        input_fn=lambda mod, inputs, m: tuple(
+            DTensor.from_local(x, m, [Replicate()], run_check=False) if hasattr(x, "dim") else x for x in inputs
+        ),
+        output_fn=lambda mod, out, m: out.to_local(),
+    )
+
+
+def apply_tensor_parallel(model: DiT, dims: ParallelDims) -> None:
+    tp_mesh = dims.axis("tp")
+    for block in model.blocks.values():
+        plan = {
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(),
+            "mlp.fc1": ColwiseParallel(),
+            "mlp.fc2": RowwiseParallel(),
+            # Gathered back to the full 6*D: the chunk into shift/scale/gate needs all of it.
+            "adaln": ColwiseParallel(output_layouts=Replicate()),
+        }
+        parallelize_module(block, tp_mesh, plan)
+    replicated = [model.patch_embed, model.t_embedder.fc1, model.t_embedder.fc2, model.final.adaln, model.final.linear]
+    if model.y_embedder is not None:
+        replicated.append(model.y_embedder)
+    for module in replicated:
+        _replicate_on(module, tp_mesh)
+
+
+def parallelize_dit(model: DiT, dims: ParallelDims, cfg: JobConfig) -> DiT:
+    blocks = list(model.blocks.values())
+    if dims.tp_enabled:
+        apply_tensor_parallel(model, dims)
+    apply_activation_checkpointing(blocks, cfg.activation_checkpoint)
+    if cfg.train.compile:
+        apply_compile(blocks)
+    apply_data_parallel(model, blocks, dims, cfg.train, cfg.parallel)
+    return model
+
+
+def parallelize_blocks(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> nn.Module:
+    """Data-parallel-only plan for models that list their repeated blocks in `model.fsdp_blocks()`."""
+    if dims.tp_enabled:
+        raise ValueError(f"parallel.tp: {type(model).__name__} has no tensor-parallel plan; use tp=1")
+    blocks = list(model.fsdp_blocks())
+    apply_activation_checkpointing(blocks, cfg.activation_checkpoint)
+    if cfg.train.compile:
+        apply_compile(blocks)
+    apply_data_parallel(model, blocks, dims, cfg.train, cfg.parallel)
+    return model
