@@ -7,7 +7,11 @@ registered as a ``torch.library`` op in the ``scaletrain_kernels`` namespace wit
 under torch.compile.
 
 Kernels: attention (flash, GQA, causal, sliding window, lse), rms_norm, apply_rope, swiglu,
-fused_linear_cross_entropy. See each module's docstring for layouts and algorithms.
+fused_linear_cross_entropy. See each module's docstring for layouts and algorithms; ``kernels.bench``
+benchmarks them (``python -m kernels.bench --help``).
+
+Note: the functions ``attention``, ``rms_norm`` and ``swiglu`` shadow their submodules as package
+attributes; reach the modules with ``from kernels.attention import attention_fwd`` or importlib.
 """
 
 from ._triton import INTERPRET, TRITON_AVAILABLE

@@ -258,6 +258,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     b, h, _, d = q.shape
     if k.shape[0] != b or k.shape[3] != d or h % k.shape[1] != 0:
         raise ValueError(f"kv shape {tuple(k.shape)} incompatible with q {tuple(q.shape)} (Hkv must divide H)")
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise ValueError(f"q/k/v must share dtype and device; got {q.dtype}/{k.dtype}/{v.dtype}")
     if d not in (16, 32, 64, 128):
         raise ValueError(f"head_dim must be one of 16, 32, 64, 128; got {d}")
 

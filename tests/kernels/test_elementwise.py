@@ -106,3 +106,22 @@ def test_rope_convention_is_rotate_half(device):  # noqa: ANN001
     torch.testing.assert_close(out, torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1), atol=1e-6, rtol=1e-6)
     # Position 0 has angle 0: identity.
     torch.testing.assert_close(out[:, 0], q[:, 0])
+
+
+def test_swiglu_and_rope_under_torch_compile(device):  # noqa: ANN001
+    backend = "aot_eager" if device.type == "cpu" else "inductor"
+    gate = torch.randn(6, 40, device=device, requires_grad=True)
+    q = torch.randn(1, 6, 2, 16, device=device, requires_grad=True)
+    cos, sin = _rope_tables(6, 8, device)
+
+    @torch.compile(backend=backend, fullgraph=True)
+    def f(gate, q):  # noqa: ANN001
+        qr, kr = kernels.apply_rope(q, q, cos, sin)
+        return kernels.swiglu(gate, gate).sum() + (qr * kr).sum()
+
+    f(gate, q).backward()
+    g2, q2 = gate.detach().requires_grad_(), q.detach().requires_grad_()
+    qr, kr = reference.apply_rope_reference(q2, q2, cos, sin)
+    (reference.swiglu_reference(g2, g2).sum() + (qr * kr).sum()).backward()
+    torch.testing.assert_close(gate.grad, g2.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(q.grad, q2.grad, atol=1e-5, rtol=1e-5)

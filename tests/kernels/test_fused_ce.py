@@ -125,3 +125,15 @@ def test_never_materializes_full_logits(device):  # noqa: ANN001
     with _LargestAllocation() as control:
         fused_linear_cross_entropy_reference(h, w, targets).backward()
     assert control.largest >= N * V and max(control.logits_rows) == N
+
+
+def test_under_torch_compile(device):  # noqa: ANN001
+    hidden, weight, targets = _data(device)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    backend = "aot_eager" if device.type == "cpu" else "inductor"
+    f = torch.compile(lambda h, w: kernels.fused_linear_cross_entropy(h, w, targets, z_loss=1e-3, chunk_size=32),
+                      backend=backend)  # fmt: skip
+    f(h, w).backward()
+    want = _loss_and_grads(fused_linear_cross_entropy_reference, hidden, weight, targets, z_loss=1e-3)
+    torch.testing.assert_close(h.grad, want[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w.grad, want[2], atol=1e-5, rtol=1e-5)

@@ -113,6 +113,10 @@ def _main() -> None:
 # ---------------------------------------------------------------- pytest side
 @pytest.fixture(scope="module")
 def results() -> dict:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the other kernel tests compile and run the kernels for real")
     try:
         import triton.backends.compiler  # noqa: F401
         import triton.backends.nvidia  # noqa: F401
