@@ -6,6 +6,8 @@ code run the same way for 1 or 1,000 ranks.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -50,5 +52,12 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
 
 
 def destroy_distributed() -> None:
+    """Tear down in a safe order: no rank leaves while others still talk to it, and gloo's
+    worker threads drop their tensors while the interpreter is fully alive (otherwise exit
+    can abort with "terminate called without an active exception")."""
     if dist.is_initialized():
+        gc.collect()
+        with contextlib.suppress(RuntimeError):
+            dist.barrier()
         dist.destroy_process_group()
+        gc.collect()

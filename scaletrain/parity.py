@@ -41,8 +41,13 @@ def run_layout(
     nproc = nproc or processes_for(config, overrides)
     shutil.rmtree(run_dir / name, ignore_errors=True)  # metrics.jsonl appends; start clean
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        "-m", "scaletrain.train",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "scaletrain.train",
     ]
     cmd += ([config] if config else []) + list(overrides) + PARITY_OVERRIDES
     cmd += ["--job.run_dir", str(run_dir), "--job.name", name]
@@ -50,7 +55,9 @@ def run_layout(
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     if done.returncode != 0:
-        raise RuntimeError(f"layout {' '.join(overrides) or '(default)'} failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}")
+        raise RuntimeError(
+            f"layout {' '.join(overrides) or '(default)'} failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+        )
     with open(run_dir / name / "metrics.jsonl") as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -65,21 +72,25 @@ class ParityReport:
 
     @property
     def max_loss_rel_diff(self) -> float:
-        return max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(self.loss_a, self.loss_b))
+        return max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(self.loss_a, self.loss_b, strict=True))
 
     @property
     def max_grad_norm_rel_diff(self) -> float:
-        return max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(self.grad_norm_a, self.grad_norm_b))
+        return max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(self.grad_norm_a, self.grad_norm_b, strict=True))
 
     def table(self) -> str:
-        rows = [f"{'step':>5} {'loss a':>12} {'loss b':>12} {'rel diff':>10} {'gnorm a':>10} {'gnorm b':>10} {'rel diff':>10}"]
+        header = ("step", "loss a", "loss b", "rel diff", "gnorm a", "gnorm b", "rel diff")
+        widths = (5, 12, 12, 10, 10, 10, 10)
+        rows = [" ".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True))]
         for i, step in enumerate(self.steps):
             la, lb, ga, gb = self.loss_a[i], self.loss_b[i], self.grad_norm_a[i], self.grad_norm_b[i]
             rows.append(
                 f"{step:>5} {la:>12.6f} {lb:>12.6f} {abs(la - lb) / max(abs(la), 1e-12):>10.2e} "
                 f"{ga:>10.5f} {gb:>10.5f} {abs(ga - gb) / max(abs(ga), 1e-12):>10.2e}"
             )
-        rows.append(f"max relative difference: loss {self.max_loss_rel_diff:.3e}, grad norm {self.max_grad_norm_rel_diff:.3e}")
+        rows.append(
+            f"max relative difference: loss {self.max_loss_rel_diff:.3e}, grad norm {self.max_grad_norm_rel_diff:.3e}"
+        )
         return "\n".join(rows)
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     import torch
@@ -41,6 +42,9 @@ class Recipe:
                   steps on every rank with the EMA weights when train.ema_decay > 0 (e.g. to
                   write sample grids with logger.log_image).
     sample:       argv -> None; the `scaletrain sample <ckpt> ...` command for this family.
+    example_batch: (job config, batch size) -> batch dict on the meta device, shaped like the
+                  data — used to count FLOPs without reading any data (e.g. for a 70B config
+                  on a laptop). Without it the core uses item 0 of the dataset.
     """
 
     name: str
@@ -58,6 +62,7 @@ class Recipe:
     supports_loss_parallel: bool = False
     evaluate: Callable[[nn.Module, JobConfig, int, Any], dict[str, float]] | None = None
     sample: Callable[[list[str]], None] | None = None
+    example_batch: Callable[[JobConfig, int], dict[str, torch.Tensor]] | None = None
 
 
 _RECIPES: dict[str, Recipe] = {}

@@ -51,18 +51,23 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
-def _meta_batch(dataset: Any, batch_size: int) -> dict[str, torch.Tensor]:
+def example_batch(recipe: Recipe, cfg: JobConfig, dataset: Any | None, batch_size: int = 1) -> dict[str, torch.Tensor]:
+    """A batch on the meta device shaped like the training data (for FLOP counting)."""
+    if recipe.example_batch is not None:
+        return recipe.example_batch(cfg, batch_size)
+    if dataset is None:
+        dataset = recipe.build_dataset(cfg)
     item = dataset[0]
     return {k: v.unsqueeze(0).expand(batch_size, *v.shape).to("meta") for k, v in item.items()}
 
 
-def _count_params(model: torch.nn.Module) -> int:
+def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def flops_per_sample(recipe: Recipe, model: torch.nn.Module, dataset: Any) -> int:
+def flops_per_sample(recipe: Recipe, cfg: JobConfig, model: torch.nn.Module, dataset: Any | None = None) -> int:
     """Training FLOPs (forward + backward) of one sample, counted on the meta device."""
-    batch = _meta_batch(dataset, 1)
+    batch = example_batch(recipe, cfg, dataset)
     return count_train_flops(model, recipe.model_inputs(batch), loss_fn=lambda out: recipe.loss(out, batch))
 
 
@@ -91,8 +96,8 @@ class Trainer:
 
         with torch.device("meta"):
             model = self.recipe.build_model(cfg.model)
-        self.num_params = _count_params(model)
-        self.flops_per_sample = flops_per_sample(self.recipe, model, dataset)
+        self.num_params = count_params(model)
+        self.flops_per_sample = flops_per_sample(self.recipe, cfg, model, dataset)
         self.model = self.recipe.parallelize(model, dims, cfg)
         init_model(self.model, device, cfg.job.seed)
         self.model.train()
@@ -115,7 +120,9 @@ class Trainer:
         # FSDP2 casts parameters itself (MixedPrecisionPolicy); elsewhere autocast does it.
         use_autocast = not sharded and cfg.train.dtype != "fp32"
         self.autocast = (
-            (lambda: torch.autocast(device.type, dtype=DTYPES[cfg.train.dtype])) if use_autocast else contextlib.nullcontext
+            (lambda: torch.autocast(device.type, dtype=DTYPES[cfg.train.dtype]))
+            if use_autocast
+            else contextlib.nullcontext
         )
         use_loss_parallel = dims.tp_enabled and cfg.parallel.loss_parallel and self.recipe.supports_loss_parallel
         self.loss_context = loss_parallel if use_loss_parallel else contextlib.nullcontext
@@ -205,7 +212,11 @@ class Trainer:
     def fit(self) -> list[dict[str, float]]:
         cfg = self.cfg
         logger = MetricLogger(
-            cfg.metrics, str(self.run_dir), self.rank, config_to_dict(cfg), unit=self.recipe.unit,
+            cfg.metrics,
+            str(self.run_dir),
+            self.rank,
+            config_to_dict(cfg),
+            unit=self.recipe.unit,
             total_steps=cfg.train.steps,
         )
         try:
@@ -229,13 +240,13 @@ class Trainer:
                 history.append({"step": self.step, **metrics})
                 if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps:
                     logger.log(self.step, metrics)
-                if cfg.eval.interval and self.recipe.evaluate is not None and (
-                    self.step % cfg.eval.interval == 0 or self.step == cfg.train.steps
+                if (
+                    cfg.eval.interval
+                    and self.recipe.evaluate is not None
+                    and (self.step % cfg.eval.interval == 0 or self.step == cfg.train.steps)
                 ):
                     self.evaluate(logger)
-                if cfg.checkpoint.enable and (
-                    self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.steps
-                ):
+                if cfg.checkpoint.enable and (self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.steps):
                     folder = self.save()
                     logger.log_text(f"checkpoint saved: {folder}")
             return history
@@ -279,7 +290,12 @@ def run(cfg: JobConfig) -> list[dict[str, float]]:
     dataset = get_recipe(cfg.recipe).build_dataset(cfg)
     info = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
     try:
-        return Trainer(cfg, dims, dataset, info.device).fit()
+        trainer = Trainer(cfg, dims, dataset, info.device)
+        history = trainer.fit()
+        # Drop every object that may still reference in-flight gloo work (FSDP/DDP reduce
+        # handles) while all ranks are alive; see destroy_distributed.
+        del trainer
+        return history
     finally:
         destroy_distributed()
 

@@ -42,6 +42,14 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor]:
     return (batch["input"],)
 
 
+def example_batch(cfg: JobConfig, batch_size: int) -> dict[str, torch.Tensor]:
+    shape = (batch_size, cfg.data.seq_len)
+    return {
+        "input": torch.zeros(shape, dtype=torch.long, device="meta"),
+        "target": torch.zeros(shape, dtype=torch.long, device="meta"),
+    }
+
+
 def loss(logits_BTV: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     # fp32 softmax: bf16 logits lose the small probabilities that cross-entropy depends on.
     return F.cross_entropy(logits_BTV.flatten(0, 1).float(), batch["target"].flatten())
@@ -64,7 +72,10 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
             (m.kv_heads % tp == 0, f"parallel.tp: {tp} does not divide the kv heads (model.n_kv_heads={m.kv_heads})"),
             (m.hidden_dim % tp == 0, f"parallel.tp: {tp} does not divide the MLP hidden width {m.hidden_dim}"),
             (m.vocab_size % tp == 0, f"parallel.tp: {tp} does not divide model.vocab_size={m.vocab_size}"),
-            (d.seq_len % tp == 0, f"data.seq_len: {d.seq_len} is not divisible by parallel.tp={tp} (sequence parallel)"),
+            (
+                d.seq_len % tp == 0,
+                f"data.seq_len: {d.seq_len} is not divisible by parallel.tp={tp} (sequence parallel)",
+            ),
             (not m.tie_embeddings, "model.tie_embeddings: tied embeddings are not supported with tensor parallel"),
         ]
     for ok, message in checks:
@@ -96,5 +107,6 @@ RECIPE = register_recipe(
         units_per_sample=lambda cfg: cfg.data.seq_len,
         unit="tokens",
         supports_loss_parallel=True,
+        example_batch=example_batch,
     )
 )

@@ -153,9 +153,9 @@ class GPT(nn.Module):
         # their names, so checkpoints line up across layouts.
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
         self.norm = _norm(cfg)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        # Tied embeddings reuse the embedding table in forward instead of sharing a Parameter
+        # between two modules: shared Parameters do not survive meta -> to_empty.
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.pos == "rope":
             # Not persistent: derived from the config, so checkpoints do not carry it.
             self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
@@ -172,7 +172,8 @@ class GPT(nn.Module):
         sin = self.rope_sin[:T] if self.rope_sin is not None else None
         for layer in self.layers.values():
             h = layer(h, cos, sin)
-        return self.output(self.norm(h))
+        h = self.norm(h)
+        return self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
 
     @torch.no_grad()
     def init_tensor(self, name: str, tensor: torch.Tensor, generator: torch.Generator) -> None:
@@ -192,7 +193,11 @@ class GPT(nn.Module):
             nn.init.normal_(tensor, std=cfg.init_std, generator=generator)
         elif leaf == "weight":
             # Residual-branch outputs shrink with depth so the stream's variance stays O(1).
-            std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else cfg.init_std
+            std = (
+                cfg.init_std / math.sqrt(2 * cfg.n_layers)
+                if name.endswith(("wo.weight", "w2.weight"))
+                else cfg.init_std
+            )
             nn.init.trunc_normal_(tensor, std=std, a=-3 * std, b=3 * std, generator=generator)
         else:
             raise KeyError(f"GPT.init_tensor does not know how to initialize {name!r}")

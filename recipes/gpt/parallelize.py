@@ -11,7 +11,6 @@ rank ever holds [B, T, V].
 
 from __future__ import annotations
 
-from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,

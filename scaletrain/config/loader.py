@@ -197,8 +197,10 @@ def field_help(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
     rows = []
     for f in dataclasses.fields(cls):
         name = f"{prefix}{f.name}"
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         )
         if dataclasses.is_dataclass(default):
             rows.extend(field_help(type(default), name + "."))

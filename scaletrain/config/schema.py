@@ -65,7 +65,8 @@ class ParallelSection:
     pp: int = opt(1, "Pipeline-parallel degree.")
     loss_parallel: bool = opt(True, "With tp > 1, compute cross-entropy on vocab-sharded logits.")
     reshard_after_forward: Literal["default", "always", "never"] = opt(
-        "default", "FSDP2: free gathered params after forward (always), keep them (never), or all but the root (default)."
+        "default",
+        "FSDP2: free gathered params after forward (always), keep them (never), or all but the root (default).",
     )
     fsdp_cpu_offload: bool = opt(False, "FSDP2: keep params, grads and optimizer state on the CPU (needs a GPU).")
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "dualpipev"] = opt(
@@ -79,8 +80,13 @@ class ParallelSection:
 
     @property
     def degrees(self) -> dict[str, int]:
-        return {"pp": self.pp, "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard,
-                "cp": self.cp, "tp": self.tp}
+        return {
+            "pp": self.pp,
+            "dp_replicate": self.dp_replicate,
+            "dp_shard": self.dp_shard,
+            "cp": self.cp,
+            "tp": self.tp,
+        }
 
 
 @dataclass

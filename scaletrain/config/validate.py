@@ -33,7 +33,9 @@ def validate_config(cfg: JobConfig, world_size: int) -> ParallelDims:
     _check(t.steps >= 1, f"train.steps: {t.steps} is not allowed; use >= 1")
     _check(t.lr > 0, f"train.lr: {t.lr} is not allowed; use > 0")
     _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio: {t.min_lr_ratio} is not allowed; use a value in [0, 1]")
-    _check(0 <= t.warmup_steps <= t.steps, f"train.warmup_steps: {t.warmup_steps} must be in [0, train.steps={t.steps}]")
+    _check(
+        0 <= t.warmup_steps <= t.steps, f"train.warmup_steps: {t.warmup_steps} must be in [0, train.steps={t.steps}]"
+    )
     _check(0 < t.wsd_decay_fraction <= 1, f"train.wsd_decay_fraction: {t.wsd_decay_fraction} must be in (0, 1]")
     _check(t.grad_clip >= 0, f"train.grad_clip: {t.grad_clip} is not allowed; use >= 0 (0 disables clipping)")
     _check(t.log_interval >= 1, f"train.log_interval: {t.log_interval} is not allowed; use >= 1")

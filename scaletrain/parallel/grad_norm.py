@@ -17,7 +17,9 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 
-def global_grad_norm(parameters: Iterable[torch.nn.Parameter], pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+def global_grad_norm(
+    parameters: Iterable[torch.nn.Parameter], pp_group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
     groups: dict[object, list[torch.Tensor]] = defaultdict(list)
     for p in parameters:
         if p.grad is None:

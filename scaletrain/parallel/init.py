@@ -28,7 +28,7 @@ def _name_seed(seed: int, name: str) -> int:
 
 def _local_slice(full: torch.Tensor, dtensor: DTensor) -> torch.Tensor:
     shape, offset = compute_local_shape_and_global_offset(full.shape, dtensor.device_mesh, dtensor.placements)
-    index = tuple(slice(o, o + s) for o, s in zip(offset, shape))
+    index = tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
     return full[index]
 
 

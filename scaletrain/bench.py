@@ -1,0 +1,156 @@
+"""`scaletrain bench`: scaletrain's step vs a plain hand-written PyTorch loop, in one run.
+
+Both loops train the same model (same recipe module, same init, same batches, same
+optimizer settings) in the same process, so the ratio isolates scaletrain's overhead —
+config plumbing, the DTensor/mesh machinery, metrics — from the model's own cost. The two
+are timed in alternating rounds and each side reports its median round, so drift in
+machine load (thermal, other processes) hits both equally.
+
+  scaletrain bench recipes/gpt/configs/tiny.yaml --bench-steps 20 --bench-rounds 3
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from scaletrain.config import JobConfig, validate_config
+from scaletrain.data import ShardedLoader
+from scaletrain.distributed import destroy_distributed, init_distributed, world_size_from_env
+from scaletrain.metrics import mfu
+from scaletrain.parallel import init_model
+from scaletrain.parallel.data_parallel import DTYPES
+from scaletrain.registry import get_recipe
+from scaletrain.train import Trainer
+
+
+@dataclass
+class BenchResult:
+    unit: str
+    scaletrain_rate: float
+    baseline_rate: float
+    scaletrain_mfu: float | None
+    baseline_mfu: float | None
+    peak_note: str
+    steps: int
+    rounds: int
+
+    @property
+    def ratio(self) -> float:
+        return self.scaletrain_rate / self.baseline_rate
+
+    def report(self) -> str:
+        def fmt_mfu(value: float | None) -> str:
+            return "n/a" if value is None else f"{100 * value:.1f}%"
+
+        return "\n".join(
+            [
+                f"{'loop':<22} {self.unit + '/s':>14} {'mfu':>8}",
+                f"{'plain pytorch':<22} {self.baseline_rate:>14.1f} {fmt_mfu(self.baseline_mfu):>8}",
+                f"{'scaletrain':<22} {self.scaletrain_rate:>14.1f} {fmt_mfu(self.scaletrain_mfu):>8}",
+                f"ratio scaletrain / plain: {self.ratio:.3f} (overhead {100 * (1 - self.ratio):+.1f}%), "
+                f"median of {self.rounds} rounds x {self.steps} steps",
+                f"mfu: {self.peak_note}",
+            ]
+        )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class PlainLoop:
+    """What a user would write by hand: model, AdamW, autocast, clip, step."""
+
+    def __init__(self, trainer: Trainer):
+        cfg, recipe = trainer.cfg, trainer.recipe
+        self.cfg, self.recipe, self.device = cfg, recipe, trainer.device
+        self.model = recipe.build_model(cfg.model).to(trainer.device)
+        init_model(self.model, trainer.device, cfg.job.seed)
+        fused = cfg.train.fused_optimizer and trainer.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=cfg.train.lr,
+            betas=(cfg.train.beta1, cfg.train.beta2),
+            weight_decay=cfg.train.weight_decay,
+            fused=fused or None,
+            foreach=None if fused else True,
+        )
+        self.autocast = (
+            (lambda: torch.autocast(trainer.device.type, dtype=DTYPES[cfg.train.dtype]))
+            if cfg.train.dtype != "fp32"
+            else contextlib.nullcontext
+        )
+        self.loader = ShardedLoader(
+            trainer.loader.dataset,
+            global_batch_size=cfg.train.global_batch_size,
+            micro_batch_size=trainer.micro_batch_size,
+            dp_rank=0,
+            dp_size=1,
+            seed=cfg.job.seed,
+        )
+
+    def train_step(self) -> None:
+        micro_batches = self.loader.next_step()
+        for batch in micro_batches:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with self.autocast():
+                out = self.model(*self.recipe.model_inputs(batch))
+            loss = self.recipe.loss(out, batch) / len(micro_batches)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.item()  # the trainer reads the loss every step too
+
+
+def _timed(step_fn, steps: int, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step_fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def bench(cfg: JobConfig, steps: int = 10, warmup: int = 3, rounds: int = 3) -> BenchResult:
+    """Single process: the baseline is a one-device loop, so the comparison is one device."""
+    if world_size_from_env() != 1:
+        raise ValueError("scaletrain bench compares against a one-process loop; run it without torchrun")
+    cfg.checkpoint.enable = False
+    cfg.metrics.tensorboard = False
+    cfg.train.steps = max(cfg.train.steps, (warmup + steps * rounds) * 2)
+    dims = validate_config(cfg, 1)
+    recipe = get_recipe(cfg.recipe)
+    dataset = recipe.build_dataset(cfg)
+    info = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
+    try:
+        trainer = Trainer(cfg, dims, dataset, info.device)
+        plain = PlainLoop(trainer)
+        for _ in range(warmup):
+            trainer.train_step()
+            plain.train_step()
+        times_st, times_plain = [], []
+        for _ in range(rounds):
+            times_plain.append(_timed(plain.train_step, steps, info.device))
+            times_st.append(_timed(trainer.train_step, steps, info.device))
+        units = trainer.units_per_step * steps
+        st_s, plain_s = statistics.median(times_st), statistics.median(times_plain)
+        flops = trainer.flops_per_sample * cfg.train.global_batch_size * steps
+        return BenchResult(
+            unit=recipe.unit,
+            scaletrain_rate=units / st_s,
+            baseline_rate=units / plain_s,
+            scaletrain_mfu=mfu(flops, st_s, 1, trainer.peak),
+            baseline_mfu=mfu(flops, plain_s, 1, trainer.peak),
+            peak_note=trainer.peak_note,
+            steps=steps,
+            rounds=rounds,
+        )
+    finally:
+        destroy_distributed()

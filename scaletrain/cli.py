@@ -1,0 +1,207 @@
+"""The `scaletrain` command. New knobs become config fields, not flags.
+
+  scaletrain train CONFIG [--section.field VALUE ...]      train (torchrun -m scaletrain.train for many ranks)
+  scaletrain config show CONFIG [overrides]                 resolved config + parameter and FLOP counts
+  scaletrain config help [--recipe NAME]                    every field with its help text and default
+  scaletrain recipes                                        registered model families
+  scaletrain parity CONFIG --a "OVERRIDES" --b "OVERRIDES"  per-step loss / grad-norm differences of two layouts
+  scaletrain bench CONFIG [--bench-steps N] [overrides]     tokens/s vs a plain PyTorch loop, same run
+  scaletrain bench kernels [--seq 128,256 ...]              fused kernels vs PyTorch alternatives
+  scaletrain sample CHECKPOINT [...]                        the checkpoint's recipe samples from it
+  scaletrain <plugin> ...                                   commands other packages register (e.g. launch)
+
+Plugins register under the `scaletrain.commands` entry-point group as `name = module:main`
+(main(argv) -> int), which is how `scaletrain launch` arrives from the launchers package
+without the core importing it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import torch
+import yaml
+
+from scaletrain.config import config_to_dict, field_help, load_config, validate_config
+from scaletrain.config.schema import JobConfig
+from scaletrain.registry import get_recipe, known_recipes
+
+
+def _split_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    if argv and not argv[0].startswith("--"):
+        return argv[0], argv[1:]
+    return None, argv
+
+
+def _take_options(argv: list[str], names: dict[str, type]) -> tuple[dict[str, object], list[str]]:
+    """Pull command options (e.g. --bench-steps) out of argv; the rest are config overrides."""
+    found, rest, i = {}, [], 0
+    while i < len(argv):
+        key = argv[i][2:] if argv[i].startswith("--") else None
+        if key is not None and "=" in key:
+            key, value = key.split("=", 1)
+            if key in names:
+                found[key] = names[key](value)
+                i += 1
+                continue
+        elif key in names:
+            if i + 1 >= len(argv):
+                raise ValueError(f"--{key} needs a value")
+            found[key] = names[key](argv[i + 1])
+            i += 2
+            continue
+        rest.append(argv[i])
+        i += 1
+    return found, rest
+
+
+def cmd_train(argv: list[str]) -> int:
+    from scaletrain.train import main as train_main
+
+    train_main(argv)
+    return 0
+
+
+def model_summary(cfg: JobConfig) -> dict[str, float]:
+    """Parameter and FLOP counts from a meta-device model: free even for 70B configs."""
+    from scaletrain.train import count_params, flops_per_sample
+
+    recipe = get_recipe(cfg.recipe)
+    with torch.device("meta"):
+        model = recipe.build_model(cfg.model)
+    flops = flops_per_sample(recipe, cfg, model)
+    units = recipe.units_per_sample(cfg)
+    return {
+        "parameters": count_params(model),
+        "train_flops_per_sample": flops,
+        f"train_flops_per_{recipe.unit[:-1]}": flops / units,
+        "train_flops_per_step": flops * cfg.train.global_batch_size,
+    }
+
+
+def cmd_config(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("show", "help"):
+        print("usage: scaletrain config {show CONFIG [overrides] | help [--recipe NAME]}", file=sys.stderr)
+        return 2
+    if argv[0] == "help":
+        options, _ = _take_options(argv[1:], {"recipe": str})
+        recipe = get_recipe(str(options.get("recipe", "gpt")))
+        rows = field_help(JobConfig)
+        rows += field_help(recipe.model_config, "model.") + field_help(recipe.data_config, "data.")
+        for name, text, default in sorted(rows):
+            if name in ("model", "data"):
+                continue
+            print(f"--{name:<38} {text} [default: {default}]")
+        return 0
+    options, rest = _take_options(argv[1:], {"world-size": int})
+    path, overrides = _split_config(rest)
+    cfg = load_config(path, overrides)
+    if "world-size" in options:
+        validate_config(cfg, int(options["world-size"]))
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
+    summary = model_summary(cfg)
+    print("# model")
+    for key, value in summary.items():
+        print(f"#   {key}: {value:,.0f}" if value >= 1e3 else f"#   {key}: {value:.4g}")
+    return 0
+
+
+def cmd_recipes(argv: list[str]) -> int:
+    for name in known_recipes():
+        print(name)
+    return 0
+
+
+def cmd_parity(argv: list[str]) -> int:
+    from scaletrain.parity import parity, split_overrides
+
+    options, rest = _take_options(argv, {"a": str, "b": str, "rtol": float})
+    path, common = _split_config(rest)
+    report = parity(
+        path, split_overrides(str(options.get("a", ""))), split_overrides(str(options.get("b", ""))), common
+    )
+    print(report.table())
+    rtol = float(options.get("rtol", 1e-5))
+    ok = report.max_loss_rel_diff <= rtol
+    print(f"{'PASS' if ok else 'FAIL'}: max loss relative difference {report.max_loss_rel_diff:.2e} (rtol {rtol:g})")
+    return 0 if ok else 1
+
+
+def cmd_bench(argv: list[str]) -> int:
+    if argv and argv[0] == "kernels":
+        return _bench_kernels(argv[1:])
+    from scaletrain.bench import bench
+
+    options, rest = _take_options(argv, {"bench-steps": int, "bench-warmup": int, "bench-rounds": int})
+    path, overrides = _split_config(rest)
+    cfg = load_config(path, overrides)
+    result = bench(
+        cfg,
+        steps=int(options.get("bench-steps", 10)),
+        warmup=int(options.get("bench-warmup", 3)),
+        rounds=int(options.get("bench-rounds", 3)),
+    )
+    print(result.report())
+    return 0
+
+
+def _bench_kernels(argv: list[str]) -> int:
+    from kernels import bench as kernel_bench
+
+    return int(kernel_bench.main(argv) or 0)
+
+
+def cmd_sample(argv: list[str]) -> int:
+    if not argv:
+        print("usage: scaletrain sample CHECKPOINT_DIR [recipe options]", file=sys.stderr)
+        return 2
+    trainer_json = Path(argv[0]) / "trainer.json"
+    if not trainer_json.is_file():
+        raise ValueError(f"{argv[0]}: not a complete scaletrain checkpoint (no trainer.json)")
+    recipe = get_recipe(json.loads(trainer_json.read_text())["recipe"])
+    if recipe.sample is None:
+        raise ValueError(f"recipe {recipe.name!r} has no sampler")
+    recipe.sample(argv)
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "config": cmd_config,
+    "recipes": cmd_recipes,
+    "parity": cmd_parity,
+    "bench": cmd_bench,
+    "sample": cmd_sample,
+}
+
+
+def _plugins() -> dict[str, object]:
+    return {ep.name: ep for ep in entry_points(group="scaletrain.commands")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    plugins = _plugins()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    command, rest = argv[0], argv[1:]
+    try:
+        if command in COMMANDS:
+            return COMMANDS[command](rest)
+        if command in plugins:
+            return int(plugins[command].load()(rest) or 0)
+    except ValueError as exc:
+        print(f"scaletrain {command}: error: {exc}", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(prog="scaletrain")
+    parser.error(f"unknown command {command!r}; choose from {sorted(COMMANDS) + sorted(plugins)}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
