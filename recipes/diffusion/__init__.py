@@ -15,10 +15,11 @@ from __future__ import annotations
 import dataclasses
 
 from recipes.diffusion import recipe as _r
-from recipes.diffusion.config import DiTConfig, ImageDataConfig
+from recipes.diffusion.config import DiTConfig, ImageDataConfig, UNetConfig
 from recipes.diffusion.dit import DiT
-from recipes.diffusion.parallelize import parallelize_dit
+from recipes.diffusion.parallelize import parallelize_blocks, parallelize_dit
 from recipes.diffusion.sample_cli import make_sample_command
+from recipes.diffusion.unet import UNet
 from scaletrain.registry import Recipe, register_recipe
 
 # Optional hooks newer cores accept (passed only when this core's Recipe has the field).
@@ -43,5 +44,19 @@ DIT = _register(
     validate=_r.validate_dit,
     evaluate=_r.evaluate,
     sample=make_sample_command("dit"),
+    example_batch=_r.example_batch,
+)
+UNET = _register(
+    name="unet",
+    model_config=UNetConfig,
+    data_config=ImageDataConfig,
+    build_model=UNet,
+    parallelize=parallelize_blocks,
+    build_dataset=_r.build_dataset,
+    model_inputs=_r.model_inputs,
+    loss=_r.loss,
+    validate=_r.validate_unet,
+    evaluate=_r.evaluate,
+    sample=make_sample_command("unet"),
     example_batch=_r.example_batch,
 )

@@ -135,6 +135,33 @@ def validate_dit(cfg: JobConfig, dims: ParallelDims) -> None:
             raise ValueError(message)
 
 
+def validate_unet(cfg: JobConfig, dims: ParallelDims) -> None:
+    validate_common(cfg, dims)
+    m = cfg.model
+    if dims.tp > 1:
+        raise ValueError(
+            f"parallel.tp: {dims.tp} is not supported by the U-Net (data parallel only); use tp=1 or the DiT"
+        )
+    factor = 2 ** (len(m.channel_mult) - 1)
+    checks = [
+        (len(m.channel_mult) >= 1, "model.channel_mult: give at least one level"),
+        (
+            m.image_size % factor == 0,
+            f"model.image_size: {m.image_size} is not divisible by {factor}, the U-Net's "
+            f"downsampling (2^(len(model.channel_mult)-1))",
+        ),
+        (m.blocks_per_level >= 1, f"model.blocks_per_level: {m.blocks_per_level} is not allowed; use >= 1"),
+        (0 <= m.dropout < 1, f"model.dropout: {m.dropout} is not allowed; use a value in [0, 1)"),
+    ]
+    for mult in m.channel_mult:
+        c = m.channels * mult
+        checks.append((c % min(m.groups, c) == 0, f"model.groups: {m.groups} does not divide {c} channels"))
+        checks.append((c % max(1, c // 32) == 0, f"model.channels: {c} channels do not split into heads of ~32"))
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
 # -- sampling --------------------------------------------------------------------------------------
 def class_labels(num_classes: int, n: int, requested: int | None) -> torch.Tensor:
     """Labels for a grid: the requested class everywhere, or every class in turn."""
@@ -214,7 +241,13 @@ def evaluate(model: nn.Module, cfg: JobConfig, step: int, logger: Any) -> dict[s
     m = cfg.model
     labels = class_labels(m.num_classes, cfg.eval.num_samples, None)
     images = generate(
-        model, m, labels, sampler=m.eval_sampler, steps=m.eval_steps, guidance=m.eval_guidance, seed=cfg.job.seed,
+        model,
+        m,
+        labels,
+        sampler=m.eval_sampler,
+        steps=m.eval_steps,
+        guidance=m.eval_guidance,
+        seed=cfg.job.seed,
         decode=_eval_decoder(cfg),
     )
     ncol = m.num_classes if 0 < m.num_classes <= 16 else None

@@ -123,8 +123,16 @@ def make_sample_command(recipe_name: str):
                 decode = load_cache_decoder(cfg.data.path)
             start = time.perf_counter()
             images = generate(
-                model, cfg.model, labels, sampler=args.sampler, steps=args.steps, eta=args.eta, guidance=args.cfg,
-                seed=args.seed, batch_size=args.batch, decode=decode,
+                model,
+                cfg.model,
+                labels,
+                sampler=args.sampler,
+                steps=args.steps,
+                eta=args.eta,
+                guidance=args.cfg,
+                seed=args.seed,
+                batch_size=args.batch,
+                decode=decode,
             )
             seconds = time.perf_counter() - start
         finally:

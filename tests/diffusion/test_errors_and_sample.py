@@ -1,0 +1,103 @@
+"""Bad input fails early with a message naming the field; train -> checkpoint -> `scaletrain sample` -> PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from recipes.diffusion.sample_cli import make_sample_command
+from scaletrain.config import load_config, validate_config
+
+ROOT = Path(__file__).resolve().parents[2]
+DIT = str(ROOT / "recipes/diffusion/configs/dit-tiny.yaml")
+UNET = str(ROOT / "recipes/diffusion/configs/unet-tiny.yaml")
+
+
+def _validate(config: str, *overrides: str, world_size: int = 1) -> None:
+    validate_config(load_config(config, list(overrides)), world_size)
+
+
+def _png(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+
+
+def test_image_size_not_divisible_by_patch_size():
+    with pytest.raises(ValueError, match=r"model.image_size: 30 is not divisible by model.patch_size=4"):
+        _validate(DIT, "--model.image_size", "30")
+
+
+def test_unet_image_size_not_divisible_by_downsampling_and_no_tp():
+    with pytest.raises(ValueError, match=r"model.image_size: 30 is not divisible by 4"):
+        _validate(UNET, "--model.image_size", "30")
+    with pytest.raises(ValueError, match=r"parallel.tp: 2 is not supported by the U-Net"):
+        _validate(UNET, "--parallel.tp", "2", world_size=2)
+
+
+def test_tp_must_divide_heads():
+    with pytest.raises(ValueError, match=r"parallel.tp: 8 does not divide model.n_heads=4"):
+        _validate(DIT, "--parallel.tp", "8", world_size=8)
+
+
+def test_class_conditioning_on_unlabelled_folder(tmp_path):
+    _png(tmp_path / "imgs" / "a.png")
+    with pytest.raises(ValueError, match=r"model.num_classes: class conditioning .* needs labelled data"):
+        _validate(DIT, "--data.source", "folder", "--data.path", str(tmp_path / "imgs"))
+    _validate(DIT, "--data.source", "folder", "--data.path", str(tmp_path / "imgs"), "--model.num_classes", "0")
+
+
+def test_empty_image_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"data.path: no PNG/JPEG images"):
+        _validate(DIT, "--data.source", "folder", "--data.path", str(tmp_path / "empty"))
+
+
+def test_shapes_limits_and_flow_prediction():
+    with pytest.raises(ValueError, match=r"model.num_classes: the shapes data set has 6 classes"):
+        _validate(DIT, "--model.num_classes", "7")
+    with pytest.raises(ValueError, match=r"prediction=v"):
+        _validate(DIT, "--model.schedule", "flow", "--model.prediction", "eps")
+
+
+def test_sampling_a_checkpoint_of_another_recipe(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "trainer.json").write_text(json.dumps({"step": 1, "recipe": "gpt"}))
+    with pytest.raises(ValueError, match=r"checkpoint of recipe 'gpt', not 'dit'"):
+        make_sample_command("dit")([str(folder), "--config", DIT])
+    (folder / "trainer.json").write_text(json.dumps({"step": 1, "recipe": "dit"}))
+    with pytest.raises(ValueError, match=r"is a 'unet' config"):
+        make_sample_command("dit")([str(folder), "--config", UNET])
+    with pytest.raises(ValueError, match="not a complete scaletrain checkpoint"):
+        make_sample_command("dit")([str(tmp_path), "--config", DIT])
+
+
+def test_train_then_sample_writes_a_png_grid(tmp_path):
+    """Two training steps with EMA and an eval grid, then the sample command on the checkpoint."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    small = ["--model.image_size", "16", "--model.dim", "32", "--model.depth", "1", "--model.n_heads", "2"]
+    train = [sys.executable, "-m", "scaletrain.train", DIT, *small, "--train.steps", "2", "--train.warmup_steps", "1",
+             "--train.global_batch_size", "4", "--eval.interval", "2", "--eval.num_samples", "6",
+             "--model.eval_steps", "2", "--job.run_dir", str(tmp_path), "--job.name", "s"]  # fmt: skip
+    done = subprocess.run(train, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert list((tmp_path / "s" / "tb").iterdir())  # the eval grid went to TensorBoard
+    ckpt = tmp_path / "s" / "checkpoints" / "step-00000002"
+    out = tmp_path / "grid.png"
+    sample = [sys.executable, "-m", "scaletrain.cli", "sample", str(ckpt), "--config", DIT, *small, "--sampler", "ddim",
+              "--steps", "3", "--cfg", "4.0", "--class", "3", "--n", "10", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(sample, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "images/s" in done.stdout
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (2 * 18 + 2, 8 * 18 + 2, 3)  # 10 images of 16 px, 8 per row, 2 px gaps
+    bad = [*sample[:-8], "--class", "9", "--out", str(out)]
+    done = subprocess.run(bad, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 2 and "--class: 9 is not a class of this model" in done.stderr
