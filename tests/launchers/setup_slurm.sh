@@ -17,10 +17,25 @@ dir="${1:-/tmp/scaletrain-slurm}"
 conf="$dir/slurm.conf"
 export SLURM_CONF="$conf"
 
-if [[ $stop == 1 ]]; then
+stop_daemons() {
+  local pids=() daemon pid
   for daemon in slurmd slurmctld; do
-    if [[ -f "$dir/$daemon.pid" ]]; then kill "$(cat "$dir/$daemon.pid")" 2>/dev/null || true; fi
+    if [[ -f "$dir/$daemon.pid" ]]; then
+      pid=$(cat "$dir/$daemon.pid")
+      kill "$pid" 2>/dev/null && pids+=("$pid")
+    fi
   done
+  # Wait for them to exit, so a restart does not find the ports still taken.
+  for _ in $(seq 100); do
+    local alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [[ $alive == 0 ]] && return 0
+    sleep 0.1
+  done
+}
+
+if [[ $stop == 1 ]]; then
+  stop_daemons
   exit 0
 fi
 
@@ -28,13 +43,6 @@ for bin in munged slurmctld slurmd sbatch scontrol; do
   command -v "$bin" >/dev/null || { echo "setup_slurm: $bin not found; apt-get install -y slurm-wlm munge" >&2; exit 3; }
 done
 [[ $(id -u) == 0 ]] || { echo "setup_slurm: needs root (daemons, /etc/munge)" >&2; exit 3; }
-
-# Healthy already? Then there is nothing to do.
-if [[ -f "$conf" ]] && scontrol ping 2>/dev/null | grep -q "is UP" \
-   && sinfo -h -o "%T" 2>/dev/null | grep -qE "^(idle|mixed|allocated)"; then
-  echo "setup_slurm: cluster already up ($conf)"
-  exit 0
-fi
 
 # --- munge: Slurm's daemons and clients authenticate every message with it.
 mkdir -p /etc/munge /run/munge /var/lib/munge /var/log/munge
@@ -57,7 +65,7 @@ host=$(hostname -s)
 cpus=$(nproc)
 mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 512 ))
 mkdir -p "$dir/state" "$dir/spool" "$dir/log"
-cat > "$conf" <<EOF
+wanted=$(cat <<EOF
 ClusterName=scaletrain
 SlurmctldHost=$host
 SlurmUser=root
@@ -83,15 +91,25 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 # Short waits so tests (requeue, cancel) do not sit idle; keep finished jobs visible for 10 min.
 KillWait=5
+# A requeued job may start again only after the job credential expires (default 120 s).
+AuthInfo=cred_expire=10
 MinJobAge=600
 SchedulerParameters=sched_interval=2
 NodeName=$host CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
+)
+
+# Same config and a healthy cluster? Then there is nothing to do.
+if [[ -f "$conf" && "$(cat "$conf")" == "$wanted" ]] && scontrol ping 2>/dev/null | grep -q "is UP" \
+   && sinfo -h -o "%T" 2>/dev/null | grep -qE "^(idle|mixed|allocated)"; then
+  echo "setup_slurm: cluster already up ($conf)"
+  exit 0
+fi
+printf '%s\n' "$wanted" > "$conf"
 
 # --- daemons: restart from a clean state so a stale node/job table cannot wedge the tests.
-"$0" --stop "$dir" || true
-sleep 1
+stop_daemons
 slurmctld -c -f "$conf"
 slurmd -f "$conf"
 for _ in $(seq 100); do
