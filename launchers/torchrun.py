@@ -90,7 +90,8 @@ def rendezvous_flags(launch: TorchrunLaunch) -> list[str]:
     if launch.node_rank is not None:
         # Static rendezvous: ranks fixed by --node-rank, node 0 hosts the store at host:port.
         return ["--node-rank", str(launch.node_rank), "--master-addr", host, "--master-port", str(port)]
-    flags = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{host}:{port}", "--rdzv-id", launch.rdzv_id]
+    endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    flags = ["--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", launch.rdzv_id]
     if is_local_address(host) and not _torch_would_host(host):
         # torch decides who hosts the c10d store by comparing the endpoint with this machine's
         # *hostname*; an address of a second interface (InfiniBand, a namespace's veth) fails that
@@ -98,7 +99,10 @@ def rendezvous_flags(launch: TorchrunLaunch) -> list[str]:
         flags += ["--rdzv-conf", "is_host=1"]
     # Node 0's agent publishes this address as MASTER_ADDR for the workers' process group; the
     # default (the hostname) can resolve to 127.0.0.1, unreachable from other nodes.
-    local_addr = launch.local_addr or local_address_towards(host, port)
+    try:
+        local_addr = launch.local_addr or local_address_towards(host, port)
+    except OSError as exc:
+        raise LaunchError(f"--rdzv-endpoint: cannot reach {host!r} from this node ({exc}); check the name") from exc
     return flags + ["--local-addr", local_addr]
 
 

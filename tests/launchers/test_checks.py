@@ -113,6 +113,9 @@ def test_static_and_c10d_commands():
     assert "--standalone" in single and single[-3:] == [TINY_CONFIG, "--train.steps", "2"]
     c10d = build_command(TorchrunLaunch(TINY_CONFIG, nnodes=2, rdzv_endpoint="127.0.0.1:29511", rdzv_id="abc"))
     assert c10d[c10d.index("--rdzv-backend") + 1] == "c10d" and c10d[c10d.index("--rdzv-id") + 1] == "abc"
+    assert c10d[c10d.index("--local-addr") + 1] == "127.0.0.1"  # the address that reaches the endpoint
+    ipv6 = build_command(TorchrunLaunch(TINY_CONFIG, nnodes=2, rdzv_endpoint="[::1]:29511"))
+    assert ipv6[ipv6.index("--rdzv-endpoint") + 1] == "[::1]:29511"
 
 
 # --- Slurm environment and templates ------------------------------------------------------------
