@@ -24,6 +24,20 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class PipelineSpec:
+    """How a recipe's model splits into pipeline stages (see scaletrain/parallel/pipeline.py).
+
+    The model's forward must accept the previous stage's output when its `first` modules are
+    None, and return the trunk's output when its `last` modules are None.
+    """
+
+    trunk: str = "layers"  # attribute holding an nn.ModuleDict of repeated blocks
+    first: tuple[str, ...] = ()  # modules that run before the trunk (removed from later stages)
+    last: tuple[str, ...] = ()  # modules that run after it (removed from earlier stages)
+    target_key: str = "target"  # the batch entry the loss compares the last stage's output with
+
+
+@dataclass(frozen=True)
 class Recipe:
     """What a model family gives the core.
 
@@ -62,6 +76,11 @@ class Recipe:
     supports_loss_parallel: bool = False
     evaluate: Callable[[nn.Module, JobConfig, int, Any], dict[str, float]] | None = None
     sample: Callable[[list[str]], None] | None = None
+    # Pipeline parallel: how the model splits; None = the family does not support pp > 1.
+    pipeline: PipelineSpec | None = None
+    # Context parallel: batch entries whose dim 1 is the sequence (sharded across cp ranks);
+    # empty = the family does not support cp > 1. Its parallelize must install cp attention.
+    context_parallel_keys: tuple[str, ...] = ()
     example_batch: Callable[[JobConfig, int], dict[str, torch.Tensor]] | None = None
 
 

@@ -36,6 +36,7 @@ from scaletrain.config import (
     micro_batch_size,
     validate_config,
 )
+from scaletrain.config.validate import pipeline_microbatches
 from scaletrain.data import ShardedLoader
 from scaletrain.distributed import destroy_distributed, init_distributed, world_size_from_env
 from scaletrain.ema import EMA
@@ -43,7 +44,15 @@ from scaletrain.metrics import MetricLogger, count_train_flops, mfu, peak_memory
 from scaletrain.optim import build_optimizer, set_lr
 from scaletrain.parallel import ParallelDims, init_model
 from scaletrain.parallel.data_parallel import DTYPES
+from scaletrain.parallel.context_parallel import shard_sequence
 from scaletrain.parallel.grad_norm import clip_grad_norm_
+from scaletrain.parallel.pipeline import (
+    build_schedule,
+    build_stage_module,
+    num_stages,
+    split_layers,
+    stage_ids_for_rank,
+)
 from scaletrain.registry import Recipe, get_recipe
 
 
@@ -98,15 +107,17 @@ class Trainer:
             model = self.recipe.build_model(cfg.model)
         self.num_params = count_params(model)
         self.flops_per_sample = flops_per_sample(self.recipe, cfg, model, dataset)
-        self.model = self.recipe.parallelize(model, dims, cfg)
-        init_model(self.model, device, cfg.job.seed)
-        self.model.train()
+        self.micro_batch_size = micro_batch_size(cfg, dims)
+        self.schedule = None
+        self.model_parts = self._build_model_parts(model)
+        # One module holding every parameter this rank trains: the model itself, or (several
+        # pipeline stages per rank) a container of them.
+        self.model = self.model_parts[0] if len(self.model_parts) == 1 else torch.nn.ModuleList(self.model_parts)
 
         self.optimizer = build_optimizer(self.model, cfg.train, device.type)
         self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.scaler = torch.amp.GradScaler(device.type) if cfg.train.loss_scaler == "dynamic" else None
         dp_rank, dp_size = dims.dp_coordinates()
-        self.micro_batch_size = micro_batch_size(cfg, dims)
         self.loader = ShardedLoader(
             dataset,
             global_batch_size=cfg.train.global_batch_size,
@@ -129,6 +140,36 @@ class Trainer:
         self.units_per_step = cfg.train.global_batch_size * self.recipe.units_per_sample(cfg)
         self.peak, self.peak_note = peak_tflops(device, DTYPES[cfg.train.dtype], cfg.metrics.peak_tflops)
         self.step = 0
+
+    # -- building -----------------------------------------------------------------------------
+    def _build_model_parts(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """Split into this rank's pipeline stages (if pp > 1), parallelize and initialize each."""
+        cfg, dims, p = self.cfg, self.dims, self.cfg.parallel
+        if dims.pp_enabled:
+            spec = self.recipe.pipeline
+            stages = num_stages(dims.pp, p.stages_per_rank)
+            layer_split = split_layers(len(getattr(model, spec.trunk)), stages, p.pp_layer_boundaries or None)
+            pp_mesh = dims.axis("pp")
+            stage_ids = stage_ids_for_rank(pp_mesh.get_local_rank(), dims.pp, p.stages_per_rank, p.pp_schedule)
+            parts = [build_stage_module(model, spec, layer_split[sid], sid, stages) for sid in stage_ids]
+        else:
+            parts = [model]
+        parts = [self.recipe.parallelize(part, dims, cfg) for part in parts]
+        for part in parts:
+            init_model(part, self.device, cfg.job.seed)
+            part.train()
+        if dims.pp_enabled:
+            self.schedule, self.pipeline_stages = build_schedule(
+                parts, stage_ids, stages, self.device, pp_mesh.get_group(), p.pp_schedule,
+                pipeline_microbatches(cfg, dims), self._pipeline_loss,
+            )
+            self.is_first_stage, self.is_last_stage = 0 in stage_ids, stages - 1 in stage_ids
+        return parts
+
+    def _pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # Mean over the microbatch, divided by the accumulation count; the schedule divides
+        # the gradients by the number of pipeline microbatches.
+        return self.recipe.loss(output, {self.recipe.pipeline.target_key: target}) / self._accum_steps
 
     # -- checkpoints --------------------------------------------------------------------------
     @property
@@ -180,9 +221,13 @@ class Trainer:
     # -- one optimizer step -------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         micro_batches = self.loader.next_step()
+        self._accum_steps = len(micro_batches)
         loss_sum = torch.zeros((), device=self.device)
         for index, batch in enumerate(micro_batches):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            batch = self._local_batch(batch)
+            if self.schedule is not None:
+                loss_sum += self._pipeline_micro_step(batch)
+                continue
             _set_grad_sync(self.model, index == len(micro_batches) - 1)
             with self.loss_context():
                 with self.autocast():
@@ -194,7 +239,8 @@ class Trainer:
             loss_sum += _full(loss.detach()).float()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = clip_grad_norm_(list(self.model.parameters()), self.cfg.train.grad_clip)
+        pp_group = self.dims.axis("pp").get_group() if self.dims.pp_enabled else None
+        grad_norm = clip_grad_norm_(list(self.model.parameters()), self.cfg.train.grad_clip, pp_group)
         lr = set_lr(self.optimizer, self.step, self.cfg.train)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -204,10 +250,32 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.model)
+        if pp_group is not None:  # only the last stage computed the loss
+            dist.all_reduce(loss_sum, group=pp_group)
         if self.dims.dp_size * self.dims.cp > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG, group=self.dims.axis("dp_cp").get_group())
         self.step += 1
         return {"loss": loss_sum.item(), "grad_norm": float(grad_norm), "lr": lr}
+
+    def _local_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Move to the device; with cp > 1 keep this rank's load-balanced slice of the sequence."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        if self.dims.cp_enabled:
+            cp_mesh = self.dims.axis("cp")
+            rank, cp = cp_mesh.get_local_rank(), cp_mesh.size()
+            keys = self.recipe.context_parallel_keys
+            batch = {k: shard_sequence(v, rank, cp) if k in keys else v for k, v in batch.items()}
+        return batch
+
+    def _pipeline_micro_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = self.recipe.model_inputs(batch) if self.is_first_stage else ()
+        target = batch[self.recipe.pipeline.target_key] if self.is_last_stage else None
+        losses: list[torch.Tensor] = []
+        with self.loss_context(), self.autocast():
+            self.schedule.step(*inputs, target=target, losses=losses)
+        if not losses:
+            return torch.zeros((), device=self.device)
+        return torch.stack([_full(x.detach()).float() for x in losses]).mean()
 
     def fit(self) -> list[dict[str, float]]:
         cfg = self.cfg

@@ -16,7 +16,8 @@ from recipes.gpt.parallelize import parallelize_gpt
 from scaletrain.config.schema import JobConfig, opt
 from scaletrain.data import TokenWindowDataset, bundled_corpus_path, load_tokenizer, load_tokens
 from scaletrain.parallel.dims import ParallelDims
-from scaletrain.registry import Recipe, register_recipe
+from scaletrain.parallel.pipeline import num_stages, split_layers
+from scaletrain.registry import PipelineSpec, Recipe, register_recipe
 
 
 @dataclass
@@ -78,6 +79,21 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
             ),
             (not m.tie_embeddings, "model.tie_embeddings: tied embeddings are not supported with tensor parallel"),
         ]
+    if dims.pp > 1:
+        p = cfg.parallel
+        split_layers(m.n_layers, num_stages(dims.pp, p.stages_per_rank), p.pp_layer_boundaries or None)
+        checks.append(
+            (not m.tie_embeddings, "model.tie_embeddings: tied embeddings are not supported with pipeline parallel")
+        )
+    if dims.cp > 1:
+        local_heads = m.n_heads // tp
+        checks += [
+            (d.seq_len % (2 * dims.cp * tp) == 0 if tp > 1 else d.seq_len % (2 * dims.cp) == 0,
+             f"data.seq_len: {d.seq_len} is not divisible by 2*cp{'*tp' if tp > 1 else ''} = "
+             f"{2 * dims.cp * max(tp, 1)} (load-balanced context parallel)"),
+            (cfg.parallel.cp_method != "alltoall" or local_heads % dims.cp == 0,
+             f"parallel.cp_method: alltoall needs the heads per tp rank ({local_heads}) divisible by cp={dims.cp}"),
+        ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
@@ -108,5 +124,9 @@ RECIPE = register_recipe(
         unit="tokens",
         supports_loss_parallel=True,
         example_batch=example_batch,
+        pipeline=PipelineSpec(
+            trunk="layers", first=("tok_embeddings", "pos_embeddings"), last=("norm", "output"), target_key="target"
+        ),
+        context_parallel_keys=("input", "target"),
     )
 )

@@ -78,11 +78,18 @@ def apply_rope(x_BTHE: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor)
     return x_BTHE * cos + rotate_half(x_BTHE) * sin
 
 
+def sdpa_attention(q_BHTE: torch.Tensor, k_BKTE: torch.Tensor, v_BKTE: torch.Tensor) -> torch.Tensor:
+    group = q_BHTE.shape[1] // k_BKTE.shape[1]
+    return F.scaled_dot_product_attention(q_BHTE, k_BKTE, v_BKTE, is_causal=True, enable_gqa=group > 1)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.head_dim = cfg.head_dim
-        self.use_sdpa = cfg.attention == "sdpa"
+        # Causal attention over (q, k, v) in B H T E layout. Parallelize plans may swap in
+        # another implementation (context-parallel ring/all-to-all); the math is the same.
+        self.attention_fn = sdpa_attention if cfg.attention == "sdpa" else eager_attention
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.bias)
         self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
@@ -97,16 +104,13 @@ class Attention(nn.Module):
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # B H T E
-        group = q.shape[1] // k.shape[1]
-        if self.use_sdpa:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
-        else:
-            out = eager_attention(q, k, v, group)
+        out = self.attention_fn(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
-def eager_attention(q_BHTE: torch.Tensor, k_BKTE: torch.Tensor, v_BKTE: torch.Tensor, group: int) -> torch.Tensor:
+def eager_attention(q_BHTE: torch.Tensor, k_BKTE: torch.Tensor, v_BKTE: torch.Tensor) -> torch.Tensor:
     """Causal attention in plain ops: the readable reference the fused paths are checked against."""
+    group = q_BHTE.shape[1] // k_BKTE.shape[1]
     k = k_BKTE.repeat_interleave(group, dim=1)
     v = v_BKTE.repeat_interleave(group, dim=1)
     T = q_BHTE.shape[2]
@@ -163,17 +167,31 @@ class GPT(nn.Module):
         else:
             self.rope_cos = self.rope_sin = None
 
-    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
-        T = tokens_BT.shape[1]
-        h = self.tok_embeddings(tokens_BT)
-        if self.pos_embeddings is not None:
-            h = h + self.pos_embeddings(torch.arange(T, device=tokens_BT.device))
-        cos = self.rope_cos[:T] if self.rope_cos is not None else None
-        sin = self.rope_sin[:T] if self.rope_sin is not None else None
+    def positions(self, local_len: int, device: torch.device) -> torch.Tensor:
+        """Global positions of the local tokens; context parallel replaces this (load-balanced shards)."""
+        return torch.arange(local_len, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V]. Pipeline stages lack some modules: a stage without
+        embeddings takes hidden states [B, T, D]; one without the head returns them."""
+        T = x.shape[1]
+        pos = self.positions(T, x.device)
+        h = x
+        if self.tok_embeddings is not None:
+            h = self.tok_embeddings(x)
+            if self.pos_embeddings is not None:
+                h = h + self.pos_embeddings(pos)
+        cos = self.rope_cos[pos] if self.rope_cos is not None else None
+        sin = self.rope_sin[pos] if self.rope_sin is not None else None
         for layer in self.layers.values():
             h = layer(h, cos, sin)
-        h = self.norm(h)
-        return self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.output is not None:
+            return self.output(h)
+        if self.cfg.tie_embeddings and self.tok_embeddings is not None:
+            return F.linear(h, self.tok_embeddings.weight)
+        return h
 
     @torch.no_grad()
     def init_tensor(self, name: str, tensor: torch.Tensor, generator: torch.Generator) -> None:

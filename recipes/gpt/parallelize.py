@@ -28,6 +28,7 @@ from scaletrain.parallel import (
     apply_compile,
     apply_data_parallel,
 )
+from scaletrain.parallel.context_parallel import attention_function, load_balanced_positions
 
 
 def apply_tensor_parallel(model: GPT, dims: ParallelDims, loss_parallel: bool) -> None:
@@ -87,10 +88,22 @@ def apply_tensor_parallel(model: GPT, dims: ParallelDims, loss_parallel: bool) -
             )
 
 
+def apply_context_parallel(model: GPT, dims: ParallelDims, method: str) -> None:
+    """Sequence-sharded attention and the matching global positions for RoPE / position tables."""
+    cp_mesh = dims.axis("cp")
+    group, rank, cp = cp_mesh.get_group(), cp_mesh.get_local_rank(), cp_mesh.size()
+    attention = attention_function(method, group)
+    for block in model.layers.values():
+        block.attention.attention_fn = attention
+    model.positions = lambda local_len, device: load_balanced_positions(local_len, rank, cp, device)
+
+
 def parallelize_gpt(model: GPT, dims: ParallelDims, cfg: JobConfig) -> GPT:
     blocks = list(model.layers.values())
     if dims.tp_enabled:
         apply_tensor_parallel(model, dims, loss_parallel=cfg.parallel.loss_parallel)
+    if dims.cp_enabled:
+        apply_context_parallel(model, dims, cfg.parallel.cp_method)
     apply_activation_checkpointing(blocks, cfg.activation_checkpoint)
     if cfg.train.compile:
         apply_compile(blocks)

@@ -69,9 +69,10 @@ class ParallelSection:
         "FSDP2: free gathered params after forward (always), keep them (never), or all but the root (default).",
     )
     fsdp_cpu_offload: bool = opt(False, "FSDP2: keep params, grads and optimizer state on the CPU (needs a GPU).")
-    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "dualpipev"] = opt(
-        "1f1b", "Pipeline schedule."
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zbv", "dualpipev"] = opt(
+        "1f1b", "Pipeline schedule; zero_bubble = interleaved zero-bubble, zbv/dualpipev = V-shaped (2 stages/rank)."
     )
+    pp_layer_boundaries: list[int] = opt([], "Explicit stage cuts as layer indices (e.g. 3,6); empty = balanced.")
     microbatches: int = opt(0, "Pipeline microbatches per step; 0 = pp.")
     stages_per_rank: int = opt(1, "Virtual pipeline stages per rank (interleaved schedules).")
     cp_method: Literal["ring", "alltoall"] = opt("ring", "Context-parallel attention method.")

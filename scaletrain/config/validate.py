@@ -9,6 +9,7 @@ import torch
 
 from scaletrain.config.schema import JobConfig
 from scaletrain.parallel.dims import ParallelDims
+from scaletrain.parallel.pipeline import stage_ids_for_rank, validate_pipeline
 from scaletrain.registry import get_recipe
 
 
@@ -23,6 +24,10 @@ def micro_batch_size(cfg: JobConfig, dims: ParallelDims) -> int:
 
 def grad_accum_steps(cfg: JobConfig, dims: ParallelDims) -> int:
     return cfg.train.global_batch_size // (dims.dp_size * micro_batch_size(cfg, dims))
+
+
+def pipeline_microbatches(cfg: JobConfig, dims: ParallelDims) -> int:
+    return cfg.parallel.microbatches or dims.pp
 
 
 def validate_config(cfg: JobConfig, world_size: int) -> ParallelDims:
@@ -72,18 +77,32 @@ def validate_config(cfg: JobConfig, world_size: int) -> ParallelDims:
         )
         _check(dims.fsdp_enabled or dims.hsdp_enabled, "parallel.fsdp_cpu_offload: needs FSDP (dp_shard > 1)")
     _check(
-        not (dims.dp_replicate > 1 and dims.dp_shard == 1 and (dims.tp > 1 or dims.cp > 1)),
-        "parallel.dp_replicate: replication combined with tp/cp runs as HSDP; set dp_shard >= 2 "
-        "(e.g. dp_replicate=1, dp_shard=N for FSDP) — DDP does not compose with tensor or context parallel",
+        not (dims.dp_replicate > 1 and dims.dp_shard == 1 and (dims.tp > 1 or dims.cp > 1 or dims.pp > 1)),
+        "parallel.dp_replicate: replication combined with tp/cp/pp runs as HSDP; set dp_shard >= 2 "
+        "(e.g. dp_replicate=1, dp_shard=N for FSDP) — DDP does not compose with tensor, context or pipeline parallel",
     )
-    _check(dims.pp == 1, "parallel.pp: pipeline parallelism is not available in this version yet; use pp=1")
-    _check(dims.cp == 1, "parallel.cp: context parallelism is not available in this version yet; use cp=1")
+    recipe = get_recipe(cfg.recipe)
+    if dims.pp > 1:
+        _check(recipe.pipeline is not None, f"parallel.pp: recipe {cfg.recipe!r} does not support pipeline parallel")
+        validate_pipeline(
+            p.pp_schedule, dims.pp, p.stages_per_rank, pipeline_microbatches(cfg, dims),
+            micro_batch_size(cfg, dims), None,
+        )
+        _check(
+            not (cfg.checkpoint.enable and len(stage_ids_for_rank(0, dims.pp, p.stages_per_rank, p.pp_schedule)) > 1),
+            "checkpoint.enable: checkpoints of several pipeline stages per rank are not supported yet; "
+            "set checkpoint.enable=false or stages_per_rank=1",
+        )
+    if dims.cp > 1:
+        _check(
+            bool(recipe.context_parallel_keys),
+            f"parallel.cp: recipe {cfg.recipe!r} does not support context parallel",
+        )
 
     c = cfg.checkpoint
     _check(c.interval >= 1, f"checkpoint.interval: {c.interval} is not allowed; use >= 1")
     _check(c.keep >= 1, f"checkpoint.keep: {c.keep} is not allowed; use >= 1")
 
-    recipe = get_recipe(cfg.recipe)
     if recipe.validate is not None:
         recipe.validate(cfg, dims)
     return dims

@@ -21,12 +21,14 @@ from scaletrain.parallel.dims import ParallelDims
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _reshard_after_forward(policy: str, is_root: bool) -> bool:
+def _reshard_after_forward(policy: str, is_root: bool, pipelined: bool) -> bool:
     if policy == "always":
         return True
     if policy == "never":
         return False
-    return not is_root
+    # With pipeline stages each block runs once per microbatch: resharding would repeat the
+    # all-gather for every microbatch, so keep the stage's weights gathered through the step.
+    return not is_root and not pipelined
 
 
 def apply_fsdp(
@@ -43,14 +45,14 @@ def apply_fsdp(
             mesh=fsdp_mesh,
             mp_policy=mp_policy,
             offload_policy=offload,
-            reshard_after_forward=_reshard_after_forward(parallel.reshard_after_forward, is_root=False),
+            reshard_after_forward=_reshard_after_forward(parallel.reshard_after_forward, is_root=False, pipelined=dims.pp_enabled),
         )
     fully_shard(
         model,
         mesh=fsdp_mesh,
         mp_policy=mp_policy,
         offload_policy=offload,
-        reshard_after_forward=_reshard_after_forward(parallel.reshard_after_forward, is_root=True),
+        reshard_after_forward=_reshard_after_forward(parallel.reshard_after_forward, is_root=True, pipelined=dims.pp_enabled),
     )
 
 

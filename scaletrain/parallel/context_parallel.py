@@ -1,0 +1,163 @@
+"""Context parallelism: each of `cp` ranks holds a slice of every sequence.
+
+Sharding is load-balanced for causal attention: the sequence is cut into 2*cp chunks and
+rank r keeps chunks r and 2*cp-1-r, so every rank has one early (cheap) and one late
+(expensive) chunk and the causal work is even.
+
+Two attention methods, both written over plain collectives so they run (and are tested)
+on CPU with gloo — torch's own `context_parallel` has no CPU attention path:
+
+* ring: K/V chunks travel around the ring; each rank attends its queries to every K/V
+  chunk as it passes and merges the partial results by their log-sum-exp. Chunk pairs that
+  the causal mask hides entirely are skipped. The ring shift is an autograd function whose
+  backward sends gradients the other way, so the whole thing is differentiable.
+* alltoall (Ulysses): one all-to-all turns sequence-sharded heads into head-sharded full
+  sequences, ordinary causal attention runs per head group, a second all-to-all turns it back.
+
+Shapes: B batch, H heads (local), K kv heads, T local sequence, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.distributed as dist
+from torch.distributed.nn.functional import all_to_all_single
+
+
+@lru_cache(maxsize=64)
+def _positions_cpu(local_len: int, rank: int, cp: int) -> torch.Tensor:
+    chunk = local_len // 2
+    first, second = rank, 2 * cp - 1 - rank
+    return torch.cat([torch.arange(first * chunk, (first + 1) * chunk), torch.arange(second * chunk, (second + 1) * chunk)])
+
+
+def load_balanced_positions(local_len: int, rank: int, cp: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Global positions of the `local_len` tokens that rank `rank` of `cp` holds."""
+    return _positions_cpu(local_len, rank, cp).to(device)
+
+
+def shard_sequence(x: torch.Tensor, rank: int, cp: int, dim: int = 1) -> torch.Tensor:
+    """This rank's load-balanced slice of `x` along `dim` (length must divide by 2*cp)."""
+    length = x.shape[dim]
+    if length % (2 * cp):
+        raise ValueError(f"sequence length {length} is not divisible by 2*cp = {2 * cp}")
+    index = load_balanced_positions(length // cp, rank, cp, x.device)
+    return x.index_select(dim, index)
+
+
+class _RingShift(torch.autograd.Function):
+    """Send to the next rank, receive from the previous; gradients go the other way."""
+
+    @staticmethod
+    def _shift(x: torch.Tensor, group: dist.ProcessGroup, step: int) -> torch.Tensor:
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        send_to = dist.get_global_rank(group, (rank + step) % size)
+        recv_from = dist.get_global_rank(group, (rank - step) % size)
+        out = torch.empty_like(x)
+        ops = [dist.P2POp(dist.isend, x.contiguous(), send_to, group), dist.P2POp(dist.irecv, out, recv_from, group)]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        return out
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return _RingShift._shift(x, group, 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _RingShift._shift(grad, ctx.group, -1), None
+
+
+def _repeat_kv(x_BKTD: torch.Tensor, heads: int) -> torch.Tensor:
+    group = heads // x_BKTD.shape[1]
+    return x_BKTD if group == 1 else x_BKTD.repeat_interleave(group, dim=1)
+
+
+def _attend(q, k, v, q_pos, k_pos, scale, causal_block: bool):
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if causal_block:
+        scores = scores.masked_fill(q_pos[:, None] < k_pos[None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.exp(scores - lse[..., None]) @ v, lse
+
+
+def _merge(out, lse, block_out, block_lse):
+    if out is None:
+        return block_out, block_lse
+    new_lse = torch.logaddexp(lse, block_lse)
+    return out * torch.exp(lse - new_lse)[..., None] + block_out * torch.exp(block_lse - new_lse)[..., None], new_lse
+
+
+def ring_attention(q_BHTD, k_BKTD, v_BKTD, group: dist.ProcessGroup) -> torch.Tensor:
+    """Causal attention over the whole (cp-sharded, load-balanced) sequence."""
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    heads, local_len = q_BHTD.shape[1], q_BHTD.shape[2]
+    scale = 1.0 / math.sqrt(q_BHTD.shape[-1])
+    k, v = _repeat_kv(k_BKTD, heads), _repeat_kv(v_BKTD, heads)
+    half = local_len // 2
+    q_chunks = (q_BHTD[:, :, :half], q_BHTD[:, :, half:])
+    q_pos = load_balanced_positions(local_len, rank, cp, q_BHTD.device)
+    q_pos_chunks = (q_pos[:half], q_pos[half:])
+    outs, lses = [None, None], [None, None]
+    for step in range(cp):
+        src = (rank - step) % cp
+        k_pos = load_balanced_positions(local_len, src, cp, q_BHTD.device)
+        for j in range(2):
+            kj, vj, kpos = k[:, :, j * half:(j + 1) * half], v[:, :, j * half:(j + 1) * half], k_pos[j * half:(j + 1) * half]
+            for i in range(2):
+                qpos = q_pos_chunks[i]
+                if kpos[0] > qpos[-1]:
+                    continue  # every key is in this query chunk's future
+                diagonal = bool(kpos[-1] > qpos[0])
+                block_out, block_lse = _attend(q_chunks[i], kj, vj, qpos, kpos, scale, diagonal)
+                outs[i], lses[i] = _merge(outs[i], lses[i], block_out, block_lse)
+        if step < cp - 1:
+            k, v = _RingShift.apply(k, group), _RingShift.apply(v, group)
+    return torch.cat(outs, dim=2).to(q_BHTD.dtype)
+
+
+def _seq_to_heads(x_BHTD: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """[B, H, T_local, D] sharded on T -> [B, H/cp, cp*T_local, D] sharded on H (rank-major T)."""
+    cp = dist.get_world_size(group)
+    B, H, T, D = x_BHTD.shape
+    send = x_BHTD.reshape(B, cp, H // cp, T, D).permute(1, 0, 2, 3, 4).contiguous()
+    recv = all_to_all_single(torch.empty_like(send), send, group=group)
+    return recv.permute(1, 2, 0, 3, 4).reshape(B, H // cp, cp * T, D)
+
+
+def _heads_to_seq(x_BHTD: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    cp = dist.get_world_size(group)
+    B, Hl, TT, D = x_BHTD.shape
+    T = TT // cp
+    send = x_BHTD.reshape(B, Hl, cp, T, D).permute(2, 0, 1, 3, 4).contiguous()
+    recv = all_to_all_single(torch.empty_like(send), send, group=group)
+    return recv.permute(1, 0, 2, 3, 4).reshape(B, cp * Hl, T, D)
+
+
+def alltoall_attention(q_BHTD, k_BKTD, v_BKTD, group: dist.ProcessGroup) -> torch.Tensor:
+    cp = dist.get_world_size(group)
+    heads, local_len = q_BHTD.shape[1], q_BHTD.shape[2]
+    if heads % cp:
+        raise ValueError(f"parallel.cp_method=alltoall: {heads} local heads are not divisible by cp={cp}")
+    kv_heads = k_BKTD.shape[1]
+    if kv_heads % cp:  # too few kv heads to split: give every query head its own copy
+        k_BKTD, v_BKTD = _repeat_kv(k_BKTD, heads), _repeat_kv(v_BKTD, heads)
+    q, k, v = (_seq_to_heads(t, group) for t in (q_BHTD, k_BKTD, v_BKTD))
+    positions = torch.cat([load_balanced_positions(local_len, r, cp, q.device) for r in range(cp)])
+    mask = positions[:, None] >= positions[None, :]
+    k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return _heads_to_seq(out, group)
+
+
+def attention_function(method: str, group: dist.ProcessGroup):
+    """The attention callable a recipe installs in its attention modules for cp > 1."""
+    if method == "ring":
+        return lambda q, k, v: ring_attention(q, k, v, group)
+    if method == "alltoall":
+        return lambda q, k, v: alltoall_attention(q, k, v, group)
+    raise ValueError(f"parallel.cp_method: {method!r} is not allowed; use 'ring' or 'alltoall'")
