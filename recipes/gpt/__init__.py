@@ -88,11 +88,15 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
     if dims.cp > 1:
         local_heads = m.n_heads // tp
         checks += [
-            (d.seq_len % (2 * dims.cp * tp) == 0 if tp > 1 else d.seq_len % (2 * dims.cp) == 0,
-             f"data.seq_len: {d.seq_len} is not divisible by 2*cp{'*tp' if tp > 1 else ''} = "
-             f"{2 * dims.cp * max(tp, 1)} (load-balanced context parallel)"),
-            (cfg.parallel.cp_method != "alltoall" or local_heads % dims.cp == 0,
-             f"parallel.cp_method: alltoall needs the heads per tp rank ({local_heads}) divisible by cp={dims.cp}"),
+            (
+                d.seq_len % (2 * dims.cp * tp) == 0 if tp > 1 else d.seq_len % (2 * dims.cp) == 0,
+                f"data.seq_len: {d.seq_len} is not divisible by 2*cp{'*tp' if tp > 1 else ''} = "
+                f"{2 * dims.cp * max(tp, 1)} (load-balanced context parallel)",
+            ),
+            (
+                cfg.parallel.cp_method != "alltoall" or local_heads % dims.cp == 0,
+                f"parallel.cp_method: alltoall needs the heads per tp rank ({local_heads}) divisible by cp={dims.cp}",
+            ),
         ]
     for ok, message in checks:
         if not ok:

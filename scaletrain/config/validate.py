@@ -85,8 +85,12 @@ def validate_config(cfg: JobConfig, world_size: int) -> ParallelDims:
     if dims.pp > 1:
         _check(recipe.pipeline is not None, f"parallel.pp: recipe {cfg.recipe!r} does not support pipeline parallel")
         validate_pipeline(
-            p.pp_schedule, dims.pp, p.stages_per_rank, pipeline_microbatches(cfg, dims),
-            micro_batch_size(cfg, dims), None,
+            p.pp_schedule,
+            dims.pp,
+            p.stages_per_rank,
+            pipeline_microbatches(cfg, dims),
+            micro_batch_size(cfg, dims),
+            None,
         )
         _check(
             not (cfg.checkpoint.enable and len(stage_ids_for_rank(0, dims.pp, p.stages_per_rank, p.pp_schedule)) > 1),

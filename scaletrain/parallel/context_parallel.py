@@ -31,7 +31,9 @@ from torch.distributed.nn.functional import all_to_all_single
 def _positions_cpu(local_len: int, rank: int, cp: int) -> torch.Tensor:
     chunk = local_len // 2
     first, second = rank, 2 * cp - 1 - rank
-    return torch.cat([torch.arange(first * chunk, (first + 1) * chunk), torch.arange(second * chunk, (second + 1) * chunk)])
+    return torch.cat(
+        [torch.arange(first * chunk, (first + 1) * chunk), torch.arange(second * chunk, (second + 1) * chunk)]
+    )
 
 
 def load_balanced_positions(local_len: int, rank: int, cp: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -107,7 +109,11 @@ def ring_attention(q_BHTD, k_BKTD, v_BKTD, group: dist.ProcessGroup) -> torch.Te
         src = (rank - step) % cp
         k_pos = load_balanced_positions(local_len, src, cp, q_BHTD.device)
         for j in range(2):
-            kj, vj, kpos = k[:, :, j * half:(j + 1) * half], v[:, :, j * half:(j + 1) * half], k_pos[j * half:(j + 1) * half]
+            kj, vj, kpos = (
+                k[:, :, j * half : (j + 1) * half],
+                v[:, :, j * half : (j + 1) * half],
+                k_pos[j * half : (j + 1) * half],
+            )
             for i in range(2):
                 qpos = q_pos_chunks[i]
                 if kpos[0] > qpos[-1]:

@@ -45,14 +45,18 @@ def apply_fsdp(
             mesh=fsdp_mesh,
             mp_policy=mp_policy,
             offload_policy=offload,
-            reshard_after_forward=_reshard_after_forward(parallel.reshard_after_forward, is_root=False, pipelined=dims.pp_enabled),
+            reshard_after_forward=_reshard_after_forward(
+                parallel.reshard_after_forward, is_root=False, pipelined=dims.pp_enabled
+            ),
         )
     fully_shard(
         model,
         mesh=fsdp_mesh,
         mp_policy=mp_policy,
         offload_policy=offload,
-        reshard_after_forward=_reshard_after_forward(parallel.reshard_after_forward, is_root=True, pipelined=dims.pp_enabled),
+        reshard_after_forward=_reshard_after_forward(
+            parallel.reshard_after_forward, is_root=True, pipelined=dims.pp_enabled
+        ),
     )
 
 

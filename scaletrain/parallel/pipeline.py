@@ -19,6 +19,7 @@ DualPipeV) put stages r and 2pp-1-r on rank r.
 from __future__ import annotations
 
 import copy
+
 import torch
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
@@ -125,9 +126,13 @@ def validate_pipeline(
 ) -> None:
     """Every pipeline config error, before launch."""
     if schedule not in SCHEDULES:
-        raise ValueError(f"parallel.pp_schedule: {schedule!r} is not available with this torch; use {sorted(SCHEDULES)}")
+        raise ValueError(
+            f"parallel.pp_schedule: {schedule!r} is not available with this torch; use {sorted(SCHEDULES)}"
+        )
     if schedule in SINGLE_STAGE and stages_per_rank != 1:
-        raise ValueError(f"parallel.stages_per_rank: {schedule} runs one stage per rank; use 1 or an interleaved schedule")
+        raise ValueError(
+            f"parallel.stages_per_rank: {schedule} runs one stage per rank; use 1 or an interleaved schedule"
+        )
     if schedule in V_SHAPED and stages_per_rank != 2:
         raise ValueError(f"parallel.stages_per_rank: {schedule} needs exactly 2 stages per rank (V shape)")
     if microbatches < 1:

@@ -58,14 +58,36 @@ def test_layers_not_splittable():
 
 def test_microbatches_not_multiple_of_pp_for_interleaved():
     with pytest.raises(ValueError, match=r"parallel\.microbatches: interleaved_1f1b needs a multiple of pp=2"):
-        _validate("--parallel.pp", "2", "--parallel.pp_schedule", "interleaved_1f1b", "--parallel.stages_per_rank", "2",
-                  "--parallel.microbatches", "3", "--parallel.dp_shard", "1", "--checkpoint.enable", "false", world=2)
+        _validate(
+            "--parallel.pp",
+            "2",
+            "--parallel.pp_schedule",
+            "interleaved_1f1b",
+            "--parallel.stages_per_rank",
+            "2",
+            "--parallel.microbatches",
+            "3",
+            "--parallel.dp_shard",
+            "1",
+            "--checkpoint.enable",
+            "false",
+            world=2,
+        )
 
 
 def test_batch_not_divisible_by_microbatches():
     with pytest.raises(ValueError, match=r"per-rank batch of 8 samples is not divisible into 3"):
-        _validate("--parallel.pp", "2", "--parallel.pp_schedule", "gpipe", "--parallel.microbatches", "3",
-                  "--parallel.dp_shard", "1", world=2)
+        _validate(
+            "--parallel.pp",
+            "2",
+            "--parallel.pp_schedule",
+            "gpipe",
+            "--parallel.microbatches",
+            "3",
+            "--parallel.dp_shard",
+            "1",
+            world=2,
+        )
 
 
 def test_one_f_one_b_needs_enough_microbatches():
@@ -92,12 +114,30 @@ def baseline(tmp_path_factory):
 LAYOUTS = {
     "pp2_gpipe": ["--parallel.pp", "2", "--parallel.pp_schedule", "gpipe"],
     "pp2_1f1b": ["--parallel.pp", "2", "--parallel.pp_schedule", "1f1b", "--parallel.microbatches", "4"],
-    "pp2_interleaved_v2": ["--parallel.pp", "2", "--parallel.pp_schedule", "interleaved_1f1b",
-                           "--parallel.stages_per_rank", "2", "--parallel.microbatches", "4",
-                           "--checkpoint.enable", "false"],
-    "pp2_zero_bubble_v2": ["--parallel.pp", "2", "--parallel.pp_schedule", "zero_bubble",
-                           "--parallel.stages_per_rank", "2", "--parallel.microbatches", "4",
-                           "--checkpoint.enable", "false"],
+    "pp2_interleaved_v2": [
+        "--parallel.pp",
+        "2",
+        "--parallel.pp_schedule",
+        "interleaved_1f1b",
+        "--parallel.stages_per_rank",
+        "2",
+        "--parallel.microbatches",
+        "4",
+        "--checkpoint.enable",
+        "false",
+    ],
+    "pp2_zero_bubble_v2": [
+        "--parallel.pp",
+        "2",
+        "--parallel.pp_schedule",
+        "zero_bubble",
+        "--parallel.stages_per_rank",
+        "2",
+        "--parallel.microbatches",
+        "4",
+        "--checkpoint.enable",
+        "false",
+    ],
     "cp2_ring": ["--parallel.cp", "2"],
     "cp2_alltoall": ["--parallel.cp", "2", "--parallel.cp_method", "alltoall"],
     "pp2xdp2": ["--parallel.pp", "2", "--parallel.dp_shard", "2"],
