@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,8 @@ TINY_RUN = [
     "--train.steps", "3", "--train.warmup_steps", "1", "--model.n_layers", "1",
     "--data.seq_len", "32", "--train.global_batch_size", "4", "--checkpoint.enable", "false",
     "--metrics.tensorboard", "false",
+    # A rank that never meets the others fails in a minute instead of the default ten.
+    "--parallel.timeout_s", "60",
 ]
 
 if str(REPO) not in sys.path:
@@ -52,11 +55,11 @@ def logged_losses(run_dir: Path, name: str = "gpt-tiny") -> list[float]:
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def slurm_cluster() -> Iterator[Path]:
     """A one-node Slurm cluster on this machine (munge + slurmctld + slurmd); yields slurm.conf.
 
-    The daemons keep running after the session (the script is idempotent and reuses them), so a
-    second pytest run does not pay the start-up again; `setup_slurm.sh --stop DIR` ends them.
+    A cluster that was already up (CI started it, or you did with setup_slurm.sh) is reused and
+    left running; one this fixture started is stopped at the end of the session.
     """
     missing = [b for b in ("sbatch", "scontrol", "slurmctld", "slurmd", "munged") if shutil.which(b) is None]
     if missing:
@@ -69,4 +72,6 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Path:
     conf = etc / "slurm.conf"
     # sbatch/scontrol (and submitit, which calls them) find the cluster through SLURM_CONF.
     os.environ["SLURM_CONF"] = str(conf)
-    return conf
+    yield conf
+    if "already up" not in proc.stdout:
+        subprocess.run(["bash", str(SETUP_SLURM), "--stop", str(etc)], capture_output=True, timeout=60)

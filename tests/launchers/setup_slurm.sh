@@ -19,6 +19,11 @@ export SLURM_CONF="$conf"
 
 stop_daemons() {
   local pids=() daemon pid
+  # Cancel this cluster's jobs first, so no slurmstepd is left waiting for a slurmd that is gone.
+  if [[ -f "$conf" ]] && scontrol ping 2>/dev/null | grep -q "is UP"; then
+    squeue -h -o %i 2>/dev/null | xargs -r scancel 2>/dev/null || true
+    for _ in $(seq 100); do [[ -z "$(squeue -h -o %i 2>/dev/null)" ]] && break; sleep 0.1; done
+  fi
   for daemon in slurmd slurmctld; do
     if [[ -f "$dir/$daemon.pid" ]]; then
       pid=$(cat "$dir/$daemon.pid")
