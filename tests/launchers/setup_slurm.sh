@@ -30,13 +30,15 @@ stop_daemons() {
       kill "$pid" 2>/dev/null && pids+=("$pid")
     fi
   done
-  # Wait for them to exit, so a restart does not find the ports still taken.
-  for _ in $(seq 100); do
+  # Wait for them to exit, so a restart does not find the ports still taken; slurmd can wait on
+  # a stuck slurmstepd, so after 30 s it is killed.
+  for _ in $(seq 300); do
     local alive=0
     for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
     [[ $alive == 0 ]] && return 0
     sleep 0.1
   done
+  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
 }
 
 if [[ $stop == 1 ]]; then
