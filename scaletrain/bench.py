@@ -17,8 +17,18 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
+from scaletrain.bench_pipeline import (
+    PipelineBenchResult,
+    TimelineRecorder,
+    draw_timeline,
+    gather_events,
+    measured_bubble,
+    theoretical_bubble,
+)
 from scaletrain.config import JobConfig, validate_config
+from scaletrain.config.validate import pipeline_microbatches
 from scaletrain.data import ShardedLoader
 from scaletrain.distributed import destroy_distributed, init_distributed, world_size_from_env
 from scaletrain.metrics import mfu
@@ -118,13 +128,66 @@ def _timed(step_fn, steps: int, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def _bench_config(cfg: JobConfig, total_steps: int) -> None:
+    cfg.checkpoint.enable = False
+    cfg.checkpoint.resume = False
+    cfg.metrics.tensorboard = False
+    cfg.train.steps = max(cfg.train.steps, total_steps * 2)
+
+
+def bench_pipeline(cfg: JobConfig, steps: int = 5, warmup: int = 2) -> PipelineBenchResult:
+    """Under torchrun with pp > 1: throughput plus measured vs theoretical bubble, and a timeline PNG."""
+    _bench_config(cfg, warmup + steps)
+    dims = validate_config(cfg, world_size_from_env())
+    if not dims.pp_enabled:
+        raise ValueError("scaletrain bench under torchrun measures pipelines; set parallel.pp > 1")
+    recipe = get_recipe(cfg.recipe)
+    dataset = recipe.build_dataset(cfg)
+    info = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
+    try:
+        trainer = Trainer(cfg, dims, dataset, info.device)
+        recorder = TimelineRecorder(trainer.pipeline_stages, dist.get_rank())
+        for _ in range(warmup):
+            trainer.train_step()
+        bubbles, seconds, last_events = [], [], []
+        for _ in range(steps):
+            recorder.clear()
+            dist.barrier()
+            start = time.perf_counter()
+            trainer.train_step()
+            seconds.append(time.perf_counter() - start)
+            last_events = gather_events(recorder.events)
+            bubbles.append(measured_bubble(last_events, dist.get_world_size()))
+        png = None
+        if dist.get_rank() == 0:
+            trainer.run_dir.mkdir(parents=True, exist_ok=True)
+            png = draw_timeline(last_events, dist.get_world_size(), trainer.run_dir / "pipeline_timeline.png")
+        p = cfg.parallel
+        microbatches = pipeline_microbatches(cfg, dims)
+        return PipelineBenchResult(
+            schedule=p.pp_schedule,
+            pp=dims.pp,
+            microbatches=microbatches,
+            stages_per_rank=p.stages_per_rank,
+            measured=min(bubbles),
+            measured_median=statistics.median(bubbles),
+            theory=theoretical_bubble(p.pp_schedule, dims.pp, microbatches, p.stages_per_rank),
+            rate=trainer.units_per_step / statistics.median(seconds),
+            unit=recipe.unit,
+            timeline_png=png,
+        )
+    finally:
+        destroy_distributed()
+
+
 def bench(cfg: JobConfig, steps: int = 10, warmup: int = 3, rounds: int = 3) -> BenchResult:
     """Single process: the baseline is a one-device loop, so the comparison is one device."""
     if world_size_from_env() != 1:
-        raise ValueError("scaletrain bench compares against a one-process loop; run it without torchrun")
-    cfg.checkpoint.enable = False
-    cfg.metrics.tensorboard = False
-    cfg.train.steps = max(cfg.train.steps, (warmup + steps * rounds) * 2)
+        raise ValueError(
+            "scaletrain bench compares against a one-process loop; run it without torchrun "
+            "(under torchrun it measures pipeline bubbles, with parallel.pp > 1)"
+        )
+    _bench_config(cfg, warmup + steps * rounds)
     dims = validate_config(cfg, 1)
     recipe = get_recipe(cfg.recipe)
     dataset = recipe.build_dataset(cfg)

@@ -134,11 +134,19 @@ def cmd_parity(argv: list[str]) -> int:
 def cmd_bench(argv: list[str]) -> int:
     if argv and argv[0] == "kernels":
         return _bench_kernels(argv[1:])
-    from scaletrain.bench import bench
+    from scaletrain.bench import bench, bench_pipeline
+    from scaletrain.distributed import world_size_from_env
 
     options, rest = _take_options(argv, {"bench-steps": int, "bench-warmup": int, "bench-rounds": int})
     path, overrides = _split_config(rest)
     cfg = load_config(path, overrides)
+    if world_size_from_env() > 1:
+        result = bench_pipeline(
+            cfg, steps=int(options.get("bench-steps", 5)), warmup=int(options.get("bench-warmup", 2))
+        )
+        if dist_rank() == 0:
+            print(result.report())
+        return 0
     result = bench(
         cfg,
         steps=int(options.get("bench-steps", 10)),
@@ -147,6 +155,12 @@ def cmd_bench(argv: list[str]) -> int:
     )
     print(result.report())
     return 0
+
+
+def dist_rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
 
 
 def _bench_kernels(argv: list[str]) -> int:
