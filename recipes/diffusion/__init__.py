@@ -4,10 +4,12 @@
   scaletrain train recipes/diffusion/configs/unet-tiny.yaml       # pixel U-Net
   scaletrain sample runs/dit-tiny/checkpoints/step-00000300 --sampler ddim --steps 50 --cfg 4.0 --class 3 --n 64
 
-Registered recipes: "dit" and "unet". Module map: process.py (schedules, losses' targets,
+Registered recipes: "dit", "unet" and "vae" (latent diffusion = vae -> latents.py cache -> dit
+on data.source=latents). Module map: process.py (schedules, losses' targets,
 samplers), data.py (shapes, image folders, per-sample noise), dit.py / unet.py (models),
 parallelize.py (TP/AC/compile/FSDP plans), recipe.py (dataset, loss, checks, eval grids),
-sample_cli.py (`scaletrain sample`).
+sample_cli.py (`scaletrain sample`), vae.py + vae_recipe.py (KL autoencoder),
+latents.py (latent cache), metrics.py (FID/KID, shapes classifier).
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from __future__ import annotations
 import dataclasses
 
 from recipes.diffusion import recipe as _r
+from recipes.diffusion import vae_recipe as _v
 from recipes.diffusion.config import DiTConfig, ImageDataConfig, UNetConfig
 from recipes.diffusion.dit import DiT
 from recipes.diffusion.parallelize import parallelize_blocks, parallelize_dit
 from recipes.diffusion.sample_cli import make_sample_command
 from recipes.diffusion.unet import UNet
+from recipes.diffusion.vae import KLAutoencoder, VAEConfig, vae_loss
 from scaletrain.registry import Recipe, register_recipe
 
 # Optional hooks newer cores accept (passed only when this core's Recipe has the field).
@@ -59,4 +63,17 @@ UNET = _register(
     evaluate=_r.evaluate,
     sample=make_sample_command("unet"),
     example_batch=_r.example_batch,
+)
+VAE = _register(
+    name="vae",
+    model_config=VAEConfig,
+    data_config=ImageDataConfig,
+    build_model=KLAutoencoder,
+    parallelize=parallelize_blocks,
+    build_dataset=_v.build_dataset,
+    model_inputs=_v.model_inputs,
+    loss=vae_loss,
+    validate=_v.validate,
+    evaluate=_v.evaluate,
+    example_batch=_v.example_batch,
 )

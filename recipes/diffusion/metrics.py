@@ -123,21 +123,26 @@ def train_shapes_classifier(
     return model.eval()
 
 
+ASSETS = Path(__file__).parent / "assets"
+
+
 def shapes_classifier(
     image_size: int = 32, num_classes: int = 6, cache_dir: str | Path | None = None
 ) -> ShapesClassifier:
-    """The project's shapes feature extractor: trained once (deterministically) and cached on disk."""
+    """The project's shapes feature extractor: the shipped weights (32 px, 6 classes), else trained
+    once (deterministically, ~2 CPU minutes) and cached on disk."""
+    name = f"shapes_classifier_{image_size}px_{num_classes}c.pt"
     cache = Path(cache_dir or Path.home() / ".cache" / "scaletrain")
-    path = cache / f"shapes_classifier_{image_size}px_{num_classes}c_v1.pt"
-    if path.is_file():
-        model = ShapesClassifier(num_classes)
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.eval()
+    for path in (ASSETS / name, cache / name):
+        if path.is_file():
+            model = ShapesClassifier(num_classes)
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return model.eval()
     model = train_shapes_classifier(image_size, num_classes)
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = cache / (name + ".tmp")
     torch.save(model.state_dict(), tmp)
-    tmp.replace(path)
+    tmp.replace(cache / name)
     return model
 
 
@@ -150,3 +155,14 @@ def extract(model: ShapesClassifier, images_BCHW: torch.Tensor, batch: int = 256
         feats.append(f)
         preds.append(model.head(f).argmax(dim=-1))
     return torch.cat(feats).numpy(), torch.cat(preds).numpy()
+
+
+if __name__ == "__main__":
+    # Regenerate the shipped weights: python -m recipes.diffusion.metrics [image_size] [num_classes]
+    import sys
+
+    args = [int(a) for a in sys.argv[1:3]]
+    size, classes = (args + [32, 6][len(args) :])[:2]
+    out = ASSETS / f"shapes_classifier_{size}px_{classes}c.pt"
+    torch.save(train_shapes_classifier(size, classes).state_dict(), out)
+    print(f"wrote {out}")

@@ -27,13 +27,13 @@ def make_process(model_cfg: Any) -> Process:
 def image_dataset(cfg: JobConfig) -> Any:
     """The clean images {image, label} that the denoiser (or the VAE) trains on."""
     m, d = cfg.model, cfg.data
+    num_classes = getattr(m, "num_classes", 0)  # the VAE has no classes
     if d.source == "shapes":
-        return ShapesDataset(d.num_samples, m.image_size, m.num_classes or len(SHAPES), seed=d.shapes_seed)
+        return ShapesDataset(d.num_samples, m.image_size, num_classes or len(SHAPES), seed=d.shapes_seed)
     if d.source == "folder":
         if not d.path:
             raise ValueError("data.path: data.source=folder needs data.path (a folder of PNG/JPEG images)")
         dataset = ImageFolderDataset(d.path, m.image_size, m.in_channels)
-        num_classes = getattr(m, "num_classes", 0)
         if num_classes > 0 and not dataset.labelled:
             raise ValueError(
                 f"model.num_classes: class conditioning ({num_classes} classes) needs labelled data, but "
@@ -104,13 +104,20 @@ def validate_common(cfg: JobConfig, dims: ParallelDims) -> None:
                 f"model.num_classes: the shapes data set has {len(SHAPES)} classes, got {m.num_classes}",
             ),
         ]
-    if d.source == "latents" and not d.path:
-        checks.append((False, "data.path: data.source=latents needs the latent cache folder in data.path"))
+    if d.source == "latents":
+        checks += [
+            (bool(d.path), "data.path: data.source=latents needs the latent cache folder in data.path"),
+            (not m.clip_x0, "model.clip_x0: latents are not confined to [-1, 1]; set model.clip_x0=false"),
+        ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
     if d.source == "folder":
         image_dataset(cfg)  # empty / missing / unlabelled folders fail before any process starts
+    if d.source == "latents":
+        from recipes.diffusion.latents import check_latent_config
+
+        check_latent_config(cfg)
 
 
 def validate_dit(cfg: JobConfig, dims: ParallelDims) -> None:
@@ -255,9 +262,14 @@ def evaluate(model: nn.Module, cfg: JobConfig, step: int, logger: Any) -> dict[s
     return {}
 
 
+_DECODERS: dict[str, Any] = {}
+
+
 def _eval_decoder(cfg: JobConfig) -> Any:
     if cfg.data.source != "latents":
         return None
     from recipes.diffusion.latents import load_cache_decoder
 
-    return load_cache_decoder(cfg.data.path)
+    if cfg.data.path not in _DECODERS:  # loaded once per process, at the first evaluation
+        _DECODERS[cfg.data.path] = load_cache_decoder(cfg.data.path)
+    return _DECODERS[cfg.data.path]

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from scaletrain.checkpoint import CheckpointError, load_checkpoint
 from scaletrain.config import load_config
 from scaletrain.config.loader import build_dataclass
 from scaletrain.config.schema import JobConfig
@@ -76,14 +75,21 @@ def load_job_config(folder: Path, recipe_name: str, config_path: str | None, ove
 
 
 def _has_ema(folder: Path) -> bool:
-    import torch.distributed.checkpoint as dcp
+    try:  # the core's reader that does not unpickle arbitrary objects, when it has one
+        from scaletrain.checkpoint.safe_io import read_metadata
 
-    keys = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata.keys()
-    return any(k.startswith("ema.") for k in keys)
+        metadata = read_metadata(folder)
+    except ImportError:
+        import torch.distributed.checkpoint as dcp
+
+        metadata = dcp.FileSystemReader(str(folder)).read_metadata()
+    return any(k.startswith("ema.") for k in metadata.state_dict_metadata)
 
 
 def load_model(folder: Path, recipe_name: str, cfg: JobConfig, ema: str = "auto") -> torch.nn.Module:
     """Build the recipe's model, load the checkpoint's weights (EMA if asked/available). Needs a process group."""
+    from scaletrain.checkpoint import load_checkpoint
+
     recipe = get_recipe(recipe_name)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with torch.device("meta"):
@@ -93,7 +99,7 @@ def load_model(folder: Path, recipe_name: str, cfg: JobConfig, ema: str = "auto"
     extra: dict[str, dict[str, torch.Tensor]] = {}
     if use_ema:
         if not _has_ema(folder):
-            raise CheckpointError(f"{folder}: --ema yes, but the checkpoint has no EMA weights (train.ema_decay=0)")
+            raise ValueError(f"{folder}: --ema yes, but the checkpoint has no EMA weights (train.ema_decay=0)")
         extra["ema"] = {n: torch.empty_like(p) for n, p in model.named_parameters()}
     load_checkpoint(folder, model, None, extra_tensors=extra)
     if use_ema:

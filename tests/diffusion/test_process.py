@@ -171,3 +171,22 @@ def test_sampling_step_counts_are_checked():
     assert p.timesteps(5) == [99.0, 74.0, 50.0, 25.0, 0.0, -1.0]
     with pytest.raises(ValueError, match="flow"):
         sample(_toy_model, Process("flow", "v"), (1, 1, 2, 2), torch.tensor([0]), sampler="ddpm")
+
+
+@pytest.mark.parametrize(
+    ("schedule", "prediction"), [("flow", "v"), ("linear", "eps"), ("cosine", "v"), ("linear", "x0")]
+)
+def test_samplers_recover_a_point_mass_with_the_exact_denoiser(schedule, prediction):
+    """For data = one image x*, the ideal network output is known in closed form; DDIM must land on x*."""
+    p = Process(schedule, prediction, 1000)
+    target = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(9)) * 2 - 1
+
+    def exact(x, t, y):
+        time = t.double() / 1000 if p.is_flow else t.double()
+        a, s = (c.view(-1, 1, 1, 1) for c in p.coefficients(time))
+        eps = (x.double() - a * target.double()) / s
+        return p.target(target.double().expand_as(x), time, eps).float()
+
+    for steps in (5, 50):
+        out = sample(exact, p, (2, 3, 4, 4), torch.zeros(2, dtype=torch.long), steps=steps, clip_x0=False)
+        assert torch.allclose(out, target.expand(2, -1, -1, -1), atol=1e-5)
