@@ -27,7 +27,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from scaletrain.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+from scaletrain.checkpoint import Checkpointer
+from scaletrain.checkpoint.faults import Preemption, StepWatchdog
 from scaletrain.config import (
     JobConfig,
     config_to_dict,
@@ -176,47 +177,103 @@ class Trainer:
     def checkpoint_root(self) -> Path:
         return self.run_dir / "checkpoints"
 
-    def maybe_resume(self) -> str | None:
-        ckpt = self.cfg.checkpoint
-        found = complete_checkpoints(self.checkpoint_root) if ckpt.resume else []
-        if found:
-            folder = found[-1][1]
-            self._load(folder, with_optimizer=True)
-            return f"resumed from {folder} (step {self.step})"
-        if ckpt.load_path:
-            load_checkpoint(Path(ckpt.load_path), self.model, None)
-            return f"loaded initial weights from {ckpt.load_path}"
-        return None
+    @property
+    def checkpointer(self) -> Checkpointer:
+        if getattr(self, "_checkpointer", None) is None:
+            c = self.cfg.checkpoint
+            self._checkpointer = Checkpointer(
+                self.checkpoint_root, keep=c.keep, async_mode=c.async_mode, fallback=c.fallback, verify=c.verify
+            )
+        return self._checkpointer
 
-    def _load(self, folder: Path, with_optimizer: bool) -> None:
-        state = load_checkpoint(
-            folder, self.model, self.optimizer if with_optimizer else None, extra_tensors=self._extra_tensors()
+    def maybe_resume(self) -> str | None:
+        """Collective: resume from the newest intact checkpoint, or load checkpoint.load_path.
+
+        Returns the lines to print (what was loaded, damaged checkpoints skipped), or None.
+        """
+        ckpt = self.cfg.checkpoint
+        if ckpt.enable:
+            self.checkpointer.check_writable()
+        folder, notes = self.checkpointer.find_resumable() if ckpt.resume else (None, [])
+        if folder is not None:
+            notes += self._load(folder, with_optimizer=True)
+            notes.append(f"resumed from {folder} (step {self.step})")
+        elif ckpt.load_path:
+            _, load_notes = self.checkpointer.load(Path(ckpt.load_path), self.model, None)
+            notes += load_notes + [f"loaded initial weights from {ckpt.load_path}"]
+        return "\n".join(notes) or None
+
+    def _load(self, folder: Path, with_optimizer: bool) -> list[str]:
+        optimizer = self.optimizer if with_optimizer else None
+        state, notes = self.checkpointer.load(
+            folder, self.model, optimizer, extra_tensors=self._extra_tensors(), verified=True
         )
         self.step = state["step"]
         self.loader.load_state_dict(state["data"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        return notes
 
     def _extra_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         return {"ema": self.ema.state_dict()} if self.ema is not None else {}
 
     def save(self) -> Path:
+        """Collective: checkpoint the current step (published now, or at the next save when async)."""
         trainer_state = {
             "step": self.step,
             "data": self.loader.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "recipe": self.cfg.recipe,
+            "num_params": self.num_params,
+            "config": config_to_dict(self.cfg),  # export and `ckpt info` rebuild the model from it
         }
-        return save_checkpoint(
-            self.checkpoint_root,
+        self.watchdog.arm(f"the checkpoint save of step {self.step}")
+        folder = self.checkpointer.save(
             self.step,
             self.model,
             self.optimizer,
             trainer_state,
             layout=self.dims.describe(),
-            keep=self.cfg.checkpoint.keep,
             extra_tensors=self._extra_tensors(),
         )
+        self.watchdog.disarm()
+        return folder
+
+    def _start_fault_handling(self) -> None:
+        self.preemption = Preemption()
+        self.preemption.install()
+        self.watchdog.start()
+
+    def _stop_fault_handling(self) -> None:
+        if getattr(self, "preemption", None) is not None:
+            self.preemption.uninstall()
+        self.watchdog.stop()
+
+    @property
+    def watchdog(self) -> StepWatchdog:
+        if getattr(self, "_watchdog", None) is None:
+            self._watchdog = StepWatchdog(self.cfg.parallel.step_timeout_s, self.rank)
+        return self._watchdog
+
+    def _after_step(self, logger: MetricLogger) -> bool:
+        """At a step boundary: the periodic save; on SIGTERM/SIGUSR1 (any rank) a final save. True = stop."""
+        cfg = self.cfg
+        self.watchdog.disarm()
+        saved = cfg.checkpoint.enable and (self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.steps)
+        if saved:
+            logger.log_text(f"checkpoint saved: {self.save()}")
+        signal_name = self.preemption.agreed()
+        if signal_name is None:
+            return False
+        if cfg.checkpoint.enable and not saved:
+            logger.log_text(f"checkpoint saved: {self.save()}")
+        self.checkpointer.finish()
+        logger.log_text(
+            f"{signal_name}: stopped at step {self.step} after a final checkpoint; rerun the same command to continue"
+            if cfg.checkpoint.enable
+            else f"{signal_name}: stopped at step {self.step} (checkpoint.enable=false: nothing saved)"
+        )
+        return True
 
     # -- one optimizer step -------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -289,8 +346,10 @@ class Trainer:
         )
         try:
             self._announce(logger)
+            self._start_fault_handling()
             history = []
             while self.step < cfg.train.steps:
+                self.watchdog.arm(f"step {self.step + 1}")
                 start = time.perf_counter()
                 metrics = self.train_step()
                 if self.device.type == "cuda":
@@ -314,11 +373,12 @@ class Trainer:
                     and (self.step % cfg.eval.interval == 0 or self.step == cfg.train.steps)
                 ):
                     self.evaluate(logger)
-                if cfg.checkpoint.enable and (self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.steps):
-                    folder = self.save()
-                    logger.log_text(f"checkpoint saved: {folder}")
+                if self._after_step(logger):
+                    break
+            self.checkpointer.finish()  # publish an async save still in flight
             return history
         finally:
+            self._stop_fault_handling()
             logger.close()
             self.loader.close()
 

@@ -78,6 +78,11 @@ class ParallelSection:
     cp_method: Literal["ring", "alltoall"] = opt("ring", "Context-parallel attention method.")
     backend: Literal["auto", "nccl", "gloo"] = opt("auto", "Process-group backend; auto = nccl on CUDA, else gloo.")
     timeout_s: int = opt(600, "Collective timeout in seconds.")
+    step_timeout_s: float = opt(
+        0.0,
+        "Watchdog: a step or checkpoint save on any rank taking longer than this prints that rank's Python "
+        "stacks and exits with an error (so torchrun can restart the group); 0 = off.",
+    )
 
     @property
     def degrees(self) -> dict[str, int]:
@@ -105,6 +110,13 @@ class CheckpointSection:
     keep: int = opt(2, "Keep the newest K complete checkpoints.")
     resume: bool = opt(True, "Continue from the newest complete checkpoint in the run folder, if any.")
     load_path: str = opt("", "Initial weights to load (a checkpoint folder) when not resuming.")
+    async_mode: Literal["none", "async"] = opt(
+        "none", "none = save and return; async = copy to CPU, write in a background thread, publish at the next save."
+    )
+    fallback: bool = opt(False, "If the newest checkpoint is damaged, resume from the previous complete one (logged).")
+    verify: Literal["checksum", "size"] = opt(
+        "checksum", "Before resuming, check each file's SHA-256 (checksum) or only its size against the manifest."
+    )
 
 
 @dataclass

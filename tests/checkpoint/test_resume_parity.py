@@ -1,0 +1,29 @@
+"""Resume parity: 10 steps straight == 5 steps, SIGKILL, then the same command again.
+
+The first invocation is killed (SIGKILL of rank 0, torchrun without restarts) right before
+step 6, after the step-5 checkpoint was published; rerunning the same command resumes from
+it. CPU fp32 with gloo is deterministic, so losses and grad norms must be bitwise equal.
+"""
+
+from __future__ import annotations
+
+import pytest
+from ckpt_harness import metrics, torchrun
+
+
+@pytest.mark.parametrize("layout", ["ddp2", "fsdp2", "tp2xdp2"])
+def test_kill_and_rerun_continues_bitwise(layout, straight, tmp_path):
+    ref_dir, ref_name, _ = straight(layout)
+    kill = [{"rank": 0, "step": 6, "where": "step", "action": "kill", "marker": str(tmp_path / "fired")}]
+    first = torchrun(layout, tmp_path, "run", faults=kill, check=False)
+    assert first.returncode != 0, "the first invocation should have been killed"
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["step-00000005"], ckpts
+    torchrun(layout, tmp_path, "run")  # the same command again: auto-resume
+    resumed, reference = metrics(tmp_path, "run"), metrics(ref_dir, ref_name)
+    assert sorted(resumed) == list(range(1, 11))
+    for step in range(1, 11):
+        assert resumed[step]["loss"] == reference[step]["loss"], f"step {step}"
+        assert resumed[step]["grad_norm"] == reference[step]["grad_norm"], f"step {step}"
+    log = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert log.count('"step": 6') == 1  # steps 1-5 were not redone
