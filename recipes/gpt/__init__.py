@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from recipes.gpt.model import GPT, GPTConfig
 from recipes.gpt.parallelize import parallelize_gpt
+from scaletrain import ops
 from scaletrain.config.schema import JobConfig, opt
 from scaletrain.data import TokenWindowDataset, bundled_corpus_path, load_tokenizer, load_tokens
 from scaletrain.parallel.dims import ParallelDims
@@ -39,7 +40,11 @@ def build_dataset(cfg: JobConfig) -> TokenWindowDataset:
     return TokenWindowDataset(tokens, cfg.data.seq_len)
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor]:
+def model_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    # The targets go in too: with train.fused_cross_entropy the model computes the loss inside its
+    # forward (the logits never exist); otherwise GPT.forward ignores them.
+    if "target" in batch:
+        return (batch["input"], batch["target"])
     return (batch["input"],)
 
 
@@ -52,8 +57,15 @@ def example_batch(cfg: JobConfig, batch_size: int) -> dict[str, torch.Tensor]:
 
 
 def loss(logits_BTV: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    if logits_BTV.dim() == 0:  # train.fused_cross_entropy: the model already returned the mean loss
+        return logits_BTV
     # fp32 softmax: bf16 logits lose the small probabilities that cross-entropy depends on.
     return F.cross_entropy(logits_BTV.flatten(0, 1).float(), batch["target"].flatten())
+
+
+def parallelize(model: GPT, dims: ParallelDims, cfg: JobConfig) -> GPT:
+    model.fused_cross_entropy = cfg.train.fused_cross_entropy
+    return parallelize_gpt(model, dims, cfg)
 
 
 def validate(cfg: JobConfig, dims: ParallelDims) -> None:
@@ -65,7 +77,32 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
         (d.seq_len >= 1, f"data.seq_len: {d.seq_len} is not allowed; use >= 1"),
         (d.seq_len <= m.max_seq_len, f"data.seq_len: {d.seq_len} exceeds model.max_seq_len={m.max_seq_len}"),
         (d.num_workers >= 0, f"data.num_workers: {d.num_workers} is not allowed; use >= 0"),
+        (
+            m.attention != "triton" or ops.triton_attention_supports(m.head_dim),
+            f"model.attention: 'triton' needs a head dim (model.dim/model.n_heads = {m.head_dim}) that is a power "
+            "of two in [16, 128]; use 'sdpa'",
+        ),
+        (
+            m.attention != "flex" or ops.flex_available(),
+            f"model.attention: 'flex' needs torch.nn.attention.flex_attention (torch {torch.__version__} lacks it)",
+        ),
+        (not m.fused_norm or m.norm == "rmsnorm", f"model.fused_norm: only RMSNorm is fused, not model.norm={m.norm}"),
+        (not m.fused_rope or m.pos == "rope", f"model.fused_rope: needs model.pos=rope, not {m.pos}"),
+        (not m.fused_swiglu or m.mlp == "swiglu", f"model.fused_swiglu: needs model.mlp=swiglu, not {m.mlp}"),
     ]
+    if cfg.train.fused_cross_entropy:
+        checks += [
+            (
+                dims.tp == 1,
+                f"train.fused_cross_entropy: not supported with tensor parallel (parallel.tp={dims.tp}): the output "
+                "head is sharded over the vocabulary; use parallel.loss_parallel instead",
+            ),
+            (
+                dims.pp == 1,
+                f"train.fused_cross_entropy: not supported with pipeline parallel (parallel.pp={dims.pp}): the "
+                "last stage's loss is computed from its output by the schedule",
+            ),
+        ]
     tp = dims.tp
     if tp > 1:
         checks += [
@@ -119,7 +156,7 @@ RECIPE = register_recipe(
         model_config=GPTConfig,
         data_config=TextDataConfig,
         build_model=GPT,
-        parallelize=parallelize_gpt,
+        parallelize=parallelize,
         build_dataset=build_dataset,
         model_inputs=model_inputs,
         loss=loss,

@@ -16,7 +16,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
+from scaletrain import ops
 from scaletrain.config.schema import opt
 
 
@@ -38,7 +40,15 @@ class GPTConfig:
     mlp: Literal["swiglu", "gelu"] = opt("swiglu", "MLP kind.")
     bias: bool = opt(False, "Biases in linear layers (GPT-2 uses them).")
     tie_embeddings: bool = opt(False, "Share the input embedding and output projection weights.")
-    attention: Literal["sdpa", "eager"] = opt("sdpa", "Attention implementation.")
+    attention: Literal["sdpa", "eager", "flex", "triton"] = opt(
+        "sdpa",
+        "Attention implementation (scaletrain/ops.py): sdpa = torch SDPA (picks its own backend), eager = plain "
+        "matmul+softmax, flex = flex_attention with a causal block mask (GPU for training), triton = the fused "
+        "flash-attention kernel (head dim a power of two in [16, 128]). Planned: 'auto', the fastest on the device.",
+    )
+    fused_norm: bool = opt(False, "RMSNorm through the fused Triton kernel (model.norm=rmsnorm only).")
+    fused_rope: bool = opt(False, "RoPE through the fused Triton kernel (model.pos=rope only).")
+    fused_swiglu: bool = opt(False, "SwiGLU activation through the fused Triton kernel (model.mlp=swiglu only).")
     init_std: float = opt(0.02, "Std of the normal init of weights (output projections scaled by 1/sqrt(2L)).")
 
     @property
@@ -59,37 +69,45 @@ class GPTConfig:
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
 
 
+class RMSNorm(nn.Module):
+    """nn.RMSNorm's math and state (one parameter, `weight`), optionally through the fused kernel.
+
+    Under tensor parallel the sequence-parallel plan hands the norm DTensors; the kernel has no DTensor
+    sharding rule, so those go through torch's rms_norm (which has one) even when `fused`.
+    """
+
+    def __init__(self, dim: int, eps: float, fused: bool = False):
+        super().__init__()
+        self.eps, self.fused = eps, fused
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = self.fused and not isinstance(x, DTensor)
+        return ops.rms_norm(x, self.weight, self.eps, fused=fused)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, fused={self.fused}"
+
+
 def _norm(cfg: GPTConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        return RMSNorm(cfg.dim, eps=cfg.norm_eps, fused=cfg.fused_norm)
     return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x_BTHE: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor) -> torch.Tensor:
-    # Rotate-half convention (pairs are (i, i + E/2)), the layout Hugging Face Llama uses,
-    # so exported weights need no permutation.
-    cos = cos_TE[None, :, None, :].to(x_BTHE.dtype)
-    sin = sin_TE[None, :, None, :].to(x_BTHE.dtype)
-    return x_BTHE * cos + rotate_half(x_BTHE) * sin
-
-
 def sdpa_attention(q_BHTE: torch.Tensor, k_BKTE: torch.Tensor, v_BKTE: torch.Tensor) -> torch.Tensor:
-    group = q_BHTE.shape[1] // k_BKTE.shape[1]
-    return F.scaled_dot_product_attention(q_BHTE, k_BKTE, v_BKTE, is_causal=True, enable_gqa=group > 1)
+    return ops.attention(q_BHTE, k_BKTE, v_BKTE, causal=True, impl="sdpa")
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.head_dim = cfg.head_dim
-        # Causal attention over (q, k, v) in B H T E layout. Parallelize plans may swap in
-        # another implementation (context-parallel ring/all-to-all); the math is the same.
-        self.attention_fn = sdpa_attention if cfg.attention == "sdpa" else eager_attention
+        self.fused_rope = cfg.fused_rope
+        # Causal attention over (q, k, v) in B H T E layout (scaletrain.ops, by model.attention).
+        # Parallelize plans may swap in another implementation (context-parallel ring/all-to-all);
+        # the math is the same.
+        self.attention_fn = ops.attention_fn(cfg.attention, causal=True)
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.bias)
         self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
@@ -102,7 +120,9 @@ class Attention(nn.Module):
         k = self.wk(x_BTD).view(B, T, -1, self.head_dim)
         v = self.wv(x_BTD).view(B, T, -1, self.head_dim)
         if cos is not None:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            # Rotate-half convention (pairs are (i, i + E/2)), the layout Hugging Face Llama uses,
+            # so exported weights need no permutation.
+            q, k = ops.rope(q, k, cos, sin, fused=self.fused_rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # B H T E
         out = self.attention_fn(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
@@ -110,27 +130,21 @@ class Attention(nn.Module):
 
 def eager_attention(q_BHTE: torch.Tensor, k_BKTE: torch.Tensor, v_BKTE: torch.Tensor) -> torch.Tensor:
     """Causal attention in plain ops: the readable reference the fused paths are checked against."""
-    group = q_BHTE.shape[1] // k_BKTE.shape[1]
-    k = k_BKTE.repeat_interleave(group, dim=1)
-    v = v_BKTE.repeat_interleave(group, dim=1)
-    T = q_BHTE.shape[2]
-    scores = (q_BHTE @ k.transpose(-2, -1)) / math.sqrt(q_BHTE.shape[-1])
-    mask = torch.ones(T, T, dtype=torch.bool, device=q_BHTE.device).tril()
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(dim=-1) @ v
+    return ops.attention(q_BHTE, k_BKTE, v_BKTE, causal=True, impl="eager")
 
 
 class FeedForward(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
+        self.fused_swiglu = cfg.fused_swiglu
         self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.bias)
         self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.bias)
         self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.bias) if self.swiglu else None
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
-            return self.w2(F.silu(self.w1(x_BTD)) * self.w3(x_BTD))
+            return self.w2(ops.swiglu(self.w1(x_BTD), self.w3(x_BTD), fused=self.fused_swiglu))
         return self.w2(F.gelu(self.w1(x_BTD), approximate="tanh"))
 
 
@@ -160,6 +174,9 @@ class GPT(nn.Module):
         # Tied embeddings reuse the embedding table in forward instead of sharing a Parameter
         # between two modules: shared Parameters do not survive meta -> to_empty.
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # train.fused_cross_entropy (a training choice, so not in GPTConfig; the recipe sets it):
+        # forward(tokens, targets) then returns the mean loss and never materializes the logits.
+        self.fused_cross_entropy = False
         if cfg.pos == "rope":
             # Not persistent: derived from the config, so checkpoints do not carry it.
             self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
@@ -171,9 +188,14 @@ class GPT(nn.Module):
         """Global positions of the local tokens; context parallel replaces this (load-balanced shards)."""
         return torch.arange(local_len, device=device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V]. Pipeline stages lack some modules: a stage without
-        embeddings takes hidden states [B, T, D]; one without the head returns them."""
+        embeddings takes hidden states [B, T, D]; one without the head returns them.
+
+        With `fused_cross_entropy` and targets [B, T], returns the fp32 mean cross-entropy instead,
+        computed chunk by chunk by the fused kernel inside this forward (where FSDP has the output
+        weight unsharded). Otherwise targets are ignored.
+        """
         T = x.shape[1]
         pos = self.positions(T, x.device)
         h = x
@@ -187,6 +209,11 @@ class GPT(nn.Module):
             h = layer(h, cos, sin)
         if self.norm is not None:
             h = self.norm(h)
+        head = self.output.weight if self.output is not None else None
+        if head is None and self.cfg.tie_embeddings and self.tok_embeddings is not None:
+            head = self.tok_embeddings.weight
+        if self.fused_cross_entropy and targets is not None and head is not None:
+            return ops.linear_cross_entropy(h.flatten(0, 1), head, targets.flatten(), fused=True)
         if self.output is not None:
             return self.output(h)
         if self.cfg.tie_embeddings and self.tok_embeddings is not None:

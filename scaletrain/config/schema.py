@@ -54,6 +54,7 @@ class TrainSection:
     ema_decay: float = opt(0.0, "Keep an exponential moving average of the weights with this decay (0 = off).")
     log_interval: int = opt(1, "Log metrics every N steps.")
     abort_on_nan: bool = opt(True, "Stop with an error naming the step when the loss is NaN or Inf.")
+    fused_cross_entropy: bool = opt(False, "Fused linear+cross-entropy kernel in chunks: never materializes logits.")
 
 
 @dataclass

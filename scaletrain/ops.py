@@ -1,0 +1,233 @@
+"""Switchable compute ops every recipe uses: attention, RMSNorm, RoPE, SwiGLU and linear + cross-entropy.
+
+Each op has a plain PyTorch path (the default) and a fused path from the ``kernels`` package (Triton
+kernels with autograd, registered as torch custom ops). Recipes call these instead of writing the math
+themselves, so one config switch (``model.attention``, ``model.fused_norm``, ``model.fused_rope``,
+``model.fused_swiglu``, ``train.fused_cross_entropy``) changes every model family the same way.
+
+Import direction: the core may import ``kernels`` (a leaf package), never the reverse. It is imported
+lazily, on the first fused call, so ``import scaletrain`` works where Triton is missing or broken. Where
+Triton cannot run on the given tensors (CPU without ``TRITON_INTERPRET=1``, or no Triton at all) the
+``kernels`` functions fall back to their plain-torch references, so a fused flag never makes a run fail;
+``fused_backend()`` says which one will run.
+
+Layouts (shape legend: B batch, T query length, S key length, H query heads, K kv heads, E head dim,
+N rows, D width, V vocabulary):
+  attention            q [B, H, T, E], k/v [B, K, S, E] with K dividing H (grouped-query)  -> [B, H, T, E]
+  rms_norm             x [..., D], weight [D]                                           -> like x
+  rope                 q [B, T, H, E], k [B, T, K, E], cos/sin [T, E] in the rotate-half layout with both
+                       halves equal (cat(freqs, freqs), as Hugging Face Llama stores them) -> (q, k)
+  swiglu               gate, up [..., F]                                                -> silu(gate) * up
+  linear_cross_entropy hidden [N, D], weight [V, D], targets [N]                        -> fp32 scalar mean
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+AttentionImpl = Literal["sdpa", "eager", "flex", "triton"]
+ATTENTION_IMPLS: tuple[str, ...] = ("sdpa", "eager", "flex", "triton")
+
+
+@functools.cache
+def _kernels() -> ModuleType:
+    try:
+        import kernels
+    except Exception as error:  # noqa: BLE001 - report any import failure with the fix
+        raise RuntimeError(
+            f"the fused kernels could not be imported ({error!r}); turn off model.attention=triton, "
+            "model.fused_norm, model.fused_rope, model.fused_swiglu and train.fused_cross_entropy"
+        ) from error
+    return kernels
+
+
+def fused_backend(*tensors: torch.Tensor) -> str:
+    """Which fused path runs on these tensors: "triton", "triton-interpret" or "torch-fallback"."""
+    k = _kernels()
+    from kernels._triton import use_triton
+
+    if not use_triton(*tensors):
+        return "torch-fallback"
+    return "triton-interpret" if k.INTERPRET else "triton"
+
+
+# -- attention ------------------------------------------------------------------------------------------
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    group = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=group > 1)
+
+
+def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Attention in plain ops: the readable reference the other implementations are checked against.
+
+    Causal masking is bottom-right aligned (query i sits at key position i + S - T), as in SDPA with T == S,
+    flash attention and the Triton kernel.
+    """
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if causal:
+        t, s = q.shape[2], k.shape[2]
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=32)
+def _causal_block_mask(t: int, s: int, device: torch.device):  # noqa: ANN202 - BlockMask
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    offset = s - t
+
+    def causal(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202 - flex mask_mod signature
+        return kv_idx <= q_idx + offset
+
+    return create_block_mask(causal, B=None, H=None, Q_LEN=t, KV_LEN=s, device=device)
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    if not flex_available():
+        raise RuntimeError(
+            f"model.attention: 'flex' needs torch.nn.attention.flex_attention, which torch {torch.__version__} "
+            "does not have; use 'sdpa'"
+        )
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError(
+            "model.attention: 'flex' cannot train on the CPU (FlexAttention has no CPU backward); use 'sdpa' "
+            "or 'triton' there, or run forward-only under torch.no_grad()"
+        )
+    if q.device.type == "cpu":  # flex rejects CPU inputs that require grad even under no_grad
+        q, k, v = q.detach(), k.detach(), v.detach()
+    block_mask = _causal_block_mask(q.shape[2], k.shape[2], q.device) if causal else None
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    return _kernels().attention(q, k, v, causal=causal)
+
+
+_ATTENTION = {"sdpa": _sdpa, "eager": _eager, "flex": _flex, "triton": _triton}
+
+
+def attention(
+    q_BHTE: torch.Tensor, k_BKSE: torch.Tensor, v_BKSE: torch.Tensor, *, causal: bool = True, impl: str = "sdpa"
+) -> torch.Tensor:
+    """Scaled dot-product attention (scale 1/sqrt(E)) with grouped-query heads, by implementation:
+
+    sdpa    torch's scaled_dot_product_attention (picks flash / efficient / cuDNN / math by itself)
+    eager   plain matmul + softmax (materializes [T, S]; the reference)
+    flex    torch.nn.attention.flex_attention with a causal BlockMask (cached per shape); compile the
+            caller for speed — uncompiled it runs flex's slow reference path
+    triton  kernels.attention: the flash-attention Triton kernel (head dim a power of two in [16, 128])
+    """
+    try:
+        fn = _ATTENTION[impl]
+    except KeyError:
+        raise ValueError(f"model.attention: unknown implementation {impl!r}; choose from {ATTENTION_IMPLS}") from None
+    return fn(q_BHTE, k_BKSE, v_BKSE, causal)
+
+
+def attention_fn(impl: str, causal: bool = True):  # noqa: ANN201 - callable (q, k, v) -> out
+    """A (q, k, v) -> out callable for modules that hold their attention as a swappable function."""
+    if impl not in _ATTENTION:
+        raise ValueError(f"model.attention: unknown implementation {impl!r}; choose from {ATTENTION_IMPLS}")
+    return functools.partial(attention, causal=causal, impl=impl)
+
+
+def triton_attention_supports(head_dim: int) -> bool:
+    """Head dims the Triton attention kernel compiles for."""
+    return 16 <= head_dim <= 128 and head_dim & (head_dim - 1) == 0
+
+
+# -- elementwise / norm -----------------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, fused: bool = False) -> torch.Tensor:
+    """RMSNorm over the last dim. Unfused is ``F.rms_norm`` (what nn.RMSNorm runs); fused needs a weight."""
+    if fused:
+        if weight is None:
+            raise ValueError("the fused rms_norm needs a weight (elementwise affine)")
+        return _kernels().rms_norm(x, weight, eps)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope_one(x_BTHE: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor) -> torch.Tensor:
+    cos = cos_TE[None, :, None, :].to(x_BTHE.dtype)
+    sin = sin_TE[None, :, None, :].to(x_BTHE.dtype)
+    return x_BTHE * cos + _rotate_half(x_BTHE) * sin
+
+
+def rope(
+    q_BTHE: torch.Tensor, k_BTKE: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor, fused: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half RoPE of q and k; cos/sin [T, E] hold each angle twice (cat(freqs, freqs)).
+
+    The fused kernel takes the [T, E/2] half, so the first half of cos/sin is what it uses.
+    """
+    if fused:
+        half = q_BTHE.shape[-1] // 2
+        cos = cos_TE[:, :half].to(torch.float32)
+        sin = sin_TE[:, :half].to(torch.float32)
+        return _kernels().apply_rope(q_BTHE, k_BTKE, cos, sin)
+    return _rope_one(q_BTHE, cos_TE, sin_TE), _rope_one(k_BTKE, cos_TE, sin_TE)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """silu(gate) * up."""
+    if fused:
+        return _kernels().swiglu(gate, up)
+    return F.silu(gate) * up
+
+
+def linear_cross_entropy(
+    hidden_ND: torch.Tensor,
+    weight_VD: torch.Tensor,
+    targets_N: torch.Tensor,
+    fused: bool = False,
+    *,
+    ignore_index: int = -100,
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden @ weight.T`` against targets (+ z_loss * logsumexp^2), fp32 scalar.
+
+    Fused: ``kernels.fused_linear_cross_entropy`` processes rows in chunks and never holds the [N, V]
+    logits (memory ∝ chunk_size * V). Unfused: full logits, softmax in fp32.
+    """
+    if fused:
+        return _kernels().fused_linear_cross_entropy(
+            hidden_ND, weight_VD, targets_N, ignore_index=ignore_index, z_loss=z_loss, chunk_size=chunk_size
+        )
+    logits = F.linear(hidden_ND, weight_VD).float()
+    loss = F.cross_entropy(logits, targets_N, ignore_index=ignore_index)
+    if z_loss:
+        valid = targets_N != ignore_index
+        lse = torch.logsumexp(logits, dim=-1)
+        loss = loss + z_loss * (lse.square() * valid).sum() / valid.sum().clamp(min=1)
+    return loss
