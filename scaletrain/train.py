@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from scaletrain.checkpoint import Checkpointer
+from scaletrain.checkpoint import Checkpointer, CheckpointError
 from scaletrain.checkpoint.faults import Preemption, StepWatchdog
 from scaletrain.config import (
     JobConfig,
@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from exc
     try:
         run(cfg)
-    except NonFiniteLossError as exc:
+    except (NonFiniteLossError, CheckpointError) as exc:
         print(f"scaletrain: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from exc
 

@@ -92,7 +92,13 @@ class SafeLoadPlanner(dcp.DefaultLoadPlanner):
         try:
             obj = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as exc:
-            raise CheckpointError(f"checkpoint value {read_item.dest_index.fqn!r} is not plain data: {exc}") from exc
+            # torch's message is a page long; its "Unsupported global: ..." line is the point.
+            lines = [line for line in str(exc).splitlines() if "Unsupported global" in line]
+            reason = lines[0].split("Unsupported global:")[1].split(" was not")[0].strip() if lines else str(exc)
+            raise CheckpointError(
+                f"checkpoint value {read_item.dest_index.fqn!r} is not plain data; "
+                f"refusing to unpickle it (it asks for {reason})"
+            ) from exc
         # Hand the parent a re-serialization of the vetted value: it keeps DCP's own logic
         # for putting values back into nested state dicts, and these bytes are ours.
         buffer = io.BytesIO()

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -400,7 +401,12 @@ def load_checkpoint(
             raise CheckpointError(problem)
     state = _state(model, optimizer, extra_tensors)
     check_shapes(folder, state)
-    dcp.load(state, storage_reader=SafeFileSystemReader(str(folder)), planner=SafeLoadPlanner())
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(folder)), planner=SafeLoadPlanner())
+    except CheckpointException as exc:
+        # DCP wraps each rank's (exception, traceback); the first rank's exception is the cause.
+        causes = [str(pair[0]) for pair in exc.failures.values()] or [str(exc)]
+        raise CheckpointError(f"{folder}: reading the checkpoint failed: {causes[0]}") from exc
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
