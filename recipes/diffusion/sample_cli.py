@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from scaletrain.config import load_config
-from scaletrain.config.loader import build_dataclass
 from scaletrain.config.schema import JobConfig
 from scaletrain.distributed import destroy_distributed, init_distributed
 from scaletrain.parallel import init_model
@@ -64,11 +63,7 @@ def load_job_config(folder: Path, recipe_name: str, config_path: str | None, ove
             raise ValueError(f"{folder}: the checkpoint does not store its config; pass --config <training yaml>")
         cfg = load_config(config_path, overrides)
     else:
-        raw = dict(trainer["config"])
-        cfg = load_config(None, {"recipe": recipe_name})
-        recipe = get_recipe(recipe_name)
-        cfg.model = build_dataclass(recipe.model_config, raw.get("model", {}), "model")
-        cfg.data = build_dataclass(recipe.data_config, raw.get("data", {}), "data")
+        cfg = load_config(None, dict(trainer["config"]))  # the resolved config the trainer stored
     if cfg.recipe != recipe_name:
         raise ValueError(f"--config: {config_path} is a {cfg.recipe!r} config, but the checkpoint is {recipe_name!r}")
     return cfg

@@ -98,6 +98,23 @@ def test_train_then_sample_writes_a_png_grid(tmp_path):
     assert "images/s" in done.stdout
     grid = np.asarray(Image.open(out))
     assert grid.shape == (2 * 18 + 2, 8 * 18 + 2, 3)  # 10 images of 16 px, 8 per row, 2 px gaps
+    if "config" in json.loads((ckpt / "trainer.json").read_text()):  # cores that store the resolved config
+        plain = [
+            sys.executable,
+            "-m",
+            "scaletrain.cli",
+            "sample",
+            str(ckpt),
+            "--n",
+            "3",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+        ]
+        done = subprocess.run(plain, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert np.asarray(Image.open(out)).shape == (18 + 2, 3 * 18 + 2, 3)
     bad = [*sample[:-8], "--class", "9", "--out", str(out)]
     done = subprocess.run(bad, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 2 and "--class: 9 is not a class of this model" in done.stderr

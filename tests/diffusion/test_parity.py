@@ -50,18 +50,56 @@ LAYOUTS = {
 }
 
 
+def _run(config: str, overrides: list[str], root: Path, name: str, nproc: int) -> list[dict]:
+    try:
+        return run_layout(config, overrides, root, name, nproc=nproc)
+    except RuntimeError as exc:
+        # Seen rarely on a loaded 2-core machine: gloo aborts a process at exit, after training
+        # finished ("terminate called without an active exception"). Retry that case once only.
+        if "terminate called without an active exception" not in str(exc):
+            raise
+        return run_layout(config, overrides, root, name, nproc=nproc)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> list[dict]:
-    return run_layout(CONFIG, COMMON, tmp_path_factory.mktemp("ref"), "ref", nproc=1)
+    return _run(CONFIG, COMMON, tmp_path_factory.mktemp("ref"), "ref", nproc=1)
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_dit_layout_parity(layout, reference, tmp_path):
     overrides, nproc = LAYOUTS[layout]
-    rows = run_layout(CONFIG, COMMON + overrides, tmp_path, layout, nproc=nproc)
+    rows = _run(CONFIG, COMMON + overrides, tmp_path, layout, nproc=nproc)
     report = compare(reference, rows)
     assert len(report.steps) == 6
     # Training moved the loss, so equal losses are not two copies of a constant.
     assert report.loss_a[0] != report.loss_a[-1]
     assert report.max_loss_rel_diff <= RTOL, report.table()
     assert report.max_grad_norm_rel_diff <= 1e-4, report.table()
+
+
+ROOT = Path(__file__).resolve().parents[2]
+CONV_MODELS = {
+    "unet": (
+        str(ROOT / "recipes/diffusion/configs/unet-tiny.yaml"),
+        ["--model.image_size", "8", "--model.channels", "16", "--model.channel_mult", "1,2", "--model.groups", "4"],
+    ),
+    "vae": (
+        str(ROOT / "recipes/diffusion/configs/vae-tiny.yaml"),
+        ["--model.image_size", "8", "--model.channels", "8", "--model.channel_mult", "1,2", "--model.groups", "4"],
+    ),
+}
+CONV_COMMON = ["--train.steps", "4", "--train.warmup_steps", "1", "--train.global_batch_size", "8",
+               "--train.ema_decay", "0", "--eval.interval", "0", "--metrics.console", "false"]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", sorted(CONV_MODELS))
+@pytest.mark.parametrize("layout", ["ddp2", "fsdp2"])
+def test_unet_and_vae_data_parallel_parity(model, layout, tmp_path):
+    config, size = CONV_MODELS[model]
+    ref = _run(config, size + CONV_COMMON, tmp_path, "ref", nproc=1)
+    overrides, nproc = LAYOUTS[layout]
+    report = compare(ref, _run(config, size + CONV_COMMON + overrides, tmp_path, layout, nproc=nproc))
+    assert report.loss_a[0] != report.loss_a[-1]
+    assert report.max_loss_rel_diff <= RTOL, report.table()
