@@ -1,0 +1,72 @@
+"""Config validation for the kernel switches: each bad combination fails before any process group exists,
+with a message naming the field. One test per case."""
+
+from __future__ import annotations
+
+import pytest
+import torch.distributed as dist
+from st_common import TINY
+
+from scaletrain.config import ConfigError, load_config, validate_config
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group():
+    yield
+    assert not dist.is_initialized(), "validation must not create a process group"
+
+
+def _validate(world_size: int, *overrides: str) -> None:
+    validate_config(load_config(TINY, list(overrides)), world_size)
+
+
+def test_every_switch_on_is_valid():
+    _validate(
+        1, "--model.attention", "triton", "--model.fused_norm", "true", "--model.fused_rope", "true",
+        "--model.fused_swiglu", "true", "--train.fused_cross_entropy", "true",
+    )  # fmt: skip
+
+
+def test_defaults_are_unfused():
+    cfg = load_config(TINY, [])
+    assert cfg.model.attention == "sdpa"
+    assert not (cfg.model.fused_norm or cfg.model.fused_rope or cfg.model.fused_swiglu)
+    assert not cfg.train.fused_cross_entropy
+
+
+def test_unknown_attention_is_rejected():
+    with pytest.raises(
+        ConfigError, match="model.attention: 'fastest' is not allowed; choose one of 'sdpa', 'eager', 'flex', 'triton'"
+    ):
+        _validate(1, "--model.attention", "fastest")
+
+
+def test_fused_cross_entropy_rejects_tensor_parallel():
+    with pytest.raises(ValueError, match=r"train.fused_cross_entropy: .*tensor parallel \(parallel.tp=2\)"):
+        _validate(2, "--train.fused_cross_entropy", "true", "--parallel.tp", "2")
+
+
+def test_fused_cross_entropy_rejects_pipeline_parallel():
+    with pytest.raises(ValueError, match=r"train.fused_cross_entropy: .*pipeline parallel \(parallel.pp=2\)"):
+        _validate(2, "--train.fused_cross_entropy", "true", "--parallel.pp", "2")
+
+
+def test_fused_norm_needs_rmsnorm():
+    with pytest.raises(ValueError, match="model.fused_norm: only RMSNorm is fused, not model.norm=layernorm"):
+        _validate(1, "--model.fused_norm", "true", "--model.norm", "layernorm")
+
+
+def test_fused_rope_needs_rope():
+    with pytest.raises(ValueError, match="model.fused_rope: needs model.pos=rope, not learned"):
+        _validate(1, "--model.fused_rope", "true", "--model.pos", "learned")
+
+
+def test_fused_swiglu_needs_swiglu():
+    with pytest.raises(ValueError, match="model.fused_swiglu: needs model.mlp=swiglu, not gelu"):
+        _validate(1, "--model.fused_swiglu", "true", "--model.mlp", "gelu")
+
+
+def test_triton_attention_needs_a_power_of_two_head_dim():
+    # dim 96 / 4 heads = head dim 24
+    with pytest.raises(ValueError, match=r"model.attention: 'triton' needs a head dim .* = 24\) that is a power"):
+        _validate(1, "--model.attention", "triton", "--model.dim", "96")
