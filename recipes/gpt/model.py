@@ -99,6 +99,10 @@ def sdpa_attention(q_BHTE: torch.Tensor, k_BKTE: torch.Tensor, v_BKTE: torch.Ten
     return ops.attention(q_BHTE, k_BKTE, v_BKTE, causal=True, impl="sdpa")
 
 
+def arange_positions(length: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(length, device=device)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -108,21 +112,28 @@ class Attention(nn.Module):
         # Parallelize plans may swap in another implementation (context-parallel ring/all-to-all);
         # the math is the same.
         self.attention_fn = ops.attention_fn(cfg.attention, causal=True)
+        # Global positions of this module's (full local) sequence; context parallel swaps in
+        # its load-balanced positions. Computed here, from the attention input, because under
+        # sequence parallel the block input is a sequence shard but the attention input is not.
+        self.positions_fn = arange_positions
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.bias)
         self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.bias)
 
-    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x_BTD: torch.Tensor, cos_table: torch.Tensor | None, sin_table: torch.Tensor | None
+    ) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         # -1 heads: under tensor parallel each rank holds H/tp query and K/tp kv heads.
         q = self.wq(x_BTD).view(B, T, -1, self.head_dim)
         k = self.wk(x_BTD).view(B, T, -1, self.head_dim)
         v = self.wv(x_BTD).view(B, T, -1, self.head_dim)
-        if cos is not None:
+        if cos_table is not None:
             # Rotate-half convention (pairs are (i, i + E/2)), the layout Hugging Face Llama uses,
             # so exported weights need no permutation.
-            q, k = ops.rope(q, k, cos, sin, fused=self.fused_rope)
+            pos = self.positions_fn(T, x_BTD.device)
+            q, k = ops.rope(q, k, cos_table[pos], sin_table[pos], fused=self.fused_rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # B H T E
         out = self.attention_fn(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
@@ -156,8 +167,10 @@ class Block(nn.Module):
         self.ffn_norm = _norm(cfg)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
-        x_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), cos, sin)
+    def forward(
+        self, x_BTD: torch.Tensor, cos_table: torch.Tensor | None, sin_table: torch.Tensor | None
+    ) -> torch.Tensor:
+        x_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), cos_table, sin_table)
         return x_BTD + self.feed_forward(self.ffn_norm(x_BTD))
 
 
@@ -184,9 +197,9 @@ class GPT(nn.Module):
         else:
             self.rope_cos = self.rope_sin = None
 
-    def positions(self, local_len: int, device: torch.device) -> torch.Tensor:
-        """Global positions of the local tokens; context parallel replaces this (load-balanced shards)."""
-        return torch.arange(local_len, device=device)
+    # Global positions of the local tokens (for the learned position table); context parallel
+    # replaces it with the load-balanced positions of this rank's shard.
+    positions = staticmethod(arange_positions)
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V]. Pipeline stages lack some modules: a stage without
@@ -196,17 +209,13 @@ class GPT(nn.Module):
         computed chunk by chunk by the fused kernel inside this forward (where FSDP has the output
         weight unsharded). Otherwise targets are ignored.
         """
-        T = x.shape[1]
-        pos = self.positions(T, x.device)
         h = x
         if self.tok_embeddings is not None:
             h = self.tok_embeddings(x)
             if self.pos_embeddings is not None:
-                h = h + self.pos_embeddings(pos)
-        cos = self.rope_cos[pos] if self.rope_cos is not None else None
-        sin = self.rope_sin[pos] if self.rope_sin is not None else None
+                h = h + self.pos_embeddings(self.positions(x.shape[1], x.device))
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
+            h = layer(h, self.rope_cos, self.rope_sin)
         if self.norm is not None:
             h = self.norm(h)
         head = self.output.weight if self.output is not None else None

@@ -11,6 +11,7 @@ rank ever holds [B, T, V].
 
 from __future__ import annotations
 
+import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
@@ -93,9 +94,14 @@ def apply_context_parallel(model: GPT, dims: ParallelDims, method: str) -> None:
     cp_mesh = dims.axis("cp")
     group, rank, cp = cp_mesh.get_group(), cp_mesh.get_local_rank(), cp_mesh.size()
     attention = attention_function(method, group)
+
+    def positions(local_len: int, device: torch.device) -> torch.Tensor:
+        return load_balanced_positions(local_len, rank, cp, device)
+
     for block in model.layers.values():
         block.attention.attention_fn = attention
-    model.positions = lambda local_len, device: load_balanced_positions(local_len, rank, cp, device)
+        block.attention.positions_fn = positions
+    model.positions = positions
 
 
 def parallelize_gpt(model: GPT, dims: ParallelDims, cfg: JobConfig) -> GPT:
