@@ -141,6 +141,7 @@ LAYOUTS = {
     "cp2_ring": ["--parallel.cp", "2"],
     "cp2_alltoall": ["--parallel.cp", "2", "--parallel.cp_method", "alltoall"],
     "pp2xdp2": ["--parallel.pp", "2", "--parallel.dp_shard", "2"],
+    "pp2xtp2": ["--parallel.pp", "2", "--parallel.tp", "2"],
     "cp2xtp2": ["--parallel.cp", "2", "--parallel.tp", "2"],
     "cp2xdp2_ring": ["--parallel.cp", "2", "--parallel.dp_shard", "2"],
 }
@@ -152,5 +153,21 @@ def test_layout_matches_single_process(layout, baseline, tmp_path):
     if "--parallel.dp_shard" not in overrides:
         overrides = [*overrides, "--parallel.dp_shard", "1"]
     report = compare(baseline, run_layout(TINY, PIPE + overrides, tmp_path, layout))
+    assert report.max_loss_rel_diff <= FP32_LOSS_RTOL, report.table()
+    assert report.max_grad_norm_rel_diff <= FP32_GNORM_RTOL, report.table()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["--parallel.pp", "2", "--parallel.tp", "2", "--parallel.dp_shard", "2"],
+        ["--parallel.pp", "2", "--parallel.cp", "2", "--parallel.tp", "2", "--parallel.dp_shard", "1"],
+    ],
+    ids=["pp2xtp2xdp2", "pp2xcp2xtp2"],
+)
+def test_eight_process_4d_layouts(overrides, baseline, tmp_path):
+    """8 processes: slow on 2 cores (run with `pytest -m slow`)."""
+    report = compare(baseline, run_layout(TINY, PIPE + overrides, tmp_path, "4d", timeout_s=1500))
     assert report.max_loss_rel_diff <= FP32_LOSS_RTOL, report.table()
     assert report.max_grad_norm_rel_diff <= FP32_GNORM_RTOL, report.table()
