@@ -244,7 +244,8 @@ def save_png(grid_CHW: torch.Tensor, path: str) -> None:
 
 
 def evaluate(model: nn.Module, cfg: JobConfig, step: int, logger: Any) -> dict[str, float]:
-    """Every eval.interval steps: a grid of eval.num_samples samples (every class in turn) to TensorBoard."""
+    """Every eval.interval steps: a grid of eval.num_samples samples (every class in turn) to TensorBoard,
+    and on the bundled shapes, sample-quality metrics from the shipped shapes classifier."""
     m = cfg.model
     labels = class_labels(m.num_classes, cfg.eval.num_samples, None)
     images = generate(
@@ -259,7 +260,39 @@ def evaluate(model: nn.Module, cfg: JobConfig, step: int, logger: Any) -> dict[s
     )
     ncol = m.num_classes if 0 < m.num_classes <= 16 else None
     logger.log_image(step, "samples", image_grid(images, ncol))
-    return {}
+    return shapes_metrics(cfg, images, labels)
+
+
+def shapes_metrics(cfg: JobConfig, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """FID/KID against as many real shapes, and the share of samples the classifier labels as
+    the requested class. Features are the shapes classifier's ("*_shapes"), not Inception's:
+    comparable between runs on the bundled data only. Empty unless the data is shapes at a size
+    with shipped classifier weights."""
+    from recipes.diffusion.metrics import ASSETS, extract, fid, kid, shapes_classifier
+
+    size = images.shape[-1]
+    if cfg.data.source not in ("shapes", "latents") or images.shape[1] != 3:
+        return {}
+    if not (ASSETS / f"shapes_classifier_{size}px_6c.pt").is_file():
+        return {}
+    if cfg.data.source == "latents" and cfg.data.path:
+        from recipes.diffusion.latents import read_index
+
+        if read_index(cfg.data.path)["vae_config"]["data"]["source"] != "shapes":
+            return {}
+    n = len(images)
+    real_data = ShapesDataset(n, size, len(SHAPES), seed=cfg.data.shapes_seed + 1)
+    real = torch.stack([real_data[i]["image"] for i in range(n)])
+    classifier = shapes_classifier(size, len(SHAPES))
+    fake_features, predicted = extract(classifier, images.cpu())
+    real_features, _ = extract(classifier, real)
+    out = {"fid_shapes": fid(real_features, fake_features)}
+    if n >= 4:
+        out["kid_shapes"] = kid(real_features, fake_features, subsets=10, subset_size=min(n, 100))[0]
+    num_classes = getattr(cfg.model, "num_classes", 0)
+    if num_classes > 0:
+        out["class_accuracy_shapes"] = float((predicted == labels.numpy()).mean())
+    return out
 
 
 _DECODERS: dict[str, Any] = {}
