@@ -104,3 +104,21 @@ def test_bench_reports_ratio_against_plain_loop(tmp_path):
     result = bench(cfg, steps=2, warmup=1, rounds=1)
     assert result.scaletrain_rate > 0 and result.baseline_rate > 0
     assert "ratio scaletrain / plain" in result.report()
+
+
+def test_parity_command_passes_for_equal_layouts_and_fails_for_different_models(capsys):
+    common = [*FAST, "--train.steps", "3"]
+    assert cli_main(["parity", TINY, "--a", "", "--b", "--parallel.dp_shard 2", *common]) == 0
+    assert "PASS" in capsys.readouterr().out
+    # A different model is not a layout: the harness must notice.
+    assert cli_main(["parity", TINY, "--a", "", "--b", "--model.init_std 0.05", *common]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_compiled_blocks_match_eager(tmp_path):
+    eager = _train(tmp_path, *FAST, "--train.steps", "3", "--checkpoint.enable", "false", name="eager")
+    compiled = _train(
+        tmp_path, *FAST, "--train.steps", "3", "--checkpoint.enable", "false", "--train.compile", "true", name="comp"
+    )
+    for a, b in zip(eager, compiled, strict=True):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
