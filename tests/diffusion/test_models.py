@@ -75,3 +75,17 @@ def test_class_label_changes_the_output_once_trained_weights_are_nonzero():
                 p.normal_(std=0.05)
     x, t = torch.randn(1, 3, 16, 16), torch.tensor([100.0])
     assert not torch.allclose(model(x, t, torch.tensor([0])), model(x, t, torch.tensor([1])))
+
+
+def test_dit_xl2_config_matches_the_paper_on_the_meta_device():
+    """`scaletrain config show` of the DiT-XL/2 config: 675M parameters, 118.6 GMACs per forward (Peebles & Xie)."""
+    from pathlib import Path
+
+    from scaletrain.cli import model_summary
+    from scaletrain.config import load_config
+
+    config = Path(__file__).resolve().parents[2] / "recipes/diffusion/configs/dit-xl-2.yaml"
+    summary = model_summary(load_config(config))
+    assert summary["parameters"] == pytest.approx(675e6, rel=0.01)
+    # Training = forward + backward = 3 x forward; a MAC is 2 FLOPs.
+    assert summary["train_flops_per_sample"] == pytest.approx(3 * 2 * 118.6e9, rel=0.02)
