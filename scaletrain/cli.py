@@ -8,6 +8,9 @@
   scaletrain bench CONFIG [--bench-steps N] [overrides]     tokens/s vs a plain PyTorch loop, same run
   scaletrain bench kernels [--seq 128,256 ...]              fused kernels vs PyTorch alternatives
   scaletrain sample CHECKPOINT [...]                        the checkpoint's recipe samples from it
+  scaletrain ckpt info DIR                                  step, layout, parameters, size, complete or not
+  scaletrain export CHECKPOINT --format {safetensors,hf}    consolidated weights (HF: transformers loads them)
+  scaletrain import hf HF_DIR --out DIR                     HF weights -> a checkpoint for --checkpoint.load_path
   scaletrain <plugin> ...                                   commands other packages register (e.g. launch)
 
 Plugins register under the `scaletrain.commands` entry-point group as `name = module:main`
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from scaletrain.checkpoint.commands import cmd_ckpt, cmd_export, cmd_import
 from scaletrain.config import config_to_dict, field_help, load_config, validate_config
 from scaletrain.config.schema import JobConfig
 from scaletrain.registry import get_recipe, known_recipes
@@ -190,6 +194,9 @@ COMMANDS = {
     "parity": cmd_parity,
     "bench": cmd_bench,
     "sample": cmd_sample,
+    "ckpt": cmd_ckpt,
+    "export": cmd_export,
+    "import": cmd_import,
 }
 
 

@@ -16,6 +16,8 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
     from torch import nn
 
@@ -82,6 +84,13 @@ class Recipe:
     # empty = the family does not support cp > 1. Its parallelize must install cp attention.
     context_parallel_keys: tuple[str, ...] = ()
     example_batch: Callable[[JobConfig, int], dict[str, torch.Tensor]] | None = None
+    # Hugging Face interop (`scaletrain export --format hf`, `scaletrain import hf`), optional:
+    # export_hf(model config, full state dict, out dir) writes config.json + model.safetensors;
+    # import_hf(hf dir) -> (model config overrides, full state dict); hf_model_types are the
+    # config.json `model_type` values import_hf reads (how `import hf` picks the recipe).
+    export_hf: Callable[[Any, dict[str, torch.Tensor], Path], None] | None = None
+    import_hf: Callable[[Path], tuple[dict[str, Any], dict[str, torch.Tensor]]] | None = None
+    hf_model_types: tuple[str, ...] = ()
 
 
 _RECIPES: dict[str, Recipe] = {}

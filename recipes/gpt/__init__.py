@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from recipes.gpt import hf
 from recipes.gpt.model import GPT, GPTConfig
 from recipes.gpt.parallelize import parallelize_gpt
 from scaletrain import ops
@@ -169,5 +170,8 @@ RECIPE = register_recipe(
             trunk="layers", first=("tok_embeddings", "pos_embeddings"), last=("norm", "output"), target_key="target"
         ),
         context_parallel_keys=("input", "target"),
+        export_hf=hf.export_hf,
+        import_hf=hf.import_hf,
+        hf_model_types=hf.HF_MODEL_TYPES,
     )
 )
