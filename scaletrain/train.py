@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,8 +45,8 @@ from scaletrain.ema import EMA
 from scaletrain.metrics import MetricLogger, count_train_flops, mfu, peak_memory_gib, peak_tflops
 from scaletrain.optim import build_optimizer, set_lr
 from scaletrain.parallel import ParallelDims, init_model
-from scaletrain.parallel.data_parallel import DTYPES
 from scaletrain.parallel.context_parallel import shard_sequence
+from scaletrain.parallel.data_parallel import DTYPES
 from scaletrain.parallel.grad_norm import clip_grad_norm_
 from scaletrain.parallel.pipeline import (
     build_schedule,
@@ -445,5 +446,23 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(1) from exc
 
 
+def _exit_without_finalization(code: int) -> None:
+    """Leave without running interpreter finalization.
+
+    gloo's worker threads can still hold tensors when Python tears down its modules, and
+    releasing them then aborts the process ("terminate called without an active exception")
+    even though training finished and every file is written. All our outputs are closed
+    by now, so skip the teardown. Only used when this module is the process's entry point
+    (torchrun workers); library calls of `main`/`run` return normally.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as exc:
+        _exit_without_finalization(exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1))
+    _exit_without_finalization(0)
