@@ -23,7 +23,31 @@ from scaletrain.registry import get_recipe  # noqa: E402
 from scaletrain.train import Trainer  # noqa: E402
 
 
+def pipeline_report() -> None:
+    """pp=4: each rank must hold exactly its own stages' parameters (meta split, no full copy)."""
+    cfg = load_config(
+        REPO / "recipes/gpt/configs/tiny.yaml",
+        ["--parallel.pp", "4", "--parallel.dp_shard", "1", "--train.steps", "1", "--train.warmup_steps", "0",
+         "--model.n_layers", "6", "--train.global_batch_size", "8"],
+    )  # fmt: skip
+    dims = validate_config(cfg, 4)
+    dataset = get_recipe("gpt").build_dataset(cfg)
+    info = init_distributed()
+    trainer = Trainer(cfg, dims, dataset, info.device)
+    names = [n for part in trainer.model_parts for n, _ in part.named_parameters()]
+    report = {
+        "local_params": sum(p.numel() for p in trainer.model.parameters()),
+        "total_params": sum(p.numel() for p in GPT(cfg.model).parameters()),
+        "names": names,
+    }
+    trainer.train_step()
+    Path(os.environ["SHARDING_OUT"], f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
 def main() -> None:
+    if os.environ.get("SHARDING_MODE") == "pp":
+        return pipeline_report()
     cfg = load_config(
         REPO / "recipes/gpt/configs/tiny.yaml",
         ["--parallel.dp_shard", "4", "--train.steps", "1", "--train.warmup_steps", "0"],

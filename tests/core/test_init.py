@@ -93,3 +93,20 @@ def test_fsdp2_on_4_ranks_holds_a_quarter_and_matches_plain_init(tmp_path):
         assert 0.48 <= report["local_optimizer_state"] / total <= 0.54, report
         assert report["matches_plain_init"], report
     assert sum(r["local_params"] for r in reports) == total
+
+
+def test_pipeline_rank_holds_only_its_stages(tmp_path):
+    """pp=4 over 6 layers: every parameter lives on exactly one rank, and no rank holds more."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SHARDING_OUT": str(tmp_path), "SHARDING_MODE": "pp"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+           str(REPO / "tests" / "core" / "dist_sharding_check.py")]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-6000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    total = reports[0]["total_params"]
+    assert sum(r["local_params"] for r in reports) == total
+    all_names = [n for r in reports for n in r["names"]]
+    assert len(all_names) == len(set(all_names))  # no parameter on two ranks
+    assert "tok_embeddings.weight" in reports[0]["names"] and "output.weight" in reports[3]["names"]
+    for r in reports:
+        assert r["local_params"] < 0.5 * total, r["local_params"]
