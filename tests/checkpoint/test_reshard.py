@@ -16,17 +16,18 @@ from ckpt_harness import copy_checkpoint, metrics, recorded_ids, torchrun
 
 RESHARD_RTOL = 1e-5
 
+SLOW = pytest.mark.slow  # two pairs run with -m slow, to keep the normal suite near 5 minutes on 2 cores
 PAIRS = [
-    ("fsdp4", "single"),  # FSDP2 on 4 ranks -> 1 process
-    ("tp2xdp2", "single"),  # TP2 x FSDP2 -> 1 process
-    ("fsdp2", "fsdp4"),  # dp 2 -> 4
-    ("fsdp4", "fsdp2"),  # dp 4 -> 2
-    ("ddp2", "tp2"),  # DDP -> tensor parallel
+    pytest.param("fsdp4", "single", marks=SLOW, id="fsdp4-to-single"),  # FSDP2 on 4 ranks -> 1 process
+    pytest.param("tp2xdp2", "single", id="tp2xdp2-to-single"),  # TP2 x FSDP2 -> 1 process
+    pytest.param("fsdp2", "fsdp4", id="fsdp2-to-fsdp4"),  # dp 2 -> 4
+    pytest.param("fsdp4", "fsdp2", id="fsdp4-to-fsdp2"),  # dp 4 -> 2
+    pytest.param("ddp2", "tp2", marks=SLOW, id="ddp2-to-tp2"),  # DDP -> tensor parallel
 ]
 DP_CHANGES = {("fsdp2", "fsdp4"), ("fsdp4", "fsdp2")}
 
 
-@pytest.mark.parametrize(("source", "target"), PAIRS, ids=[f"{a}-to-{b}" for a, b in PAIRS])
+@pytest.mark.parametrize(("source", "target"), PAIRS)
 def test_resume_under_another_layout(source, target, straight, tmp_path):
     ref_dir, ref_name, ref_ids = straight(source)
     copy_checkpoint(ref_dir / ref_name, 5, tmp_path / "run")

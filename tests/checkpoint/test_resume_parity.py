@@ -11,7 +11,11 @@ import pytest
 from ckpt_harness import metrics, torchrun
 
 
-@pytest.mark.parametrize("layout", ["ddp2", "fsdp2", "tp2xdp2"])
+# FSDP2 runs in the normal suite; DDP and TP2 x FSDP2 (4 processes) with -m slow, to keep the
+# normal suite near 5 minutes on 2 cores.
+@pytest.mark.parametrize(
+    "layout", [pytest.param("ddp2", marks=pytest.mark.slow), "fsdp2", pytest.param("tp2xdp2", marks=pytest.mark.slow)]
+)
 def test_kill_and_rerun_continues_bitwise(layout, straight, tmp_path):
     ref_dir, ref_name, _ = straight(layout)
     kill = [{"rank": 0, "step": 6, "where": "step", "action": "kill", "marker": str(tmp_path / "fired")}]
