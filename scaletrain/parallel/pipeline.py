@@ -22,20 +22,31 @@ import copy
 
 import torch
 from torch import nn
-from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining import schedules as S
 
 from scaletrain.registry import PipelineSpec
 
-SCHEDULES: dict[str, type] = {
-    "gpipe": S.ScheduleGPipe,
-    "1f1b": S.Schedule1F1B,
-    "interleaved_1f1b": S.ScheduleInterleaved1F1B,
-    "zero_bubble": S.ScheduleInterleavedZeroBubble,
-    "zbv": S.ScheduleZBVZeroBubble,
+# torch.distributed.pipelining pulls in dynamo (seconds per process start), so it is imported
+# only when a pipeline is actually built.
+SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zbv", "dualpipev")
+_SCHEDULE_CLASSES = {
+    "gpipe": "ScheduleGPipe",
+    "1f1b": "Schedule1F1B",
+    "interleaved_1f1b": "ScheduleInterleaved1F1B",
+    "zero_bubble": "ScheduleInterleavedZeroBubble",
+    "zbv": "ScheduleZBVZeroBubble",
+    "dualpipev": "ScheduleDualPipeV",
 }
-if hasattr(S, "ScheduleDualPipeV"):
-    SCHEDULES["dualpipev"] = S.ScheduleDualPipeV
+
+
+def schedule_class(name: str) -> type:
+    from torch.distributed.pipelining import schedules
+
+    cls = getattr(schedules, _SCHEDULE_CLASSES.get(name, ""), None)
+    if cls is None:
+        available = [n for n in SCHEDULE_NAMES if hasattr(schedules, _SCHEDULE_CLASSES[n])]
+        raise ValueError(f"parallel.pp_schedule: {name!r} is not available with this torch; use one of {available}")
+    return cls
+
 
 SINGLE_STAGE = ("gpipe", "1f1b")
 V_SHAPED = ("zbv", "dualpipev")
@@ -111,11 +122,13 @@ def build_schedule(
     microbatches: int,
     loss_fn,
 ):
+    from torch.distributed.pipelining import PipelineStage
+
     pipeline_stages = [
         PipelineStage(module, stage_index=sid, num_stages=stages, device=device, group=pp_group)
         for module, sid in zip(stage_modules, stage_ids, strict=True)
     ]
-    cls = SCHEDULES[schedule]
+    cls = schedule_class(schedule)
     if schedule in SINGLE_STAGE:
         return cls(pipeline_stages[0], n_microbatches=microbatches, loss_fn=loss_fn), pipeline_stages
     return cls(pipeline_stages, n_microbatches=microbatches, loss_fn=loss_fn), pipeline_stages
@@ -125,10 +138,8 @@ def validate_pipeline(
     schedule: str, pp: int, stages_per_rank: int, microbatches: int, local_batch: int, num_layers: int | None
 ) -> None:
     """Every pipeline config error, before launch."""
-    if schedule not in SCHEDULES:
-        raise ValueError(
-            f"parallel.pp_schedule: {schedule!r} is not available with this torch; use {sorted(SCHEDULES)}"
-        )
+    if schedule not in SCHEDULE_NAMES or schedule == "dualpipev":
+        schedule_class(schedule)  # raises, listing what this torch offers
     if schedule in SINGLE_STAGE and stages_per_rank != 1:
         raise ValueError(
             f"parallel.stages_per_rank: {schedule} runs one stage per rank; use 1 or an interleaved schedule"
