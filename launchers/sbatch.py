@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from launchers.argv import split_overrides
+from launchers.argv import run_launcher
 from launchers.checks import LaunchError, check_launch, require
 from launchers.inprocess import absolute_job, run_dir_of
 
@@ -157,14 +157,7 @@ def run_args(ns: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    flags, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
-    parser = argparse.ArgumentParser(prog="python3 -m launchers.sbatch", allow_abbrev=False)
-    add_arguments(parser)
-    try:
-        return run_args(parser.parse_args(flags), overrides)
-    except LaunchError as exc:
-        print(f"scaletrain launch: error: {exc}", file=sys.stderr)
-        return 2
+    return run_launcher("python3 -m launchers.sbatch", add_arguments, run_args, argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launchers.argv import split_overrides
+from launchers.argv import run_launcher
 from launchers.checks import LaunchError, check_launch, require
 from launchers.inprocess import TrainJob, absolute_job, run_dir_of, train_in_process
 from launchers.slurm_env import torch_env_from_slurm
@@ -149,14 +149,7 @@ def run_args(ns: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    flags, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
-    parser = argparse.ArgumentParser(prog="python3 -m launchers.slurm", allow_abbrev=False)
-    add_arguments(parser)
-    try:
-        return run_args(parser.parse_args(flags), overrides)
-    except LaunchError as exc:
-        print(f"scaletrain launch: error: {exc}", file=sys.stderr)
-        return 2
+    return run_launcher("python3 -m launchers.slurm", add_arguments, run_args, argv)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launchers.argv import split_overrides
+from launchers.argv import run_launcher
 from launchers.checks import (
     LaunchError,
     check_launch,
@@ -189,14 +189,7 @@ def run_args(ns: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    flags, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
-    parser = argparse.ArgumentParser(prog="python3 -m launchers.torchrun", allow_abbrev=False)
-    add_arguments(parser)
-    try:
-        return run_args(parser.parse_args(flags), overrides)
-    except LaunchError as exc:
-        print(f"scaletrain launch: error: {exc}", file=sys.stderr)
-        return 2
+    return run_launcher("python3 -m launchers.torchrun", add_arguments, run_args, argv)
 
 
 if __name__ == "__main__":
