@@ -106,6 +106,11 @@ def _kill_and_recover(fault: dict, straight, tmp_path) -> None:
     assert [s for s, _ in complete_checkpoints(tmp_path / "run" / "checkpoints")][-1] == 10
 
 
+# Slow, not in the default run: after a SIGKILL, torchrun's restarted gloo group sometimes cannot
+# connect ("Gloo connectFullMesh failed ... Connection refused") on every allowed restart — seen
+# once in three full CI runs with sync saves. Until that is root-caused the default suite covers
+# kill + rerun-the-same-command resume (tests/checkpoint/test_resume*.py) deterministically.
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "fault", _fault_plan(2, seed=0, with_async=False), ids=lambda f: f"{f['where']}-{f['step']}-rank{f['rank']}"
 )
@@ -122,3 +127,18 @@ SLOW_COUNT = int(os.environ.get("ST_FAULT_COUNT", "20"))
 )
 def test_fault_injection_loop(fault, straight, tmp_path):
     _kill_and_recover(fault, straight, tmp_path)
+
+
+@pytest.mark.parametrize("where", ["save", "publish"])
+def test_kill_during_save_keeps_the_last_good_checkpoint_and_rerun_resumes(where, straight, tmp_path):
+    """SIGKILL in the middle of a save (or between manifest and rename): the half-written step
+    never becomes visible, the previous checkpoint stays loadable, and rerunning continues bitwise."""
+    rank = 0 if where == "publish" else 1  # rank 0 publishes
+    fault = {"rank": rank, "step": 8, "where": where, "action": "kill", "marker": str(tmp_path / "fired")}
+    extra = ["--checkpoint.interval", "2"]
+    first = torchrun("fsdp2", tmp_path, "run", *extra, faults=[fault], check=False)
+    assert first.returncode != 0 and (tmp_path / "fired").exists()
+    assert [s for s, _ in complete_checkpoints(tmp_path / "run" / "checkpoints")][-1] == 6
+    torchrun("fsdp2", tmp_path, "run", *extra)
+    _assert_same_losses(tmp_path, "run", straight("fsdp2"))
+    assert [s for s, _ in complete_checkpoints(tmp_path / "run" / "checkpoints")][-1] == 10
