@@ -14,8 +14,6 @@ latents.py (latent cache), metrics.py (FID/KID, shapes classifier).
 
 from __future__ import annotations
 
-import dataclasses
-
 from recipes.diffusion import recipe as _r
 from recipes.diffusion import vae_recipe as _v
 from recipes.diffusion.config import DiTConfig, ImageDataConfig, UNetConfig
@@ -26,54 +24,50 @@ from recipes.diffusion.unet import UNet
 from recipes.diffusion.vae import KLAutoencoder, VAEConfig, vae_loss
 from scaletrain.registry import Recipe, register_recipe
 
-# Optional hooks newer cores accept (passed only when this core's Recipe has the field).
-_OPTIONAL = {f.name for f in dataclasses.fields(Recipe)}
-
-
-def _register(**kwargs) -> Recipe:
-    if "example_batch" not in _OPTIONAL:
-        kwargs.pop("example_batch", None)
-    return register_recipe(Recipe(**kwargs))
-
-
-DIT = _register(
-    name="dit",
-    model_config=DiTConfig,
+# What the two pixel/latent denoisers share: the same data, loss, evaluation and sampler.
+_DENOISER = dict(
     data_config=ImageDataConfig,
-    build_model=DiT,
-    parallelize=parallelize_dit,
     build_dataset=_r.build_dataset,
     model_inputs=_r.model_inputs,
     loss=_r.loss,
-    validate=_r.validate_dit,
     evaluate=_r.evaluate,
-    sample=make_sample_command("dit"),
     example_batch=_r.example_batch,
 )
-UNET = _register(
-    name="unet",
-    model_config=UNetConfig,
-    data_config=ImageDataConfig,
-    build_model=UNet,
-    parallelize=parallelize_blocks,
-    build_dataset=_r.build_dataset,
-    model_inputs=_r.model_inputs,
-    loss=_r.loss,
-    validate=_r.validate_unet,
-    evaluate=_r.evaluate,
-    sample=make_sample_command("unet"),
-    example_batch=_r.example_batch,
+
+DIT = register_recipe(
+    Recipe(
+        name="dit",
+        model_config=DiTConfig,
+        build_model=DiT,
+        parallelize=parallelize_dit,
+        validate=_r.validate_dit,
+        sample=make_sample_command("dit"),
+        **_DENOISER,
+    )
 )
-VAE = _register(
-    name="vae",
-    model_config=VAEConfig,
-    data_config=ImageDataConfig,
-    build_model=KLAutoencoder,
-    parallelize=parallelize_blocks,
-    build_dataset=_v.build_dataset,
-    model_inputs=_v.model_inputs,
-    loss=vae_loss,
-    validate=_v.validate,
-    evaluate=_v.evaluate,
-    example_batch=_v.example_batch,
+UNET = register_recipe(
+    Recipe(
+        name="unet",
+        model_config=UNetConfig,
+        build_model=UNet,
+        parallelize=parallelize_blocks,
+        validate=_r.validate_unet,
+        sample=make_sample_command("unet"),
+        **_DENOISER,
+    )
+)
+VAE = register_recipe(
+    Recipe(
+        name="vae",
+        model_config=VAEConfig,
+        data_config=ImageDataConfig,
+        build_model=KLAutoencoder,
+        parallelize=parallelize_blocks,
+        build_dataset=_v.build_dataset,
+        model_inputs=_v.model_inputs,
+        loss=vae_loss,
+        validate=_v.validate,
+        evaluate=_v.evaluate,
+        example_batch=_v.example_batch,
+    )
 )
