@@ -30,6 +30,59 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
+# -- block-mask helpers, shared by the forward and both backward kernels ------------------------------------
+# Plain @triton.jit functions are inlined into their callers at compile time (constexpr flags stay
+# constexpr), so factoring the mask logic out costs nothing at run time and keeps the three kernels'
+# masking identical by construction.
+
+
+@triton.jit
+def _kv_block_range(start_m, q_offset, S, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr):  # fmt: skip
+    """[lo, hi) over keys holding a visible key for some query of the block starting at row start_m.
+
+    Causal: no key past the block's last query position. Window: none at or before first query - window
+    (lo rounded down to a kv block so the loop stays block-aligned).
+    """
+    lo = 0
+    hi = S
+    if CAUSAL:
+        hi = tl.minimum(S, start_m + BLOCK_M + q_offset)
+    if WINDOWED:
+        lo = tl.maximum(0, start_m + q_offset - window + 1)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def _q_block_range(start_n, q_offset, T, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr, WINDOWED: tl.constexpr):  # fmt: skip
+    """[lo, hi) over queries that see some key of the kv block starting at start_n (the dK/dV loop).
+
+    Causal: q_pos >= first key of the block (lo rounded down to a query block). Window: q_pos < last key
+    of the block + window.
+    """
+    lo = 0
+    hi = T
+    if CAUSAL:
+        lo = tl.maximum(0, start_n - q_offset)
+        lo = (lo // BLOCK_M) * BLOCK_M
+    if WINDOWED:
+        hi = tl.minimum(T, start_n + BLOCK_N - 1 + window - q_offset)
+    return lo, hi
+
+
+@triton.jit
+def _visible(q_pos, k_idx, S, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] mask of the (query, key) pairs that attend: key in range, causal, in the window."""
+    visible = k_idx[None, :] < S
+    if CAUSAL:
+        visible = visible & (k_idx[None, :] <= q_pos[:, None])
+    if WINDOWED:
+        visible = visible & (k_idx[None, :] > q_pos[:, None] - window)
+    return visible
+
+
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Out, LSE,
@@ -54,13 +107,7 @@ def _attn_fwd_kernel(
     q_pos = offs_m + q_offset  # absolute position of each query (bottom-right alignment)
 
     # Only visit kv blocks that can hold a visible key for some query of this block.
-    lo = 0
-    hi = S
-    if CAUSAL:
-        hi = tl.minimum(S, pid_m * BLOCK_M + BLOCK_M + q_offset)
-    if WINDOWED:
-        lo = tl.maximum(0, pid_m * BLOCK_M + q_offset - window + 1)
-        lo = (lo // BLOCK_N) * BLOCK_N
+    lo, hi = _kv_block_range(pid_m * BLOCK_M, q_offset, S, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOWED)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -74,12 +121,7 @@ def _attn_fwd_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale_log2
-        visible = k_idx[None, :] < S
-        if CAUSAL:
-            visible = visible & (k_idx[None, :] <= q_pos[:, None])
-        if WINDOWED:
-            visible = visible & (k_idx[None, :] > q_pos[:, None] - window)
-        s = tl.where(visible, s, float("-inf"))
+        s = tl.where(_visible(q_pos, k_idx, S, window, CAUSAL, WINDOWED), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no visible key yet keeps m = -inf; shift by 0 instead to avoid inf - inf.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -137,14 +179,8 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
-    # Query rows that can see some key of this block: q_pos >= first key (causal), q_pos < last key + window.
-    lo = 0
-    hi = T
-    if CAUSAL:
-        lo = tl.maximum(0, pid_n * BLOCK_N - q_offset)
-        lo = (lo // BLOCK_M) * BLOCK_M
-    if WINDOWED:
-        hi = tl.minimum(T, pid_n * BLOCK_N + BLOCK_N - 1 + window - q_offset)
+    # Only visit query blocks that can see some key of this block.
+    lo, hi = _q_block_range(pid_n * BLOCK_N, q_offset, T, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOWED)
 
     for g in range(0, group):
         bh = (b * H + hkv * group + g).to(tl.int64)
@@ -162,11 +198,8 @@ def _attn_bwd_dkdv_kernel(
             delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale_log2
             q_pos = offs_m + q_offset
-            visible = (offs_m[:, None] < T) & (offs_n[None, :] < S)
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= q_pos[:, None])
-            if WINDOWED:
-                visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
+            # Rows past T are masked too: their zero-loaded q/do would otherwise still get p = exp2(0 - 0) = 1.
+            visible = (offs_m[:, None] < T) & _visible(q_pos, offs_n, S, window, CAUSAL, WINDOWED)
             p = tl.where(visible, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -207,14 +240,7 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     q_pos = offs_m + q_offset
 
-    lo = 0
-    hi = S
-    if CAUSAL:
-        hi = tl.minimum(S, pid_m * BLOCK_M + BLOCK_M + q_offset)
-    if WINDOWED:
-        lo = tl.maximum(0, pid_m * BLOCK_M + q_offset - window + 1)
-        lo = (lo // BLOCK_N) * BLOCK_N
-
+    lo, hi = _kv_block_range(pid_m * BLOCK_M, q_offset, S, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOWED)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
@@ -225,11 +251,7 @@ def _attn_bwd_dq_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale_log2
-        visible = offs_n[None, :] < S
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= q_pos[:, None])
-        if WINDOWED:
-            visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
+        visible = _visible(q_pos, offs_n, S, window, CAUSAL, WINDOWED)
         p = tl.where(visible, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
