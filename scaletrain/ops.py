@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -33,8 +35,8 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from types import ModuleType
 
-AttentionImpl = Literal["sdpa", "eager", "flex", "triton"]
-ATTENTION_IMPLS: tuple[str, ...] = ("sdpa", "eager", "flex", "triton")
+AttentionImpl = Literal["auto", "sdpa", "eager", "flex", "triton"]
+ATTENTION_IMPLS: tuple[str, ...] = ("auto", "sdpa", "eager", "flex", "triton")
 
 
 @functools.cache
@@ -129,12 +131,99 @@ def _triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> 
 
 _ATTENTION = {"sdpa": _sdpa, "eager": _eager, "flex": _flex, "triton": _triton}
 
+# -- model.attention = auto -------------------------------------------------------------------------------
+# `auto` picks between the two implementations that can be fastest for a plain causal mask: torch SDPA
+# (which itself picks flash / memory-efficient / cuDNN kernels) and the Triton flash-attention kernel.
+# eager materializes the scores and flex needs torch.compile to be fast, so neither is a candidate. The
+# choice is a fixed rule of the device, dtype, head dim and sequence length, not a timing taken at start-up:
+# every rank must make the same choice (no collective exists yet at validation time) and a rerun must
+# train the same way.
+#
+# Cards on which scripts/gpu_bench.sh measured the Triton kernel faster than every SDPA backend
+# (fwd+bwd, causal, 16-bit), keyed by CUDA compute capability, with the shortest sequence length from which
+# it wins at every measured length. Empty until a GPU run shows a win: until then SDPA's hand-written
+# CUDA kernels (flash-attention 2, cuDNN) are the better bet on every card, and `auto` picks sdpa.
+# The bench prints the entry to add here for the card it ran on.
+TRITON_ATTENTION_FASTER: dict[tuple[int, int], int] = {}
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    """What model.attention resolved to, and why (printed at start-up)."""
+
+    impl: str
+    reason: str
+
+    def describe(self, requested: str) -> str:
+        return f"{requested} -> {self.impl} ({self.reason})" if requested == "auto" else f"{self.impl} (set)"
+
+
+def _triton_importable() -> bool:
+    try:
+        return bool(_kernels().TRITON_AVAILABLE)
+    except RuntimeError:
+        return False
+
+
+def resolve_attention(
+    requested: str,
+    *,
+    device_type: str,
+    dtype: torch.dtype,
+    head_dim: int,
+    seq_len: int | None = None,
+    capability: Callable[[], tuple[int, int]] | None = None,
+    triton_available: Callable[[], bool] | None = None,
+    table: dict[tuple[int, int], int] | None = None,
+) -> AttentionChoice:
+    """Resolve model.attention; anything but "auto" is returned as set.
+
+    `capability` (default torch.cuda.get_device_capability), `triton_available` and `table` (default
+    TRITON_ATTENTION_FASTER) are parameters so the rule can be tested without a GPU. `seq_len` None means
+    "any length": the table's length threshold is then not checked.
+    """
+    if requested not in ATTENTION_IMPLS:
+        raise ValueError(f"model.attention: unknown implementation {requested!r}; choose from {ATTENTION_IMPLS}")
+    if requested != "auto":
+        return AttentionChoice(requested, "set by model.attention")
+    if device_type != "cuda":
+        return AttentionChoice("sdpa", f"{device_type}: Triton kernels only run interpreted off CUDA")
+    if not (triton_available or _triton_importable)():
+        return AttentionChoice("sdpa", "triton is not installed")
+    if not triton_attention_supports(head_dim):
+        return AttentionChoice("sdpa", f"head dim {head_dim} is not one the Triton kernel supports")
+    if dtype not in (torch.bfloat16, torch.float16):
+        return AttentionChoice("sdpa", f"{str(dtype).removeprefix('torch.')}: the Triton kernel is tuned for bf16/fp16")
+    major, minor = (capability or torch.cuda.get_device_capability)()
+    min_len = (TRITON_ATTENTION_FASTER if table is None else table).get((major, minor))
+    if min_len is None:
+        return AttentionChoice("sdpa", f"sm_{major}{minor}: no measurement shows the Triton kernel faster than SDPA")
+    if seq_len is not None and seq_len < min_len:
+        return AttentionChoice("sdpa", f"sm_{major}{minor}: the Triton kernel is faster only from seq {min_len}")
+    return AttentionChoice("triton", f"sm_{major}{minor}: the Triton kernel measured faster than SDPA")
+
+
+@functools.lru_cache(maxsize=64)
+def _auto_impl(device_type: str, dtype: torch.dtype, head_dim: int, seq_len: int) -> str:
+    return resolve_attention("auto", device_type=device_type, dtype=dtype, head_dim=head_dim, seq_len=seq_len).impl
+
+
+def _auto(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    # Models built outside the trainer keep "auto" and resolve per input kind (cached); the GPT recipe
+    # resolves once at build time instead and installs the concrete implementation.
+    impl = _auto_impl(q.device.type, q.dtype, q.shape[-1], q.shape[2])
+    return _ATTENTION[impl](q, k, v, causal)
+
+
+_ATTENTION["auto"] = _auto
+
 
 def attention(
     q_BHTE: torch.Tensor, k_BKSE: torch.Tensor, v_BKSE: torch.Tensor, *, causal: bool = True, impl: str = "sdpa"
 ) -> torch.Tensor:
     """Scaled dot-product attention (scale 1/sqrt(E)) with grouped-query heads, by implementation:
 
+    auto    sdpa or triton, whichever is faster for these inputs (see resolve_attention)
     sdpa    torch's scaled_dot_product_attention (picks flash / efficient / cuDNN / math by itself)
     eager   plain matmul + softmax (materializes [T, S]; the reference)
     flex    torch.nn.attention.flex_attention with a causal BlockMask (cached per shape); compile the

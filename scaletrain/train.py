@@ -407,6 +407,7 @@ class Trainer:
             f"data: {len(self.loader.dataset)} samples | run dir {self.run_dir}",
             f"mfu: {self.peak_note}",
         ]
+        lines += getattr(self.model_parts[0], "startup_notes", [])  # recipe lines, e.g. which kernels run
         if resumed:
             lines.append(resumed)
         for line in lines:

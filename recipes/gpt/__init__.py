@@ -17,6 +17,7 @@ from recipes.gpt.parallelize import parallelize_gpt
 from scaletrain import ops
 from scaletrain.config.schema import JobConfig, opt
 from scaletrain.data import TokenWindowDataset, bundled_corpus_path, load_tokenizer, load_tokens
+from scaletrain.parallel.data_parallel import DTYPES
 from scaletrain.parallel.dims import ParallelDims
 from scaletrain.parallel.pipeline import num_stages, split_layers
 from scaletrain.registry import PipelineSpec, Recipe, register_recipe
@@ -64,8 +65,40 @@ def loss(logits_BTV: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tens
     return F.cross_entropy(logits_BTV.flatten(0, 1).float(), batch["target"].flatten())
 
 
+def attention_choice(cfg: JobConfig) -> ops.AttentionChoice:
+    """model.attention resolved for this process's device (the trainer uses CUDA whenever it is present)."""
+    return ops.resolve_attention(
+        cfg.model.attention,
+        device_type="cuda" if torch.cuda.is_available() else "cpu",
+        dtype=DTYPES[cfg.train.dtype],
+        head_dim=cfg.model.head_dim,
+        seq_len=cfg.data.seq_len,
+    )
+
+
+def _kernel_notes(cfg: JobConfig, dims: ParallelDims, choice: ops.AttentionChoice) -> list[str]:
+    m = cfg.model
+    attention = choice.describe(m.attention)
+    if dims.cp_enabled:
+        attention += f", replaced by context-parallel {cfg.parallel.cp_method} attention"
+    fused = {"norm": m.fused_norm, "rope": m.fused_rope, "swiglu": m.fused_swiglu}
+    fused["cross_entropy"] = cfg.train.fused_cross_entropy
+    on = [name for name, flag in fused.items() if flag]
+    line = f"kernels: attention {attention} | fused: {', '.join(on) or 'none'}"
+    if on or choice.impl == "triton":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        line += f" ({ops.fused_backend(torch.empty(0, device=device))})"
+    return [line]
+
+
 def parallelize(model: GPT, dims: ParallelDims, cfg: JobConfig) -> GPT:
     model.fused_cross_entropy = cfg.train.fused_cross_entropy
+    # Resolve model.attention (e.g. auto) once, here, and install the concrete implementation, so every
+    # block and every rank runs the same one; context parallel may replace it afterwards.
+    choice = attention_choice(cfg)
+    for block in model.layers.values():
+        block.attention.attention_fn = ops.attention_fn(choice.impl, causal=True)
+    model.startup_notes = _kernel_notes(cfg, dims, choice)  # printed by the trainer at start-up
     return parallelize_gpt(model, dims, cfg)
 
 

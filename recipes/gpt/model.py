@@ -40,11 +40,12 @@ class GPTConfig:
     mlp: Literal["swiglu", "gelu"] = opt("swiglu", "MLP kind.")
     bias: bool = opt(False, "Biases in linear layers (GPT-2 uses them).")
     tie_embeddings: bool = opt(False, "Share the input embedding and output projection weights.")
-    attention: Literal["sdpa", "eager", "flex", "triton"] = opt(
-        "sdpa",
-        "Attention implementation (scaletrain/ops.py): sdpa = torch SDPA (picks its own backend), eager = plain "
-        "matmul+softmax, flex = flex_attention with a causal block mask (GPU for training), triton = the fused "
-        "flash-attention kernel (head dim a power of two in [16, 128]). Planned: 'auto', the fastest on the device.",
+    attention: Literal["auto", "sdpa", "eager", "flex", "triton"] = opt(
+        "auto",
+        "Attention implementation (scaletrain/ops.py): auto = sdpa or triton, whichever is faster on the device "
+        "(sdpa on CPU; rule in ops.resolve_attention, printed at start-up), sdpa = torch SDPA (picks its own "
+        "backend), eager = plain matmul+softmax, flex = flex_attention with a causal block mask (GPU for "
+        "training), triton = the fused flash-attention kernel (head dim a power of two in [16, 128]).",
     )
     fused_norm: bool = opt(False, "RMSNorm through the fused Triton kernel (model.norm=rmsnorm only).")
     fused_rope: bool = opt(False, "RoPE through the fused Triton kernel (model.pos=rope only).")

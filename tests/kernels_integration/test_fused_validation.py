@@ -29,14 +29,15 @@ def test_every_switch_on_is_valid():
 
 def test_defaults_are_unfused():
     cfg = load_config(TINY, [])
-    assert cfg.model.attention == "sdpa"
+    assert cfg.model.attention == "auto"  # sdpa on a CPU, see test_attention_auto.py
     assert not (cfg.model.fused_norm or cfg.model.fused_rope or cfg.model.fused_swiglu)
     assert not cfg.train.fused_cross_entropy
 
 
 def test_unknown_attention_is_rejected():
     with pytest.raises(
-        ConfigError, match="model.attention: 'fastest' is not allowed; choose one of 'sdpa', 'eager', 'flex', 'triton'"
+        ConfigError,
+        match="model.attention: 'fastest' is not allowed; choose one of 'auto', 'sdpa', 'eager', 'flex', 'triton'",
     ):
         _validate(1, "--model.attention", "fastest")
 
@@ -64,6 +65,10 @@ def test_fused_rope_needs_rope():
 def test_fused_swiglu_needs_swiglu():
     with pytest.raises(ValueError, match="model.fused_swiglu: needs model.mlp=swiglu, not gelu"):
         _validate(1, "--model.fused_swiglu", "true", "--model.mlp", "gelu")
+
+
+def test_auto_attention_accepts_any_head_dim():
+    _validate(1, "--model.attention", "auto", "--model.dim", "96")  # head dim 24: auto picks sdpa
 
 
 def test_triton_attention_needs_a_power_of_two_head_dim():
