@@ -28,6 +28,11 @@ class DiffusionSettings:
     eval_steps: int = opt(50, "Sampling steps of the eval grids (ddim).")
     eval_guidance: float = opt(1.0, "Classifier-free guidance scale of the eval grids (1 = off).")
     clip_x0: bool = opt(True, "Clip predicted x0 to [-1, 1] while sampling (pixel space).")
+    eval_inception_weights: str = opt(
+        "",
+        "Local Inception-v3 state dict (e.g. pytorch-fid's pt_inception-2015-12-05-6726825d.pth): the eval "
+        "grids also report fid_inception/kid_inception against real images. Empty = shapes-classifier metrics only.",
+    )
 
 
 @dataclass

@@ -7,10 +7,13 @@ symmetric PSD matrix with the same eigenvalues), which avoids a non-symmetric ma
 KID (Binkowski et al. 2018) is the unbiased MMD^2 with the cubic polynomial kernel
 k(x, y) = (x.y / d + 1)^3, averaged over random subsets; it is ~0 for equal distributions.
 
-Features: with a local Inception-v3 weights file a caller can pass any feature function;
-by default `ShapesClassifier` — a small CNN trained on the bundled shapes (deterministic from a
-seed, cached on disk) — supplies 128-d features. Numbers from it are only comparable with each
-other ("FID-shapes"), never with Inception FIDs; outputs label them so.
+Features, and how outputs name them:
+  - *_shapes: by default `ShapesClassifier` — a small CNN the project trains on the bundled
+    shapes (deterministic from a seed, shipped in assets/) — supplies 128-d features. Its
+    numbers are only comparable with each other, never with Inception FIDs.
+  - *_inception: with `model.eval_inception_weights` pointing at a local Inception-v3 state
+    dict, the standard 2048-d pool features (inception.py), images resized to 299.
+`feature_labels(cfg)` says in words which extractor produced which keys; evaluation prints it.
 
 Shape legend: B batch, C channels, H/W height/width, F feature dim.
 """
@@ -18,6 +21,8 @@ Shape legend: B batch, C channels, H/W height/width, F feature dim.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import torch
@@ -155,6 +160,109 @@ def extract(model: ShapesClassifier, images_BCHW: torch.Tensor, batch: int = 256
         feats.append(f)
         preds.append(model.head(f).argmax(dim=-1))
     return torch.cat(feats).numpy(), torch.cat(preds).numpy()
+
+
+def to_classifier_size(x_BCHW: torch.Tensor, size: int = 32) -> torch.Tensor:
+    if x_BCHW.shape[-1] == size:
+        return x_BCHW
+    return F.interpolate(x_BCHW.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+# -- evaluation: generated vs real -----------------------------------------------------------------
+SHAPES_LABEL = (
+    "shapes classifier (trained by this project on its bundled shapes, "
+    "recipes/diffusion/assets/shapes_classifier_32px_6c.pt); comparable between runs on the bundled data only, "
+    "never with Inception FIDs"
+)
+_INCEPTION: dict[str, Any] = {}  # weights path -> (model, label): loaded once per process
+_REAL_FEATURES: dict[tuple, np.ndarray] = {}  # the real set is fixed for a run: extract it once
+
+
+def inception_extractor(path: str) -> tuple[Any, str]:
+    from recipes.diffusion.inception import load_inception
+
+    if path not in _INCEPTION:
+        _INCEPTION[path] = load_inception(path)
+    return _INCEPTION[path]
+
+
+def real_data_section(cfg: Any) -> Any | None:
+    """The data section of the images the model learns (for a latent DiT: its VAE's); None if unknown."""
+    data = cfg.data
+    if data.source == "latents":
+        if not data.path:
+            return None
+        from recipes.diffusion.latents import read_index
+
+        data = SimpleNamespace(**read_index(data.path)["vae_config"]["data"])
+    return data if data.source in ("shapes", "folder") else None
+
+
+def real_images(data: Any, n: int, size: int, channels: int) -> torch.Tensor:
+    """n real images at the generated size: held-out shapes (seed + 1), or n evenly spaced folder images."""
+    from recipes.diffusion.data import SHAPES, ImageFolderDataset, ShapesDataset
+
+    if data.source == "shapes":
+        dataset = ShapesDataset(n, size, len(SHAPES), seed=data.shapes_seed + 1)
+        return torch.stack([dataset[i]["image"] for i in range(n)])
+    dataset = ImageFolderDataset(data.path, size, channels)
+    return torch.stack([dataset[i * len(dataset) // n]["image"] for i in range(n)])
+
+
+def feature_labels(cfg: Any) -> list[str]:
+    """One line per extractor the evaluation of `cfg` uses, naming the metric keys it produces."""
+    data = real_data_section(cfg)
+    lines = []
+    if data is not None and data.source == "shapes":
+        lines.append(f"fid_shapes/kid_shapes/class_accuracy_shapes: {SHAPES_LABEL}")
+    path = getattr(cfg.model, "eval_inception_weights", "")
+    if path and data is not None:
+        lines.append(f"fid_inception/kid_inception: {inception_extractor(path)[1]}")
+    return lines
+
+
+def _real_features(key: tuple, extract_fn: Any, data: Any, n: int, size: int, channels: int) -> np.ndarray:
+    if key not in _REAL_FEATURES:
+        _REAL_FEATURES[key] = extract_fn(real_images(data, n, size, channels))
+    return _REAL_FEATURES[key]
+
+
+def sample_metrics(cfg: Any, images_BCHW: torch.Tensor, labels_B: torch.Tensor) -> dict[str, float]:
+    """FID/KID of generated images against as many real ones, with every extractor that applies:
+    the shapes classifier on shapes data (plus the share of samples it labels as the requested
+    class; other sizes are resized to its 32 px — real 16 px shapes resized so are still
+    labelled 99.7% right), and Inception-v3 when model.eval_inception_weights is set."""
+    data = real_data_section(cfg)
+    if data is None:
+        return {}
+    images = images_BCHW.float().cpu()
+    n, channels, size = len(images), images.shape[1], images.shape[-1]
+    data_key = (data.source, getattr(data, "path", ""), getattr(data, "shapes_seed", 0), n, size, channels)
+    out: dict[str, float] = {}
+    if data.source == "shapes" and channels == 3:
+        classifier = shapes_classifier(32, 6)
+        fake, predicted = extract(classifier, to_classifier_size(images))
+        real = _real_features(("shapes", *data_key), lambda x: extract(classifier, to_classifier_size(x))[0],
+                              data, n, size, channels)  # fmt: skip
+        out.update(_distances("shapes", real, fake))
+        if getattr(cfg.model, "num_classes", 0) > 0:
+            out["class_accuracy_shapes"] = float((predicted == labels_B.cpu().numpy()).mean())
+    path = getattr(cfg.model, "eval_inception_weights", "")
+    if path:
+        from recipes.diffusion.inception import inception_features
+
+        model, _ = inception_extractor(path)
+        real = _real_features(("inception", path, *data_key), lambda x: inception_features(model, x),
+                              data, n, size, channels)  # fmt: skip
+        out.update(_distances("inception", real, inception_features(model, images)))
+    return out
+
+
+def _distances(suffix: str, real: np.ndarray, fake: np.ndarray) -> dict[str, float]:
+    out = {f"fid_{suffix}": fid(real, fake)}
+    if len(fake) >= 4:
+        out[f"kid_{suffix}"] = kid(real, fake, subsets=10, subset_size=min(len(fake), 100))[0]
+    return out
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ Shape legend: B batch, C channels, H height, W width (x_BCHW); T number of train
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -180,14 +180,16 @@ def sample(
     guidance: float = 1.0,
     null_label: int | None = None,
     clip_x0: bool = True,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Generate a batch x_BCHW (float32) by reverse diffusion.
 
     `model_fn(x_t, model_time, labels)` is the network. sampler "ddpm" = ancestral sampling on
     all T steps (ignores `steps` and `eta`); "ddim" = `steps` evenly spaced steps with `eta`.
-    guidance > 1 applies classifier-free guidance against `null_label`.
+    guidance > 1 applies classifier-free guidance against `null_label`. `generator` is one
+    generator for the batch, or one per sample: then sample i's noise depends on its own
+    generator only, so a set drawn in other batches or split across ranks is the same set.
     """
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"--sampler: {sampler!r} is not allowed; use ddpm or ddim")
@@ -198,8 +200,10 @@ def sample(
     if guidance != 1.0 and null_label is None:
         raise ValueError("--cfg: classifier-free guidance needs a class-conditional model (model.num_classes > 0)")
     generator = generator or torch.Generator().manual_seed(0)
-    # Noise comes from a CPU generator so the same seed gives the same images on any device.
-    x = torch.randn(shape, generator=generator, dtype=torch.float64)
+    if not isinstance(generator, torch.Generator) and len(generator) != shape[0]:
+        raise ValueError(f"sample: {len(generator)} generators for a batch of {shape[0]}")
+    # Noise comes from CPU generators so the same seed gives the same images on any device.
+    x = _randn(shape, generator)
     times = process.timesteps(steps)
     labels = labels.to(device)
     for t, s in zip(times[:-1], times[1:], strict=True):
@@ -214,9 +218,15 @@ def sample(
         (a_t, s_t), (a_s, s_s) = (
             tuple(v.item() for v in process.coefficients(torch.tensor(u, dtype=torch.float64))) for u in (t, s)
         )
-        noise = torch.randn(shape, generator=generator, dtype=torch.float64)  # drawn every step: aligned streams
+        noise = _randn(shape, generator)  # drawn every step: aligned streams
         x = ddim_step(x0_hat, eps_hat, a_t, s_t, a_s, s_s, eta, noise)
     return x.float()
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator | Sequence[torch.Generator]) -> torch.Tensor:
+    if isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, dtype=torch.float64)
+    return torch.stack([torch.randn(shape[1:], generator=g, dtype=torch.float64) for g in generator])
 
 
 def _guided(

@@ -11,10 +11,12 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from recipes.diffusion.data import SHAPES, DiffusionItems, ImageFolderDataset, ShapesDataset, auto_repeats
+from recipes.diffusion.data import SHAPES, DiffusionItems, ImageFolderDataset, ShapesDataset, _generator, auto_repeats
+from recipes.diffusion.metrics import to_classifier_size  # noqa: F401 - re-exported for callers of this module
 from recipes.diffusion.process import Process, sample
 from scaletrain.config.schema import JobConfig
 from scaletrain.parallel.dims import ParallelDims
@@ -114,6 +116,10 @@ def validate_common(cfg: JobConfig, dims: ParallelDims) -> None:
             raise ValueError(message)
     if d.source == "folder":
         image_dataset(cfg)  # empty / missing / unlabelled folders fail before any process starts
+    if m.eval_inception_weights:
+        from recipes.diffusion.inception import check_weights_file
+
+        check_weights_file(m.eval_inception_weights)
     if d.source == "latents":
         from recipes.diffusion.latents import check_latent_config
 
@@ -195,8 +201,13 @@ def generate(
     seed: int = 0,
     batch_size: int = 64,
     decode: Any = None,
+    first_index: int = 0,
 ) -> torch.Tensor:
-    """Images x_BCHW in [-1, 1] from a denoiser, in chunks of `batch_size` (all ranks call it together)."""
+    """Images x_BCHW in [-1, 1] from a denoiser, in chunks of `batch_size`.
+
+    Image k is a function of (seed, first_index + k, labels[k]) only — its noise comes from its
+    own generator — so a grid is the same whatever the batch size or the split across ranks.
+    """
     process = make_process(model_cfg)
     device = next(model.parameters()).device
     null = model_cfg.num_classes if model_cfg.num_classes > 0 else None
@@ -204,7 +215,7 @@ def generate(
     chunks = []
     for start in range(0, len(labels), batch_size):
         part = labels[start : start + batch_size]
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
+        generators = [_generator("sample", seed, first_index + start + k) for k in range(len(part))]
         x = sample(
             lambda x, t, y: model(x, t, y).float(),
             process,
@@ -216,11 +227,52 @@ def generate(
             guidance=guidance,
             null_label=null,
             clip_x0=model_cfg.clip_x0,
-            generator=generator,
+            generator=generators,
             device=device,
         )
         chunks.append(decode(x) if decode is not None else x)
     return torch.cat(chunks).clamp(-1, 1)
+
+
+def eval_shard(cfg: JobConfig) -> tuple[int, int, int]:
+    """(dp_rank, dp_size, cp*tp) of this process, from the global rank and the configured degrees.
+
+    Mesh axes are (pp, dp_replicate, dp_shard, cp, tp), outermost first (scaletrain/parallel/dims.py),
+    so the cp*tp ranks of one data-parallel index are neighbours and hold the same samples.
+    """
+    if not dist.is_initialized():
+        return 0, 1, 1
+    world = dist.get_world_size()
+    dims = ParallelDims.resolve(cfg.parallel.degrees, world)
+    inner = dims.cp * dims.tp
+    return (dist.get_rank() // inner) % dims.dp_size, dims.dp_size, inner
+
+
+def generate_sharded(model: nn.Module, cfg: JobConfig, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor | None:
+    """`generate` with the samples split across data-parallel ranks; the whole set on rank 0, None elsewhere.
+
+    Every rank must run the same forwards (FSDP all-gathers weights inside them, TP all-reduces),
+    so each data-parallel index draws ceil(n / dp) samples — the last ones past n only as
+    padding — and ranks of one index (tp/cp peers) draw the same ones. Since image k depends on
+    (seed, k) only, the set equals a one-process `generate`.
+    """
+    dp_rank, dp_size, inner = eval_shard(cfg)
+    n = len(labels)
+    if dp_size == 1:
+        images = generate(model, cfg.model, labels, **kwargs)
+        return images if not dist.is_initialized() or dist.get_rank() == 0 else None
+    per = math.ceil(n / dp_size)
+    padded = torch.cat([labels, labels.new_zeros(per * dp_size - n)])
+    mine = padded[dp_rank * per : (dp_rank + 1) * per]
+    images = generate(model, cfg.model, mine, first_index=dp_rank * per, **kwargs)
+    # Gather on the device the backend serves (NCCL: CUDA), then keep one copy per data index.
+    device = next(model.parameters()).device
+    local = images.to(device).contiguous()
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())] if dist.get_rank() == 0 else None
+    dist.gather(local, gathered, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    return torch.cat([gathered[d * inner].cpu() for d in range(dp_size)])[:n]
 
 
 def image_grid(x_BCHW: torch.Tensor, ncol: int | None = None, pad: int = 2) -> torch.Tensor:
@@ -243,14 +295,18 @@ def save_png(grid_CHW: torch.Tensor, path: str) -> None:
     Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
 
 
+_ANNOUNCED: set[str] = set()
+
+
 def evaluate(model: nn.Module, cfg: JobConfig, step: int, logger: Any) -> dict[str, float]:
-    """Every eval.interval steps: a grid of eval.num_samples samples (every class in turn) to TensorBoard,
-    and on the bundled shapes, sample-quality metrics from the shipped shapes classifier."""
+    """Every eval.interval steps: eval.num_samples samples (every class in turn), generated in
+    shards across the data-parallel ranks and gathered on rank 0, which writes the grid to
+    TensorBoard and computes FID/KID (recipes/diffusion/metrics.py). Other ranks return {}."""
     m = cfg.model
     labels = class_labels(m.num_classes, cfg.eval.num_samples, None)
-    images = generate(
+    images = generate_sharded(
         model,
-        m,
+        cfg,
         labels,
         sampler=m.eval_sampler,
         steps=m.eval_steps,
@@ -258,46 +314,17 @@ def evaluate(model: nn.Module, cfg: JobConfig, step: int, logger: Any) -> dict[s
         seed=cfg.job.seed,
         decode=_eval_decoder(cfg),
     )
+    if images is None:
+        return {}
     ncol = m.num_classes if 0 < m.num_classes <= 16 else None
     logger.log_image(step, "samples", image_grid(images, ncol))
-    return shapes_metrics(cfg, images, labels)
+    from recipes.diffusion.metrics import feature_labels, sample_metrics
 
-
-def to_classifier_size(x_BCHW: torch.Tensor, size: int = 32) -> torch.Tensor:
-    if x_BCHW.shape[-1] == size:
-        return x_BCHW
-    return F.interpolate(x_BCHW.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-
-
-def shapes_metrics(cfg: JobConfig, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """FID/KID against as many real shapes, and the share of samples the classifier labels as
-    the requested class. Features are the shapes classifier's ("*_shapes"), not Inception's:
-    comparable between runs on the bundled data only. Images of other sizes are resized to the
-    classifier's 32 px (bilinear; real 16 px shapes resized so are still labelled 99.7% right).
-    Empty unless the data is shapes."""
-    from recipes.diffusion.metrics import extract, fid, kid, shapes_classifier
-
-    size = images.shape[-1]
-    if cfg.data.source not in ("shapes", "latents") or images.shape[1] != 3:
-        return {}
-    if cfg.data.source == "latents" and cfg.data.path:
-        from recipes.diffusion.latents import read_index
-
-        if read_index(cfg.data.path)["vae_config"]["data"]["source"] != "shapes":
-            return {}
-    n = len(images)
-    real_data = ShapesDataset(n, size, len(SHAPES), seed=cfg.data.shapes_seed + 1)
-    real = torch.stack([real_data[i]["image"] for i in range(n)])
-    classifier = shapes_classifier(32, len(SHAPES))
-    fake_features, predicted = extract(classifier, to_classifier_size(images.cpu()))
-    real_features, _ = extract(classifier, to_classifier_size(real))
-    out = {"fid_shapes": fid(real_features, fake_features)}
-    if n >= 4:
-        out["kid_shapes"] = kid(real_features, fake_features, subsets=10, subset_size=min(n, 100))[0]
-    num_classes = getattr(cfg.model, "num_classes", 0)
-    if num_classes > 0:
-        out["class_accuracy_shapes"] = float((predicted == labels.numpy()).mean())
-    return out
+    for line in feature_labels(cfg):
+        if line not in _ANNOUNCED:  # once per run: which extractor made which numbers
+            _ANNOUNCED.add(line)
+            logger.log_text(f"eval features: {line}")
+    return sample_metrics(cfg, images, labels)
 
 
 _DECODERS: dict[str, Any] = {}

@@ -86,15 +86,15 @@ def test_eval_metrics_separate_real_shapes_from_noise():
     import torch
 
     from recipes.diffusion.data import ShapesDataset
-    from recipes.diffusion.recipe import shapes_metrics
+    from recipes.diffusion.metrics import sample_metrics
     from scaletrain.config import load_config
 
     cfg = load_config(None, {"recipe": "dit", "model": {"num_classes": 6}})
     data = ShapesDataset(60, 32, 6, seed=42)
     real = torch.stack([data[i]["image"] for i in range(60)])
     labels = torch.arange(60) % 6
-    good = shapes_metrics(cfg, real, labels)
-    bad = shapes_metrics(cfg, torch.rand(60, 3, 32, 32) * 2 - 1, labels)
+    good = sample_metrics(cfg, real, labels)
+    bad = sample_metrics(cfg, torch.rand(60, 3, 32, 32) * 2 - 1, labels)
     assert set(good) == {"fid_shapes", "kid_shapes", "class_accuracy_shapes"}
     assert good["class_accuracy_shapes"] >= 0.95 and bad["class_accuracy_shapes"] <= 0.5
     assert bad["fid_shapes"] > 10 * good["fid_shapes"] and bad["kid_shapes"] > good["kid_shapes"]
