@@ -4,7 +4,8 @@ A leaf package (imports only torch and, optionally, triton). Public functions di
 can run on the given tensors (CUDA, or CPU under ``TRITON_INTERPRET=1``) and otherwise to the references
 in ``kernels.reference``; ``TRITON_AVAILABLE`` says whether Triton imported at all. Each kernel is also
 registered as a ``torch.library`` op in the ``scaletrain_kernels`` namespace with autograd, so it works
-under torch.compile.
+under torch.compile, and with a DTensor sharding rule (``kernels.sharding``), so it runs on DTensor inputs
+shard by shard (e.g. the sequence-parallel norms under tensor parallel).
 
 Kernels: attention (flash, GQA, causal, sliding window, lse), rms_norm, apply_rope, swiglu,
 fused_linear_cross_entropy. See each module's docstring for layouts and algorithms; ``kernels.bench``
@@ -14,12 +15,16 @@ Note: the functions ``attention``, ``rms_norm`` and ``swiglu`` shadow their subm
 attributes; reach the modules with ``from kernels.attention import attention_fwd`` or importlib.
 """
 
+from . import sharding
 from ._triton import INTERPRET, TRITON_AVAILABLE
 from .attention import attention
 from .fused_linear_ce import fused_linear_cross_entropy
 from .rms_norm import rms_norm
 from .rope import apply_rope
 from .swiglu import swiglu
+
+# After the op modules: the rules name the registered ops.
+sharding.register()
 
 __all__ = [
     "INTERPRET",

@@ -349,10 +349,15 @@ def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.scale, ctx.causal, ctx.window = scale, causal, window
+    # An unused output's gradient arrives as None (not as zeros autograd would build as a plain tensor,
+    # which DTensor inputs could not mix with); the zeros are made below, like the saved tensors.
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dout: torch.Tensor, dlse: torch.Tensor | None):  # noqa: ANN001
+def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None):  # noqa: ANN001
     q, k, v, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
     if dlse is None:
         dlse = torch.zeros_like(lse)
     dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, dlse, ctx.scale, ctx.causal, ctx.window)

@@ -16,7 +16,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from scaletrain import ops
 from scaletrain.config.schema import opt
@@ -73,8 +72,9 @@ class GPTConfig:
 class RMSNorm(nn.Module):
     """nn.RMSNorm's math and state (one parameter, `weight`), optionally through the fused kernel.
 
-    Under tensor parallel the sequence-parallel plan hands the norm DTensors; the kernel has no DTensor
-    sharding rule, so those go through torch's rms_norm (which has one) even when `fused`.
+    Under tensor parallel the sequence-parallel plan hands the norm DTensors sharded over the sequence;
+    the fused kernel runs on them through its DTensor sharding rule (kernels/sharding.py), one sequence
+    shard per rank, with the weight gradient a partial sum that DTensor reduces.
     """
 
     def __init__(self, dim: int, eps: float, fused: bool = False):
@@ -83,8 +83,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = self.fused and not isinstance(x, DTensor)
-        return ops.rms_norm(x, self.weight, self.eps, fused=fused)
+        return ops.rms_norm(x, self.weight, self.eps, fused=self.fused)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, fused={self.fused}"

@@ -97,6 +97,20 @@ def test_lse_matches_logsumexp_of_masked_scores(causal, window, device):  # noqa
     torch.testing.assert_close(lse, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("used", ["out", "lse"])
+def test_gradient_through_one_output_only(used, device):  # noqa: ANN001
+    """The unused output's gradient reaches the backward as None (not materialized): zeros are made there."""
+    q, k, v = _inputs(1, 4, 2, 23, 23, 16, torch.float32, device, seed=3)
+    grads = []
+    for fn in (kernels.attention, attention_reference):
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out, lse = fn(*xs, causal=True, return_lse=True) if fn is kernels.attention else fn(*xs, causal=True)
+        (out.square().sum() if used == "out" else lse.sum()).backward()
+        grads.append([torch.zeros_like(x) if x.grad is None else x.grad for x in xs])  # lse does not read v
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_empty_rows_are_zero_with_minus_inf_lse(device):  # noqa: ANN001
     q, k, v = _inputs(1, 2, 1, 45, 20, 16, torch.float32, device)
     out, lse = kernels.attention(q, k, v, causal=True, return_lse=True)
