@@ -2,6 +2,19 @@
 
 A one-process group keeps a single code path — the device mesh, DTensor and checkpoint
 code run the same way for 1 or 1,000 ranks.
+
+Elastic restarts. torchrun (c10d or standalone rendezvous, torch >= 2.5) hands its workers
+one TCPStore that its agent created at the first rendezvous and keeps for every restart
+(TORCHELASTIC_USE_AGENT_STORE=True, the same MASTER_PORT on every attempt), and
+`init_process_group("env://")` puts no per-attempt prefix on the keys. The dead group's
+keys therefore survive: gloo's connectFullMesh reads each peer's address from
+`default_pg/0//cpu//0/<rank>`, and a restarted rank that gets there before its peer
+re-published reads the killed process's address — "Connection refused", or a connect that
+waits for a peer that never comes. On one node the agent's restart count is the attempt
+number every worker agrees on, so we prefix the keys with it (`_elastic_store`). Across
+nodes torchrun's count is per agent and can differ (pytorch/pytorch#135712), so there we
+rely on torchrun getting TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (rank 0 then hosts a fresh
+store per attempt; `scaletrain launch torchrun` sets it) and say so otherwise.
 """
 
 from __future__ import annotations
@@ -9,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -28,6 +42,30 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _elastic_store(world_size: int, timeout: timedelta) -> dist.Store | None:
+    """torchrun's shared store with this restart's key prefix; None where env:// is already right."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # not torchrun, or a store that lives for one attempt only
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    num_agents = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    if num_agents != 1:
+        # Restart counts are per agent and may disagree between nodes: a prefix could split
+        # the group, so leave the keys alone and say how to avoid stale ones.
+        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get("RANK") == "0":
+            print(
+                f"scaletrain: warning: torchrun shares one TCPStore across restarts on {num_agents} nodes; a "
+                "restarted group may read the dead group's addresses and fail to connect. Set "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun on every node (scaletrain launch torchrun does).",
+                file=sys.stderr,
+                flush=True,
+            )
+        return None
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"scaletrain/attempt-{attempt}", store)
+
+
 def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     world_size = world_size_from_env()
@@ -43,7 +81,8 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
     if not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
         if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+            store = _elastic_store(world_size, timeout)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
         else:
             if world_size != 1:
                 raise RuntimeError("WORLD_SIZE > 1 but no MASTER_ADDR: launch with torchrun")

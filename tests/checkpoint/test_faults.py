@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from ckpt_harness import metrics, torchrun
@@ -142,3 +145,20 @@ def test_kill_during_save_keeps_the_last_good_checkpoint_and_rerun_resumes(where
     torchrun("fsdp2", tmp_path, "run", *extra)
     _assert_same_losses(tmp_path, "run", straight("fsdp2"))
     assert [s for s, _ in complete_checkpoints(tmp_path / "run" / "checkpoints")][-1] == 10
+
+
+def test_restarted_group_connects_despite_the_dead_groups_keys(tmp_path):
+    """Root cause of the old restart flake: torchrun keeps one TCPStore for all restarts, and the
+    dead group's gloo addresses stay in it. With rank 0 of the restarted group arriving late
+    (the losing order), rank 1 must still connect: init_distributed namespaces keys per attempt."""
+    worker = str(Path(__file__).with_name("restart_worker.py"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)  # the default: a store shared across restarts
+    done = subprocess.run([*cmd, worker], env=env, capture_output=True, text=True, timeout=120)
+    out = done.stdout + done.stderr
+    # The premise: the restarted group finds the first group's keys still in the store.
+    assert "attempt 1 rank 1 store keys before joining: ['" in out, out[-3000:]
+    assert done.returncode == 0, out[-4000:]
+    assert "attempt 1 rank 0 all_reduce 2" in out and "attempt 1 rank 1 all_reduce 2" in out, out[-3000:]
+    assert "Connection refused" not in out, out[-3000:]
