@@ -187,10 +187,12 @@ def _bytes(x: torch.Tensor, fwd: int, bwd: int) -> dict[str, int]:
     return {"fwd": fwd * unit, "fwd+bwd": (fwd + bwd) * unit}
 
 
-def _case(name: str, t: int, sizes: dict[str, int], dtype: torch.dtype, dev: torch.device, timed: bool = True) -> dict:
+def _case(name: str, t: int, sizes: dict[str, int], dtype: torch.dtype, dev: torch.device, timed: bool = True,
+          flex: bool = True) -> dict:  # fmt: skip
     """Inputs, the Triton function, the alternatives, the reference and per-pass FLOPs / bytes.
 
     ``timed`` False (a correctness-only run) leaves out the SDPA / flex alternatives: nothing compares with them.
+    ``flex`` False leaves out flex alone (not even compiled).
     """
     b, heads, kv_heads, head_dim = sizes["batch"], sizes["heads"], sizes["kv_heads"], sizes["head_dim"]
     hidden = heads * head_dim
@@ -206,9 +208,9 @@ def _case(name: str, t: int, sizes: dict[str, int], dtype: torch.dtype, dev: tor
             for label, backend in SDPA_BACKENDS:
                 if hasattr(SDPBackend, backend):
                     alts[label] = _sdpa_with(getattr(SDPBackend, backend), gqa)
-            flex = _flex_causal(t, dev, gqa)
-            if flex is not None:
-                alts["flex"] = flex
+            flex_fn = _flex_causal(t, dev, gqa) if flex else None
+            if flex_fn is not None:
+                alts["flex"] = flex_fn
         fwd = 4 * b * heads * t * t * head_dim * 0.5  # two matmuls over the causal half of the scores
         return dict(inputs=[q, k, v], fn=lambda q, k, v: attention(q, k, v, causal=True), alts=alts,
                     ref=lambda q, k, v: reference.attention_reference(q, k, v, causal=True)[0],
@@ -337,11 +339,13 @@ def run(
     vocab: int = 0,
     ce_hidden: int = 0,
     timed: bool | None = None,
+    skip: tuple[str, ...] = (),
 ) -> list[dict]:
     """Benchmark (CUDA) or correctness-check (CPU) each kernel at each sequence length; one row per impl.
 
     0 for batch / kv_heads / vocab / ce_hidden means the default described in the module docstring.
-    ``timed`` defaults to "device is CUDA"; tests force it on CPU with the timers replaced.
+    ``timed`` defaults to "device is CUDA"; tests force it on CPU with the timers replaced. ``skip`` names
+    alternatives to leave out (e.g. "flex").
     """
     dev, dt = torch.device(device), DTYPES[dtype]
     timed = dev.type == "cuda" if timed is None else timed
@@ -349,7 +353,8 @@ def run(
     for name in kernels:
         for t in seqs:
             sizes = _sizes(t, heads, head_dim, dev, batch=batch, kv_heads=kv_heads, vocab=vocab, ce_hidden=ce_hidden)
-            case = _case(name, t, sizes, dt, dev, timed)
+            case = _case(name, t, sizes, dt, dev, timed, flex="flex" not in skip)
+            case["alts"] = {k: v for k, v in case["alts"].items() if k not in skip}
             common = dict(kernel=name, shape=case["shape"], seq=t, dtype=str(dt).removeprefix("torch."),
                           device=str(dev))  # fmt: skip
             try:
@@ -586,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=0, help=f"0 = {TOKENS_PER_BATCH} // seq on CUDA, 1 on CPU")
     p.add_argument("--vocab", type=int, default=0, help="fused_linear_ce vocabulary (0 = 128256 CUDA / 512 CPU)")
     p.add_argument("--ce-hidden", type=int, default=0, help="fused_linear_ce width (0 = 4096 CUDA / heads*dim CPU)")
+    p.add_argument("--skip", default="", help="alternatives to leave out, e.g. flex (slow to compile)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="write kernels.csv, kernels.md and kernels.png into this folder")
@@ -606,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
                   "start): the rows check the torch fallback against itself")  # fmt: skip
         rows = run([k for k in a.kernels.split(",") if k], [int(s) for s in a.seq.split(",") if s], a.heads,
                    a.head_dim, a.dtype, a.device, batch=a.batch, kv_heads=a.kv_heads, vocab=a.vocab,
-                   ce_hidden=a.ce_hidden)  # fmt: skip
+                   ce_hidden=a.ce_hidden, skip=tuple(x for x in a.skip.split(",") if x))  # fmt: skip
         for r in rows:
             print({k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in r.items()})
     print(markdown(rows, env))
