@@ -7,6 +7,11 @@ are timed in alternating rounds and each side reports its median round, so drift
 machine load (thermal, other processes) hits both equally.
 
   scaletrain bench recipes/gpt/configs/tiny.yaml --bench-steps 20 --bench-rounds 3
+
+A recipe can add its own rows: when its `sample` hook has a `benchmark(model, cfg, rounds)`
+method returning (what, rate, unit) rows, the trained model is timed by it too and the rows
+are appended to the report (the diffusion recipes report sampling images/s this way). The core
+only looks the hook up on the registered recipe; it never names a family.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -48,6 +53,8 @@ class BenchResult:
     peak_note: str
     steps: int
     rounds: int
+    # The recipe's own measurements (e.g. sampling): (what, rate, unit) rows.
+    recipe_rows: list[tuple[str, float, str]] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -65,6 +72,7 @@ class BenchResult:
                 f"ratio scaletrain / plain: {self.ratio:.3f} (overhead {100 * (1 - self.ratio):+.1f}%), "
                 f"median of {self.rounds} rounds x {self.steps} steps",
                 f"mfu: {self.peak_note}",
+                *(f"{what}: {rate:.2f} {unit}/s" for what, rate, unit in self.recipe_rows),
             ]
         )
 
@@ -204,6 +212,7 @@ def bench(cfg: JobConfig, steps: int = 10, warmup: int = 3, rounds: int = 3) -> 
             times_st.append(_timed(trainer.train_step, steps, info.device))
         units = trainer.units_per_step * steps
         st_s, plain_s = statistics.median(times_st), statistics.median(times_plain)
+        rows = recipe_benchmarks(trainer, rounds)
         flops = trainer.flops_per_sample * cfg.train.global_batch_size * steps
         return BenchResult(
             unit=recipe.unit,
@@ -214,6 +223,20 @@ def bench(cfg: JobConfig, steps: int = 10, warmup: int = 3, rounds: int = 3) -> 
             peak_note=trainer.peak_note,
             steps=steps,
             rounds=rounds,
+            recipe_rows=rows,
         )
     finally:
         destroy_distributed()
+
+
+def recipe_benchmarks(trainer: Trainer, rounds: int) -> list[tuple[str, float, str]]:
+    """Rows from the recipe's `sample.benchmark` hook (see the module comment), on the trained model."""
+    hook = getattr(trainer.recipe.sample, "benchmark", None)
+    if hook is None:
+        return []
+    trainer.model.eval()
+    try:
+        with torch.no_grad():
+            return list(hook(trainer.model, trainer.cfg, rounds))
+    finally:
+        trainer.model.train()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -104,24 +105,25 @@ def load_model(folder: Path, recipe_name: str, cfg: JobConfig, ema: str = "auto"
     return model.eval()
 
 
-def make_sample_command(recipe_name: str):
-    def sample_command(argv: list[str]) -> None:
+class SampleCommand:
+    """`scaletrain sample` for one recipe (called with argv), plus the sampling benchmark that
+    `scaletrain bench` runs through the registry (`recipe.sample.benchmark`)."""
+
+    def __init__(self, recipe_name: str):
+        self.recipe_name = recipe_name
+
+    def __call__(self, argv: list[str]) -> None:
         from recipes.diffusion.recipe import class_labels, generate, image_grid, save_png
 
-        args, overrides = _parser(recipe_name).parse_known_args(argv)
+        args, overrides = _parser(self.recipe_name).parse_known_args(argv)
         folder = Path(args.checkpoint)
-        cfg = load_job_config(folder, recipe_name, args.config, overrides)
+        cfg = load_job_config(folder, self.recipe_name, args.config, overrides)
         if args.n < 1:
             raise ValueError(f"--n: {args.n} is not allowed; use >= 1")
         labels = class_labels(cfg.model.num_classes, args.n, args.label)
         init_distributed("auto")
         try:
-            model = load_model(folder, recipe_name, cfg, args.ema)
-            decode = None
-            if cfg.data.source == "latents":
-                from recipes.diffusion.latents import load_cache_decoder
-
-                decode = load_cache_decoder(cfg.data.path)
+            model = load_model(folder, self.recipe_name, cfg, args.ema)
             start = time.perf_counter()
             images = generate(
                 model,
@@ -133,7 +135,7 @@ def make_sample_command(recipe_name: str):
                 guidance=args.cfg,
                 seed=args.seed,
                 batch_size=args.batch,
-                decode=decode,
+                decode=_decoder(cfg),
             )
             seconds = time.perf_counter() - start
         finally:
@@ -142,4 +144,38 @@ def make_sample_command(recipe_name: str):
         save_png(image_grid(images, ncol), args.out)
         print(f"wrote {args.out}: {args.n} images in {seconds:.1f}s ({args.n / seconds:.2f} images/s)")
 
-    return sample_command
+    @torch.no_grad()
+    def benchmark(self, model: torch.nn.Module, cfg: JobConfig, rounds: int = 3) -> list[tuple[str, float, str]]:
+        """Sampling throughput with the eval-grid settings: DDIM with model.eval_steps steps (and
+        model.eval_guidance), eval.num_samples images per call, decoded for a latent model.
+        One warm-up call, then the median of `rounds` timed calls. Returns (what, rate, unit) rows."""
+        from recipes.diffusion.recipe import class_labels, generate
+
+        m = cfg.model
+        n = cfg.eval.num_samples
+        labels = class_labels(m.num_classes, n, None)
+        decode = _decoder(cfg)
+
+        def run() -> float:
+            start = time.perf_counter()
+            generate(model, m, labels, sampler="ddim", steps=m.eval_steps, guidance=m.eval_guidance,
+                     seed=cfg.job.seed, batch_size=n, decode=decode)  # fmt: skip
+            return time.perf_counter() - start  # generate returns CPU tensors: the device has finished
+
+        run()
+        seconds = statistics.median(run() for _ in range(max(1, rounds)))
+        nfe = m.eval_steps * (2 if m.eval_guidance != 1.0 else 1)  # guidance doubles each forward's batch
+        what = f"sampling ddim {m.eval_steps} steps ({nfe} NFE/image), guidance {m.eval_guidance:g}, batch {n}"
+        return [(what + (" + VAE decode" if decode is not None else ""), n / seconds, "images")]
+
+
+def _decoder(cfg: JobConfig) -> Any:
+    if cfg.data.source != "latents":
+        return None
+    from recipes.diffusion.latents import load_cache_decoder
+
+    return load_cache_decoder(cfg.data.path)
+
+
+def make_sample_command(recipe_name: str) -> SampleCommand:
+    return SampleCommand(recipe_name)
