@@ -126,6 +126,16 @@ def build_command(launch: TorchrunLaunch, python: str | None = None) -> list[str
     ]
 
 
+def extra_env(launch: TorchrunLaunch) -> dict[str, str]:
+    """Variables torchrun itself needs for this launch (printed with the command)."""
+    if launch.nnodes > 1 and launch.max_restarts > 0 and launch.node_rank is None:
+        # torchrun keeps one TCPStore for every restart and the dead group's keys stay in it; on
+        # one node scaletrain.distributed namespaces them per restart, but across nodes the
+        # restart counts can disagree, so ask torchrun for a fresh store per rendezvous round.
+        return {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    return {}
+
+
 def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment with this checkout first on PYTHONPATH, so workers train the code we checked."""
     env = dict(os.environ if base is None else base)
@@ -184,8 +194,10 @@ def run_args(ns: argparse.Namespace, overrides: list[str]) -> int:
     launch = from_args(ns, overrides)
     launch.check()
     cmd = build_command(launch)
-    print(f"scaletrain launch: {shlex.join(cmd)}", file=sys.stderr, flush=True)
-    return 0 if ns.dry_run else run_command(cmd)
+    env = extra_env(launch)
+    shown = [f"{k}={v}" for k, v in env.items()] + cmd
+    print(f"scaletrain launch: {shlex.join(shown)}", file=sys.stderr, flush=True)
+    return 0 if ns.dry_run else run_command(cmd, {**os.environ, **env})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import subprocess
 import sys
 import time
@@ -147,18 +148,59 @@ def test_kill_during_save_keeps_the_last_good_checkpoint_and_rerun_resumes(where
     assert [s for s, _ in complete_checkpoints(tmp_path / "run" / "checkpoints")][-1] == 10
 
 
+# -- the restart reconnect flake, root-caused --------------------------------------------------
+# torchrun keeps one TCPStore for every restart and the dead group's gloo addresses stay in it;
+# a restarted rank that read them connected to the killed process ("Connection refused").
+# restart_worker.py makes the losing order deterministic (the restarted rank 0 joins late).
+RESTART_WORKER = str(Path(__file__).with_name("restart_worker.py"))
+
+
+def _restart_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ST_RESTART_MARKER": str(tmp_path / "killed"), **extra}
+    if "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in extra:
+        env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)  # torch's default: one store shared across restarts
+    return env
+
+
+def _assert_restarted_group_connected(out: str) -> None:
+    assert "restarted rank 0 all_reduce 2" in out and "restarted rank 1 all_reduce 2" in out, out[-4000:]
+    assert "Connection refused" not in out, out[-4000:]
+
+
 def test_restarted_group_connects_despite_the_dead_groups_keys(tmp_path):
-    """Root cause of the old restart flake: torchrun keeps one TCPStore for all restarts, and the
-    dead group's gloo addresses stay in it. With rank 0 of the restarted group arriving late
-    (the losing order), rank 1 must still connect: init_distributed namespaces keys per attempt."""
-    worker = str(Path(__file__).with_name("restart_worker.py"))
+    """One node: init_distributed namespaces the shared store's keys by torchrun's restart count."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)  # the default: a store shared across restarts
-    done = subprocess.run([*cmd, worker], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [*cmd, RESTART_WORKER], env=_restart_env(tmp_path), capture_output=True, text=True, timeout=120
+    )
     out = done.stdout + done.stderr
     # The premise: the restarted group finds the first group's keys still in the store.
-    assert "attempt 1 rank 1 store keys before joining: ['" in out, out[-3000:]
+    assert "restarted rank 1 store keys before joining: ['" in out, out[-3000:]
     assert done.returncode == 0, out[-4000:]
-    assert "attempt 1 rank 0 all_reduce 2" in out and "attempt 1 rank 1 all_reduce 2" in out, out[-3000:]
-    assert "Connection refused" not in out, out[-3000:]
+    _assert_restarted_group_connected(out)
+
+
+@pytest.mark.slow
+def test_two_agents_restart_with_the_launchers_environment(tmp_path):
+    """Two torchrun agents (c10d, as on two nodes): restart counts differ between agents, so no
+    prefix can be agreed on; the launcher's TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives every
+    rendezvous round a fresh store instead."""
+    from launchers.torchrun import TorchrunLaunch, extra_env
+
+    env = extra_env(TorchrunLaunch("unused.yaml", nnodes=2, nproc_per_node=1, rdzv_endpoint="x:1", max_restarts=1))
+    assert env == {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    with socket.socket() as probe:  # a free port for the rendezvous (closed again before torchrun binds it)
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"127.0.0.1:{probe.getsockname()[1]}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--max-restarts=1"]
+    cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=restart-test", RESTART_WORKER]
+    agents = [
+        subprocess.Popen(
+            cmd, env=_restart_env(tmp_path, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
+    outs = [agent.communicate(timeout=180)[0] for agent in agents]
+    out = "".join(outs)
+    assert [agent.returncode for agent in agents] == [0, 0], out[-4000:]
+    _assert_restarted_group_connected(out)
