@@ -46,6 +46,7 @@ def torchrun(
     *extra: str,
     faults: list[dict] | None = None,
     record: Path | None = None,
+    starts: Path | None = None,
     restarts: int = 0,
     timeout: float = 300,
     check: bool = True,
@@ -57,8 +58,11 @@ def torchrun(
     cmd += ["--job.run_dir", str(run_dir), "--job.name", name]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ST_FAULTS": json.dumps(faults or [])}
     env.pop("ST_RECORD", None)
+    env.pop("ST_STARTS", None)
     if record is not None:
         env["ST_RECORD"] = str(record)
+    if starts is not None:
+        env["ST_STARTS"] = str(starts)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and done.returncode != 0:
         raise RuntimeError(f"{layout} run failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")

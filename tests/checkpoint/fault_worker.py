@@ -14,6 +14,8 @@ by environment variables (nothing here is imported by scaletrain itself):
                      "usr1" (SIGUSR1 to itself), "hang" (block forever in injected_hang)
   ST_RECORD  folder: each rank appends {"step", "ids"} — the sample ids that the loader
              handed it for that step — to rank-<R>.jsonl.
+  ST_STARTS  file: each worker process appends {"rank", "restart"} (torchrun's
+             TORCHELASTIC_RESTART_COUNT) when it starts, so a test can count the restarts.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from scaletrain.train import Trainer, main
 
 RANK = int(os.environ.get("RANK", "0"))
 FAULTS = [f for f in json.loads(os.environ.get("ST_FAULTS", "[]")) if f["rank"] == RANK]
-state = {"step": 0}  # the trainer's step, for faults inside a save
+state = {"step": 0}  # the trainer's step (a fallback for "renamed")
 
 
 def injected_hang() -> None:
@@ -76,7 +78,9 @@ def _patch() -> None:
     def faulty_write_data(self, plan, planner):  # noqa: ANN001, ANN202 - DCP's signature
         future = write_data(self, plan, planner)
         future.wait()
-        fire("save", state["step"])
+        # The step from the folder being written (step-N.partial), not the trainer's: an async
+        # write runs in a background thread while training has already moved on.
+        fire("save", int(Path(self.path).name.split(".")[0].split("-")[1]))
         return future
 
     dcp.FileSystemWriter.write_data = faulty_write_data
@@ -93,7 +97,10 @@ def _patch() -> None:
 
     def faulty_fsync_dir(path: Path) -> None:
         fsync_dir(path)
-        fire("renamed", state["step"])
+        # The step just renamed is the newest published one (an async save is published at the
+        # next save, when the trainer's step is already further).
+        published = store.checkpoint_dirs(path)
+        fire("renamed", published[-1][0] if published else state["step"])
 
     store._fsync_dir = faulty_fsync_dir
 
@@ -114,6 +121,16 @@ def _patch() -> None:
         ShardedLoader.next_step = recording_next_step
 
 
+def _record_start() -> None:
+    starts = os.environ.get("ST_STARTS")
+    if starts:
+        with open(starts, "a") as f:
+            f.write(
+                json.dumps({"rank": RANK, "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))}) + "\n"
+            )
+
+
 if __name__ == "__main__":
+    _record_start()
     _patch()
     main(sys.argv[1:])
