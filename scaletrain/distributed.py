@@ -90,13 +90,18 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, device)
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(wait_for_peers: bool = True) -> None:
     """Tear down in a safe order: no rank leaves while others still talk to it, and gloo's
     worker threads drop their tensors while the interpreter is fully alive (otherwise exit
-    can abort with "terminate called without an active exception")."""
+    can abort with "terminate called without an active exception").
+
+    A rank leaving on an error passes wait_for_peers=False: its peers may be blocked in a
+    collective it will never join, so a barrier would hang it (and hide its error) until
+    the process-group timeout; the launcher stops the others once it exits."""
     if dist.is_initialized():
         gc.collect()
-        with contextlib.suppress(RuntimeError):
-            dist.barrier()
+        if wait_for_peers:
+            with contextlib.suppress(RuntimeError):
+                dist.barrier()
         dist.destroy_process_group()
         gc.collect()

@@ -54,6 +54,7 @@ from scaletrain.parallel.pipeline import (
     num_stages,
     split_layers,
     stage_ids_for_rank,
+    stage_union,
 )
 from scaletrain.registry import Recipe, get_recipe
 
@@ -112,9 +113,9 @@ class Trainer:
         self.micro_batch_size = micro_batch_size(cfg, dims)
         self.schedule = None
         self.model_parts = self._build_model_parts(model)
-        # One module holding every parameter this rank trains: the model itself, or (several
-        # pipeline stages per rank) a container of them.
-        self.model = self.model_parts[0] if len(self.model_parts) == 1 else torch.nn.ModuleList(self.model_parts)
+        # One module holding every parameter this rank trains under the whole model's names:
+        # the model itself, or a union of this rank's pipeline stages.
+        self.model = stage_union(self.model_parts, self.recipe.pipeline) if dims.pp_enabled else self.model_parts[0]
 
         self.optimizer = build_optimizer(self.model, cfg.train, device.type)
         self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
@@ -419,15 +420,17 @@ def run(cfg: JobConfig) -> list[dict[str, float]]:
     dims = validate_config(cfg, world_size_from_env())
     dataset = get_recipe(cfg.recipe).build_dataset(cfg)
     info = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
+    finished = False
     try:
         trainer = Trainer(cfg, dims, dataset, info.device)
         history = trainer.fit()
         # Drop every object that may still reference in-flight gloo work (FSDP/DDP reduce
         # handles) while all ranks are alive; see destroy_distributed.
         del trainer
+        finished = True
         return history
     finally:
-        destroy_distributed()
+        destroy_distributed(wait_for_peers=finished)
 
 
 def main(argv: list[str] | None = None) -> None:

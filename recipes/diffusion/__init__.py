@@ -22,7 +22,7 @@ from recipes.diffusion.parallelize import parallelize_blocks, parallelize_dit
 from recipes.diffusion.sample_cli import make_sample_command
 from recipes.diffusion.unet import UNet
 from recipes.diffusion.vae import KLAutoencoder, VAEConfig, vae_loss
-from scaletrain.registry import Recipe, register_recipe
+from scaletrain.registry import PipelineSpec, Recipe, register_recipe
 
 # What the two pixel/latent denoisers share: the same data, loss, evaluation and sampler.
 _DENOISER = dict(
@@ -42,6 +42,8 @@ DIT = register_recipe(
         parallelize=parallelize_dit,
         validate=_r.validate_dit,
         sample=make_sample_command("dit"),
+        # Stages pass (tokens, conditioning vector) along; see DiT.forward.
+        pipeline=PipelineSpec(trunk="blocks", first=("patch_embed", "t_embedder", "y_embedder"), last=("final",)),
         **_DENOISER,
     )
 )

@@ -153,13 +153,27 @@ class DiT(nn.Module):
         x = x_BNP.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(B, C, g * p, g * p)
 
-    def forward(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, y_B: torch.Tensor) -> torch.Tensor:
+    def embed(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, y_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens h [B, N, D] and the conditioning vector c [B, D] the blocks read."""
         h = self.patch_embed(self.patchify(x_BCHW)) + self.pos_embed.to(x_BCHW.dtype)
         c = self.t_embedder(t_B)
         if self.y_embedder is not None:
             c = c + self.y_embedder(y_B)
+        return h, c
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, t, y) -> the prediction, shaped like x_t.
+
+        As a pipeline stage (recipes/diffusion/__init__.py's PipelineSpec) a stage without the
+        embedders takes the previous stage's (h, c) instead, and a stage without the final
+        layer returns (h, c): every block needs the conditioning vector, so it travels with
+        the tokens.
+        """
+        h, c = self.embed(*inputs) if self.patch_embed is not None else inputs
         for block in self.blocks.values():
             h = block(h, c)
+        if self.final is None:
+            return h, c
         return self.unpatchify(self.final(h, c))
 
     @torch.no_grad()

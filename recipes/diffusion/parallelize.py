@@ -55,11 +55,15 @@ def apply_tensor_parallel(model: DiT, dims: ParallelDims) -> None:
             "adaln": ColwiseParallel(output_layouts=Replicate()),
         }
         parallelize_module(block, tp_mesh, plan)
-    replicated = [model.patch_embed, model.t_embedder.fc1, model.t_embedder.fc2, model.final.adaln, model.final.linear]
-    if model.y_embedder is not None:
-        replicated.append(model.y_embedder)
+    # Pipeline stages hold only some of these (the embedders on the first, the final layer on the last).
+    replicated = []
+    if model.patch_embed is not None:
+        replicated += [model.patch_embed, model.t_embedder.fc1, model.t_embedder.fc2, model.y_embedder]
+    if model.final is not None:
+        replicated += [model.final.adaln, model.final.linear]
     for module in replicated:
-        _replicate_on(module, tp_mesh)
+        if module is not None:  # no class embedder when unconditional
+            _replicate_on(module, tp_mesh)
 
 
 def parallelize_dit(model: DiT, dims: ParallelDims, cfg: JobConfig) -> DiT:

@@ -20,6 +20,7 @@ from recipes.diffusion.metrics import to_classifier_size  # noqa: F401 - re-expo
 from recipes.diffusion.process import Process, sample
 from scaletrain.config.schema import JobConfig
 from scaletrain.parallel.dims import ParallelDims
+from scaletrain.parallel.pipeline import num_stages, split_layers
 
 
 def make_process(model_cfg: Any) -> Process:
@@ -137,6 +138,9 @@ def validate_dit(cfg: JobConfig, dims: ParallelDims) -> None:
         (m.dim % m.n_heads == 0, f"model.dim: {m.dim} is not divisible by model.n_heads={m.n_heads}"),
         (m.depth >= 1, f"model.depth: {m.depth} is not allowed; use >= 1"),
     ]
+    if dims.pp > 1:  # raises naming parallel.pp / pp_layer_boundaries when the blocks do not split
+        p = cfg.parallel
+        split_layers(m.depth, num_stages(dims.pp, p.stages_per_rank), p.pp_layer_boundaries or None)
     tp = dims.tp
     if tp > 1:
         checks += [

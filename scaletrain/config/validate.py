@@ -9,7 +9,7 @@ import torch
 
 from scaletrain.config.schema import JobConfig
 from scaletrain.parallel.dims import ParallelDims
-from scaletrain.parallel.pipeline import stage_ids_for_rank, validate_pipeline
+from scaletrain.parallel.pipeline import validate_pipeline
 from scaletrain.registry import get_recipe
 
 
@@ -93,9 +93,10 @@ def validate_config(cfg: JobConfig, world_size: int) -> ParallelDims:
             None,
         )
         _check(
-            not (cfg.checkpoint.enable and len(stage_ids_for_rank(0, dims.pp, p.stages_per_rank, p.pp_schedule)) > 1),
-            "checkpoint.enable: checkpoints of several pipeline stages per rank are not supported yet; "
-            "set checkpoint.enable=false or stages_per_rank=1",
+            not (cfg.eval.interval and recipe.evaluate is not None),
+            f"eval.interval: the evaluation of recipe {cfg.recipe!r} runs the whole model on one rank, which "
+            f"pipeline parallel (parallel.pp={dims.pp}) splits across ranks; set eval.interval=0 and evaluate "
+            "a checkpoint afterwards (e.g. `scaletrain sample`)",
         )
     if dims.cp > 1:
         _check(

@@ -112,6 +112,33 @@ def build_stage_module(model: nn.Module, spec: PipelineSpec, layers: list[int], 
     return part
 
 
+def stage_union(parts: list[nn.Module], spec: PipelineSpec) -> nn.Module:
+    """One module over this rank's stages whose parameter names are the whole model's.
+
+    With several stages per rank (interleaved, V-shaped schedules) a container of the stages
+    would prefix every name with the stage's slot ("0.layers.3..."), which depends on the
+    layout. Here the stages' own modules are attached under their original names instead
+    (trunk blocks by their global index), so the optimizer, EMA, grad clipping and
+    checkpoints see the same names as a one-process run and load across any pp degree.
+    The modules are shared, not copied; the union has no forward (the schedule drives the
+    stages).
+    """
+    union = nn.Module()
+    trunk = nn.ModuleDict()
+    for part in parts:
+        for name, module in part.named_children():
+            if name == spec.trunk:
+                trunk.update(module)
+            elif module is not None:
+                union.add_module(name, module)
+        for name, param in part.named_parameters(recurse=False):
+            union.register_parameter(name, param)
+        for name, buf in part.named_buffers(recurse=False):
+            union.register_buffer(name, buf, persistent=name not in part._non_persistent_buffers_set)
+    union.add_module(spec.trunk, trunk)
+    return union
+
+
 def build_schedule(
     stage_modules: list[nn.Module],
     stage_ids: list[int],
