@@ -11,7 +11,9 @@ complete. The manifest lists every other file with its size and SHA-256, which i
 truncated or bit-flipped shard is caught before any tensor is read.
 
 Format versions: 1 = sizes only (scaletrain 0.1); 2 = sizes + SHA-256, RNG states, the
-resolved config in trainer.json. This code reads both and writes 2.
+resolved config in trainer.json; 3 = as 2, with the optimizer state flattened per parameter
+name (2 stored the param groups of one rank, which other pipeline stages cannot map onto
+their own parameters). This code reads and writes 3.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (3,)
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer.json"
 PARTIAL_SUFFIX = ".partial"

@@ -40,6 +40,7 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
+    StateDictOptions,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
@@ -63,6 +64,10 @@ from scaletrain.checkpoint.safe_io import SafeFileSystemReader, SafeLoadPlanner,
 
 RNG_DIR = "rng"
 
+# Optimizer state keyed by parameter name, hyperparameters included ("param_groups.<name>.lr"):
+# every rank saves and finds exactly its own parameters' entries, which pipeline stages need
+# (a nested state dict keeps one rank's param groups) and resharding relies on.
+OPTIMIZER_STATE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 # -- small collective helpers ------------------------------------------------------------------
 def _world() -> tuple[int, int]:
@@ -119,7 +124,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def _state(model: nn.Module, optimizer: Any | None, extra_tensors: dict[str, dict[str, Any]] | None) -> dict:
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=OPTIMIZER_STATE_OPTIONS)
     state.update(extra_tensors or {})
     return state
 
@@ -152,7 +157,14 @@ def check_shapes(folder: Path, state: dict[str, Any]) -> None:
         elif list(meta.size) != _shape(tensor):
             mismatched.append(f"{key}: checkpoint {list(meta.size)} vs model {_shape(tensor)}")
     sections = {k.split(".", 1)[0] for k in wanted}
-    unexpected = [k for k in stored if k.split(".", 1)[0] in sections - {"optimizer"} and k not in wanted]
+    # Under pipeline parallel each rank holds only its stages: a key is unexpected only when
+    # no rank wants it.
+    wanted_anywhere = set(wanted)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, sorted(wanted))
+        wanted_anywhere = {k for keys in everyone for k in keys}
+    unexpected = [k for k in stored if k.split(".", 1)[0] in sections - {"optimizer"} and k not in wanted_anywhere]
     if "optimizer" in sections and not any(k.startswith("optimizer.") for k in stored):
         raise CheckpointError(
             f"{folder}: holds no optimizer state (e.g. imported weights); load it with "
@@ -409,7 +421,7 @@ def load_checkpoint(
         raise CheckpointError(f"{folder}: reading the checkpoint failed: {causes[0]}") from exc
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=OPTIMIZER_STATE_OPTIONS)
     notes = notes if notes is not None else []
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     rng_file = folder / RNG_DIR / f"rank-{rank:05d}.json"
