@@ -152,15 +152,25 @@ def _eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 
 def _sdpa_with(backend: Any, gqa: bool) -> Callable:
+    """SDPA pinned to one backend. With grouped-query heads it first tries enable_gqa; a backend without GQA
+    support gets the kv heads expanded instead (what a model would do for it; the copy is timed too), and
+    the function's ``note`` says so."""
     from torch.nn.attention import sdpa_kernel
 
     def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # The backward runs the kernel the forward picked, so only the forward needs the context.
         with sdpa_kernel(backend):
+            if gqa and fn.note is None:
+                try:
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                except RuntimeError:
+                    fn.note = "kv heads expanded: this backend rejected enable_gqa"
             if gqa:
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                group = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
+    fn.note = None
     return fn
 
 
@@ -313,6 +323,8 @@ def _measure(case: dict, p: str, dev: torch.device, common: dict) -> list[dict]:
                 torch.cuda.empty_cache()
             continue
         flops, nbytes = case["flops"].get(p), case["nbytes"].get(p)
+        if getattr(fn, "note", None):
+            row["note"] = fn.note
         rows.append(dict(row, ms=ms, peak_mem_mb=peak, tflops=flops / ms / 1e9 if flops else None,
                          gbps=nbytes / ms / 1e6 if nbytes else None))  # fmt: skip
     first = rows[0]
@@ -474,6 +486,10 @@ def markdown(rows: list[dict], env: dict[str, str]) -> str:
             f"{_fmt(r.get('peak_mem_mb'))} / {_fmt(eager_peak)} | {_fmt(r.get('max_err'), 2)} |"
         )
     lines += ["", "Goals (from issue #6):", ""] + [f"- {line}" for line in goals(rows)]
+    noted = [o for o in rows if o.get("note") and o.get("ms")]
+    if noted:
+        lines += ["", "Notes:", ""]
+        lines += [f"- {o['kernel']} {o.get('pass', '')} {o['shape']} {o['impl']}: {o['note']}" for o in noted]
     failed = [o for o in rows if o.get("error")]
     if failed:
         lines += ["", "Failed implementations (error column of the CSV):", ""]
