@@ -96,6 +96,7 @@ def parallelize(model: GPT, dims: ParallelDims, cfg: JobConfig) -> GPT:
     # Resolve model.attention (e.g. auto) once, here, and install the concrete implementation, so every
     # block and every rank runs the same one; context parallel may replace it afterwards.
     choice = attention_choice(cfg)
+    model.attention_impl = choice.impl  # context parallel's ring reuses the Triton kernel when chosen
     for block in model.layers.values():
         block.attention.attention_fn = ops.attention_fn(choice.impl, causal=True)
     model.startup_notes = _kernel_notes(cfg, dims, choice)  # printed by the trainer at start-up

@@ -93,7 +93,10 @@ def apply_context_parallel(model: GPT, dims: ParallelDims, method: str) -> None:
     """Sequence-sharded attention and the matching global positions for RoPE / position tables."""
     cp_mesh = dims.axis("cp")
     group, rank, cp = cp_mesh.get_group(), cp_mesh.get_local_rank(), cp_mesh.size()
-    attention = attention_function(method, group)
+    # Ring chunk pairs run through the flash-attention kernel when the model uses it (it returns
+    # the log-sum-exp the ring merges by), else through plain ops.
+    block_impl = "triton" if getattr(model, "attention_impl", None) == "triton" else "eager"
+    attention = attention_function(method, group, block_impl)
 
     def positions(local_len: int, device: torch.device) -> torch.Tensor:
         return load_balanced_positions(local_len, rank, cp, device)

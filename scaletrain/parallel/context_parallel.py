@@ -58,8 +58,9 @@ class _RingShift(torch.autograd.Function):
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         send_to = dist.get_global_rank(group, (rank + step) % size)
         recv_from = dist.get_global_rank(group, (rank - step) % size)
+        x = x.contiguous()  # K/V arrive as transposed views; gloo sends and receives dense buffers
         out = torch.empty_like(x)
-        ops = [dist.P2POp(dist.isend, x.contiguous(), send_to, group), dist.P2POp(dist.irecv, out, recv_from, group)]
+        ops = [dist.P2POp(dist.isend, x, send_to, group), dist.P2POp(dist.irecv, out, recv_from, group)]
         for work in dist.batch_isend_irecv(ops):
             work.wait()
         return out
@@ -79,27 +80,46 @@ def _repeat_kv(x_BKTD: torch.Tensor, heads: int) -> torch.Tensor:
     return x_BKTD if group == 1 else x_BKTD.repeat_interleave(group, dim=1)
 
 
-def _attend(q, k, v, q_pos, k_pos, scale, causal_block: bool):
-    scores = (q @ k.transpose(-2, -1)) * scale
-    if causal_block:
-        scores = scores.masked_fill(q_pos[:, None] < k_pos[None, :], float("-inf"))
+def eager_block_attention(q_BHTD, k_BKSD, v_BKSD, causal: bool):
+    """(out, lse) of one query chunk against one K/V chunk, in plain ops. `causal` is only ever
+    asked for a chunk against itself (equal, aligned positions), so the mask is the usual triangle."""
+    k, v = _repeat_kv(k_BKSD, q_BHTD.shape[1]), _repeat_kv(v_BKSD, q_BHTD.shape[1])
+    scores = (q_BHTD @ k.transpose(-2, -1)).float() / math.sqrt(q_BHTD.shape[-1])
+    if causal:
+        T = scores.shape[-1]
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=scores.device).triu(1), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    return torch.exp(scores - lse[..., None]) @ v, lse
+    return torch.exp(scores - lse[..., None]).to(v.dtype) @ v, lse
+
+
+def triton_block_attention(q_BHTD, k_BKSD, v_BKSD, causal: bool):
+    """The same from the flash-attention kernel, which returns lse (differentiably) and reads
+    grouped K/V heads without copying them."""
+    import kernels
+
+    return kernels.attention(q_BHTD, k_BKSD, v_BKSD, causal=causal, return_lse=True)
+
+
+BLOCK_ATTENTION = {"eager": eager_block_attention, "triton": triton_block_attention}
 
 
 def _merge(out, lse, block_out, block_lse):
+    """Combine two softmax-normalized partial results by their log-sum-exp (fp32)."""
+    block_out = block_out.float()
     if out is None:
         return block_out, block_lse
     new_lse = torch.logaddexp(lse, block_lse)
     return out * torch.exp(lse - new_lse)[..., None] + block_out * torch.exp(block_lse - new_lse)[..., None], new_lse
 
 
-def ring_attention(q_BHTD, k_BKTD, v_BKTD, group: dist.ProcessGroup) -> torch.Tensor:
-    """Causal attention over the whole (cp-sharded, load-balanced) sequence."""
+def ring_attention(q_BHTD, k_BKTD, v_BKTD, group: dist.ProcessGroup, block_attention=eager_block_attention):
+    """Causal attention over the whole (cp-sharded, load-balanced) sequence.
+
+    K/V travel with their own (kv) head count: grouped-query models send H/K times less.
+    """
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
-    heads, local_len = q_BHTD.shape[1], q_BHTD.shape[2]
-    scale = 1.0 / math.sqrt(q_BHTD.shape[-1])
-    k, v = _repeat_kv(k_BKTD, heads), _repeat_kv(v_BKTD, heads)
+    local_len = q_BHTD.shape[2]
+    k, v = k_BKTD, v_BKTD
     half = local_len // 2
     q_chunks = (q_BHTD[:, :, :half], q_BHTD[:, :, half:])
     q_pos = load_balanced_positions(local_len, rank, cp, q_BHTD.device)
@@ -118,8 +138,10 @@ def ring_attention(q_BHTD, k_BKTD, v_BKTD, group: dist.ProcessGroup) -> torch.Te
                 qpos = q_pos_chunks[i]
                 if kpos[0] > qpos[-1]:
                     continue  # every key is in this query chunk's future
+                # Chunks are equal-sized and aligned, so overlapping ones are the same chunk:
+                # a causal triangle; otherwise every key is in the past (no mask).
                 diagonal = bool(kpos[-1] > qpos[0])
-                block_out, block_lse = _attend(q_chunks[i], kj, vj, qpos, kpos, scale, diagonal)
+                block_out, block_lse = block_attention(q_chunks[i], kj, vj, diagonal)
                 outs[i], lses[i] = _merge(outs[i], lses[i], block_out, block_lse)
         if step < cp - 1:
             k, v = _RingShift.apply(k, group), _RingShift.apply(v, group)
@@ -160,10 +182,17 @@ def alltoall_attention(q_BHTD, k_BKTD, v_BKTD, group: dist.ProcessGroup) -> torc
     return _heads_to_seq(out, group)
 
 
-def attention_function(method: str, group: dist.ProcessGroup):
-    """The attention callable a recipe installs in its attention modules for cp > 1."""
+def attention_function(method: str, group: dist.ProcessGroup, block_impl: str = "eager"):
+    """The attention callable a recipe installs in its attention modules for cp > 1.
+
+    `block_impl` ("eager" or "triton"): how the ring attends one chunk pair; the Triton kernel
+    keeps only O(T) state per block instead of the [T, T] scores.
+    """
     if method == "ring":
-        return lambda q, k, v: ring_attention(q, k, v, group)
+        if block_impl not in BLOCK_ATTENTION:
+            raise ValueError(f"ring attention blocks: {block_impl!r} is not one of {sorted(BLOCK_ATTENTION)}")
+        block = BLOCK_ATTENTION[block_impl]
+        return lambda q, k, v: ring_attention(q, k, v, group, block)
     if method == "alltoall":
         return lambda q, k, v: alltoall_attention(q, k, v, group)
     raise ValueError(f"parallel.cp_method: {method!r} is not allowed; use 'ring' or 'alltoall'")

@@ -144,6 +144,9 @@ LAYOUTS = {
                       "--parallel.microbatches", "4", "--checkpoint.enable", "false"],
     "cp2_ring": ["--parallel.cp", "2"],
     "cp2_alltoall": ["--parallel.cp", "2", "--parallel.cp_method", "alltoall"],
+    # Ring chunk pairs through the Triton flash-attention kernel (its lse feeds the merge);
+    # interpreted on CPU (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU).
+    "cp2_ring_triton": ["--parallel.cp", "2", "--model.attention", "triton"],
     "pp2xdp2": ["--parallel.pp", "2", "--parallel.dp_shard", "2"],
     "pp2xtp2": ["--parallel.pp", "2", "--parallel.tp", "2"],
     "cp2xtp2": ["--parallel.cp", "2", "--parallel.tp", "2"],
