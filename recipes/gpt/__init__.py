@@ -80,7 +80,9 @@ def _kernel_notes(cfg: JobConfig, dims: ParallelDims, choice: ops.AttentionChoic
     m = cfg.model
     attention = choice.describe(m.attention)
     if dims.cp_enabled:
+        ring_blocks = f" over {'Triton' if choice.impl == 'triton' else 'eager'} blocks"
         attention += f", replaced by context-parallel {cfg.parallel.cp_method} attention"
+        attention += ring_blocks if cfg.parallel.cp_method == "ring" else ""
     fused = {"norm": m.fused_norm, "rope": m.fused_rope, "swiglu": m.fused_swiglu}
     fused["cross_entropy"] = cfg.train.fused_cross_entropy
     on = [name for name, flag in fused.items() if flag]
