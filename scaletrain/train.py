@@ -207,8 +207,14 @@ class Trainer:
 
     def _load(self, folder: Path, with_optimizer: bool) -> list[str]:
         optimizer = self.optimizer if with_optimizer else None
+        # rng_seed: restore every rank's RNG states (or re-seed them when the world size changed).
         state, notes = self.checkpointer.load(
-            folder, self.model, optimizer, extra_tensors=self._extra_tensors(), verified=True
+            folder,
+            self.model,
+            optimizer,
+            extra_tensors=self._extra_tensors(),
+            verified=True,
+            rng_seed=self.cfg.job.seed,
         )
         self.step = state["step"]
         self.loader.load_state_dict(state["data"])

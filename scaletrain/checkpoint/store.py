@@ -22,6 +22,7 @@ and shapes: any layout loads what any other saved.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
@@ -39,8 +40,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
     StateDictOptions,
+    get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
@@ -63,11 +64,11 @@ from scaletrain.checkpoint.format import (
 from scaletrain.checkpoint.safe_io import SafeFileSystemReader, SafeLoadPlanner, read_metadata
 
 RNG_DIR = "rng"
-
 # Optimizer state keyed by parameter name, hyperparameters included ("param_groups.<name>.lr"):
 # every rank saves and finds exactly its own parameters' entries, which pipeline stages need
 # (a nested state dict keeps one rank's param groups) and resharding relies on.
 OPTIMIZER_STATE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
 
 # -- small collective helpers ------------------------------------------------------------------
 def _world() -> tuple[int, int]:
@@ -118,6 +119,41 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, gauss_np = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss_np))
+
+
+def resume_seed(seed: int, step: int) -> int:
+    """The seed of every rank's generators when a resume cannot restore the saved states.
+
+    The same on every rank, as a fresh run's `torch.manual_seed(job.seed)` is: code may rely
+    on ranks drawing the same numbers (tensor-parallel ranks must drop the same elements of a
+    replicated activation), and there is no rank-to-rank mapping of old streams onto a new
+    world size anyway. Hashed with the step so the resumed run does not replay step 0's draws.
+    """
+    digest = hashlib.sha256(f"scaletrain-rng/{seed}/{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: within torch.manual_seed's range
+
+
+def seed_rng(seed: int) -> None:
+    """Seed torch (CPU and every CUDA device), Python's and NumPy's global generators."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def restore_rng(folder: Path, saved_world_size: int | None, seed: int, step: int) -> str | None:
+    """This rank's generators from `folder` when the world size is unchanged (a bitwise resume);
+    otherwise re-seeded from `resume_seed(seed, step)`. Returns a one-line notice in that case."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rng_file = folder / RNG_DIR / f"rank-{rank:05d}.json"
+    if saved_world_size == world and rng_file.is_file():
+        set_rng_state(json.loads(rng_file.read_text()))
+        return None
+    seed_rng(resume_seed(seed, step))
+    why = f"saved on {saved_world_size} ranks, now {world}" if saved_world_size != world else f"no {rng_file.name}"
+    return (
+        f"RNG states not restored ({why}): every rank's torch/CUDA/Python/NumPy generators re-seeded "
+        f"from (job.seed {seed}, step {step})"
+    )
 
 
 # -- state dicts --------------------------------------------------------------------------------
@@ -372,14 +408,17 @@ class Checkpointer:
         extra_tensors: dict[str, dict[str, Any]] | None = None,
         *,
         verified: bool = False,
+        rng_seed: int | None = None,
     ) -> tuple[dict[str, Any], list[str]]:
-        """Load `folder` into model (+ optimizer, + extra tensors in place); returns (trainer state, notes)."""
+        """Load `folder` into model (+ optimizer, + extra tensors in place); returns (trainer state, notes).
+
+        `rng_seed` (resuming): also restore the RNG states, see `load_checkpoint`."""
         if not verified:
             problem = self.verify(folder)
             if problem:
                 raise CheckpointError(problem)
         notes: list[str] = []
-        trainer_state = load_checkpoint(folder, model, optimizer, extra_tensors, notes=notes)
+        trainer_state = load_checkpoint(folder, model, optimizer, extra_tensors, notes=notes, rng_seed=rng_seed)
         return trainer_state, notes
 
 
@@ -398,12 +437,17 @@ def load_checkpoint(
     extra_tensors: dict[str, dict[str, Any]] | None = None,
     *,
     notes: list[str] | None = None,
+    rng_seed: int | None = None,
 ) -> dict[str, Any]:
     """Load model (and optimizer, and `extra_tensors` in place) from a published checkpoint.
 
     Checks the manifest, format version and file sizes (the Checkpointer also checks
     SHA-256s), then names and shapes against the metadata, then reads. Returns the trainer
-    state from trainer.json; appends to `notes` what is worth printing (RNG not restored).
+    state from trainer.json; appends to `notes` what is worth printing.
+
+    RNG states are touched only when resuming (`rng_seed` = the run's job.seed): restored per
+    rank if the world size is unchanged, else re-seeded from (rng_seed, step) with a note.
+    Loading weights only (checkpoint.load_path, sampling, export) leaves them alone.
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -423,14 +467,12 @@ def load_checkpoint(
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=OPTIMIZER_STATE_OPTIONS)
     notes = notes if notes is not None else []
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    rng_file = folder / RNG_DIR / f"rank-{rank:05d}.json"
-    if manifest.get("world_size") == world and rng_file.is_file():
-        set_rng_state(json.loads(rng_file.read_text()))
-    elif rng_file.parent.is_dir():
-        notes.append(f"RNG states not restored: saved on {manifest.get('world_size')} ranks, now {world}")
     try:
         trainer_state = json.loads((folder / TRAINER_STATE).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{folder / TRAINER_STATE}: unreadable ({exc})") from exc
+    if rng_seed is not None:
+        notice = restore_rng(folder, manifest.get("world_size"), rng_seed, int(trainer_state.get("step", 0)))
+        if notice:
+            notes.append(notice)
     return trainer_state

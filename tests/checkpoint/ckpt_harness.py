@@ -36,6 +36,7 @@ LAYOUTS = {
     "tp2": (2, ["--parallel.tp", "2", "--parallel.dp_shard", "1"]),
     "tp2xdp2": (4, ["--parallel.tp", "2", "--parallel.dp_shard", "2"]),
     "fsdp4": (4, ["--parallel.dp_shard", "4"]),
+    "pp2": (2, ["--parallel.pp", "2", "--parallel.dp_shard", "1"]),  # one stage (layer) per rank
 }
 
 
@@ -47,6 +48,7 @@ def torchrun(
     faults: list[dict] | None = None,
     record: Path | None = None,
     starts: Path | None = None,
+    rng: Path | None = None,
     restarts: int = 0,
     timeout: float = 300,
     check: bool = True,
@@ -59,6 +61,9 @@ def torchrun(
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ST_FAULTS": json.dumps(faults or [])}
     env.pop("ST_RECORD", None)
     env.pop("ST_STARTS", None)
+    env.pop("ST_RNG", None)
+    if rng is not None:
+        env["ST_RNG"] = str(rng)
     if record is not None:
         env["ST_RECORD"] = str(record)
     if starts is not None:

@@ -16,6 +16,8 @@ by environment variables (nothing here is imported by scaletrain itself):
              handed it for that step — to rank-<R>.jsonl.
   ST_STARTS  file: each worker process appends {"rank", "restart"} (torchrun's
              TORCHELASTIC_RESTART_COUNT) when it starts, so a test can count the restarts.
+  ST_RNG     folder: right after resuming, each rank writes its RNG states (the checkpoint's
+             rng/ format) to rank-<R>.json.
 """
 
 from __future__ import annotations
@@ -103,6 +105,18 @@ def _patch() -> None:
         fire("renamed", published[-1][0] if published else state["step"])
 
     store._fsync_dir = faulty_fsync_dir
+
+    rng_dump = os.environ.get("ST_RNG")
+    if rng_dump:
+        maybe_resume = Trainer.maybe_resume
+
+        def dumping_maybe_resume(self: Trainer) -> str | None:
+            notes = maybe_resume(self)
+            Path(rng_dump).mkdir(parents=True, exist_ok=True)
+            (Path(rng_dump) / f"rank-{RANK}.json").write_text(json.dumps(store.rng_state()))
+            return notes
+
+        Trainer.maybe_resume = dumping_maybe_resume
 
     record = os.environ.get("ST_RECORD")
     if record:

@@ -2,13 +2,16 @@
 
 The first invocation is killed (SIGKILL of rank 0, torchrun without restarts) right before
 step 6, after the step-5 checkpoint was published; rerunning the same command resumes from
-it. CPU fp32 with gloo is deterministic, so losses and grad norms must be bitwise equal.
+it. CPU fp32 with gloo is deterministic, so losses and grad norms must be bitwise equal, and
+every rank's RNG states right after resuming are the ones it saved.
 """
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from ckpt_harness import metrics, torchrun
+from ckpt_harness import LAYOUTS, metrics, torchrun
 
 
 # FSDP2 runs in the normal suite; DDP and TP2 x FSDP2 (4 processes) with -m slow, to keep the
@@ -23,7 +26,7 @@ def test_kill_and_rerun_continues_bitwise(layout, straight, tmp_path):
     assert first.returncode != 0, "the first invocation should have been killed"
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert ckpts == ["step-00000005"], ckpts
-    torchrun(layout, tmp_path, "run")  # the same command again: auto-resume
+    done = torchrun(layout, tmp_path, "run", rng=tmp_path / "rng")  # the same command again: auto-resume
     resumed, reference = metrics(tmp_path, "run"), metrics(ref_dir, ref_name)
     assert sorted(resumed) == list(range(1, 11))
     for step in range(1, 11):
@@ -31,3 +34,10 @@ def test_kill_and_rerun_continues_bitwise(layout, straight, tmp_path):
         assert resumed[step]["grad_norm"] == reference[step]["grad_norm"], f"step {step}"
     log = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert log.count('"step": 6') == 1  # steps 1-5 were not redone
+    # Same world size: each rank continues exactly the RNG streams it saved at step 5.
+    nproc = LAYOUTS[layout][0]
+    saved = tmp_path / "run" / "checkpoints" / "step-00000005" / "rng"
+    for rank in range(nproc):
+        got = json.loads((tmp_path / "rng" / f"rank-{rank}.json").read_text())
+        assert got == json.loads((saved / f"rank-{rank:05d}.json").read_text()), f"rank {rank}"
+    assert "RNG states not restored" not in done.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -13,6 +14,7 @@ from torch import nn
 
 from scaletrain.checkpoint import Checkpointer, CheckpointError
 from scaletrain.checkpoint.safe_io import SafeFileSystemReader, SafeLoadPlanner, read_metadata
+from scaletrain.checkpoint.store import resume_seed, seed_rng
 
 
 @pytest.fixture
@@ -31,16 +33,53 @@ def _model_and_optimizer(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimize
     return model, optimizer
 
 
+def _draws() -> tuple[list[float], float, float]:
+    return torch.rand(3).tolist(), random.random(), float(np.random.rand())
+
+
 def test_rng_states_are_saved_and_restored(group, tmp_path):
     model, optimizer = _model_and_optimizer()
     ckpt = Checkpointer(tmp_path, keep=2)
     torch.manual_seed(11), random.seed(12), np.random.seed(13)
     folder = ckpt.save(1, model, optimizer, {"step": 1}, layout="single process")
-    expected = (torch.rand(3), random.random(), np.random.rand())
+    expected = _draws()
     torch.manual_seed(99), random.seed(99), np.random.seed(99)  # training moves the generators on
-    ckpt.load(folder, model, optimizer)
-    got = (torch.rand(3), random.random(), np.random.rand())
-    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
+    _, notes = ckpt.load(folder, model, optimizer, rng_seed=0)
+    assert _draws() == expected and notes == []
+
+
+def test_loading_weights_only_leaves_the_rng_alone(group, tmp_path):
+    """checkpoint.load_path, sampling and export load weights: the run's own seeding stands."""
+    model, optimizer = _model_and_optimizer()
+    folder = Checkpointer(tmp_path, keep=2).save(1, model, optimizer, {"step": 1}, layout="single process")
+    torch.manual_seed(99), random.seed(99), np.random.seed(99)
+    expected = _draws()
+    torch.manual_seed(99), random.seed(99), np.random.seed(99)
+    Checkpointer(tmp_path, keep=2).load(folder, model, None)
+    assert _draws() == expected
+
+
+def test_rng_is_reseeded_from_seed_and_step_when_the_world_size_changed(group, tmp_path):
+    model, optimizer = _model_and_optimizer()
+    ckpt = Checkpointer(tmp_path, keep=2)
+    folder = ckpt.save(7, model, optimizer, {"step": 7}, layout="fsdp")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["world_size"] = 4  # as if saved on 4 ranks; this process is a world of 1
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    torch.manual_seed(99), random.seed(99), np.random.seed(99)
+    _, notes = ckpt.load(folder, model, optimizer, rng_seed=5)
+    got = _draws()
+    assert notes == [
+        "RNG states not restored (saved on 4 ranks, now 1): every rank's torch/CUDA/Python/NumPy generators "
+        "re-seeded from (job.seed 5, step 7)"
+    ]
+    seed_rng(resume_seed(5, 7))
+    assert _draws() == got
+    # A function of (seed, step) only: reproducible, a new stream per step, not a fresh run's replay.
+    assert resume_seed(5, 7) == resume_seed(5, 7)
+    assert len({resume_seed(5, 7), resume_seed(5, 8), resume_seed(6, 7)}) == 3
+    torch.manual_seed(5)
+    assert torch.rand(3).tolist() != got[0]
 
 
 def test_async_save_publishes_only_when_finished_and_keeps_the_saved_values(group, tmp_path):
