@@ -13,8 +13,8 @@ re-published reads the killed process's address — "Connection refused", or a c
 waits for a peer that never comes. On one node the agent's restart count is the attempt
 number every worker agrees on, so we prefix the keys with it (`_elastic_store`). Across
 nodes torchrun's count is per agent and can differ (pytorch/pytorch#135712), so there we
-rely on torchrun getting TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (rank 0 then hosts a fresh
-store per attempt; `scaletrain launch torchrun` sets it) and say so otherwise.
+rely on torchrun getting TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (c10d rendezvous only: rank 0
+then hosts a fresh store per attempt; `scaletrain launch torchrun` sets it) and warn otherwise.
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ def _elastic_store(world_size: int, timeout: timedelta) -> dist.Store | None:
         if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get("RANK") == "0":
             print(
                 f"scaletrain: warning: torchrun shares one TCPStore across restarts on {num_agents} nodes; a "
-                "restarted group may read the dead group's addresses and fail to connect. Set "
-                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun on every node (scaletrain launch torchrun does).",
+                "restarted group may read the dead group's addresses and fail to connect. With the c10d "
+                "rendezvous set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun on every node (scaletrain "
+                "launch torchrun does); the static one (--node-rank) always shares its store.",
                 file=sys.stderr,
                 flush=True,
             )
