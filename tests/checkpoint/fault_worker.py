@@ -33,7 +33,7 @@ import torch.distributed.checkpoint as dcp
 
 import scaletrain.checkpoint.store as store
 from scaletrain.data import ShardedLoader
-from scaletrain.train import Trainer, main
+from scaletrain.train import Trainer, _exit_without_finalization, main
 
 RANK = int(os.environ.get("RANK", "0"))
 FAULTS = [f for f in json.loads(os.environ.get("ST_FAULTS", "[]")) if f["rank"] == RANK]
@@ -147,4 +147,10 @@ def _record_start() -> None:
 if __name__ == "__main__":
     _record_start()
     _patch()
-    main(sys.argv[1:])
+    # Leave as `torchrun -m scaletrain.train` does, without interpreter finalization (a gloo
+    # teardown abort there would count as one more failure, i.e. one more restart).
+    try:
+        main(sys.argv[1:])
+    except SystemExit as exc:
+        _exit_without_finalization(exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1))
+    _exit_without_finalization(0)
