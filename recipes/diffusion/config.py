@@ -28,6 +28,12 @@ class DiffusionSettings:
     eval_steps: int = opt(50, "Sampling steps of the eval grids (ddim).")
     eval_guidance: float = opt(1.0, "Classifier-free guidance scale of the eval grids (1 = off).")
     clip_x0: bool = opt(True, "Clip predicted x0 to [-1, 1] while sampling (pixel space).")
+    attention: Literal["auto", "sdpa", "eager", "flex", "triton"] = opt(
+        "auto",
+        "Attention implementation (scaletrain.ops; non-causal here): auto = the fastest for the device and "
+        "shapes, sdpa = torch SDPA, eager = plain matmul+softmax, flex = flex_attention, triton = the fused "
+        "flash-attention kernel (head dim a power of two in [16, 128]).",
+    )
     eval_inception_weights: str = opt(
         "",
         "Local Inception-v3 state dict (e.g. pytorch-fid's pt_inception-2015-12-05-6726825d.pth): the eval "
@@ -42,7 +48,6 @@ class DiTConfig(DiffusionSettings):
     depth: int = opt(12, "Number of DiT blocks.")
     n_heads: int = opt(6, "Attention heads.")
     mlp_ratio: float = opt(4.0, "MLP hidden width / D.")
-    attention: Literal["sdpa", "eager"] = opt("sdpa", "Attention implementation.")
 
     @property
     def hidden_dim(self) -> int:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recipes.diffusion.config import DiTConfig
+from scaletrain import ops
 
 
 def timestep_features(t_B: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -63,7 +64,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.head_dim = cfg.dim // cfg.n_heads
-        self.use_sdpa = cfg.attention == "sdpa"
+        # Every token attends to every token (no mask), by model.attention (scaletrain.ops).
+        self.attention_fn = ops.attention_fn(cfg.attention, causal=False)
         # Separate q/k/v projections: each can be split column-wise by tensor parallel
         # without interleaving (a fused qkv would need a permuted layout).
         self.wq = nn.Linear(cfg.dim, cfg.dim)
@@ -75,11 +77,7 @@ class Attention(nn.Module):
         B, N, _ = x_BND.shape
         # -1 heads: under tensor parallel each rank holds n_heads / tp of them.
         q, k, v = (w(x_BND).view(B, N, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
-        if self.use_sdpa:
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
-            out = scores.softmax(dim=-1) @ v
+        out = self.attention_fn(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(B, N, -1))
 
 

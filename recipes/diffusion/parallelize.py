@@ -15,11 +15,13 @@ The U-Net is data parallel only (DDP or FSDP2 per residual/attention block).
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, distribute_module
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from recipes.diffusion.dit import DiT
+from scaletrain import ops
 from scaletrain.config.schema import JobConfig
 from scaletrain.parallel import (
     ParallelDims,
@@ -27,6 +29,7 @@ from scaletrain.parallel import (
     apply_compile,
     apply_data_parallel,
 )
+from scaletrain.parallel.data_parallel import DTYPES
 
 
 def _replicate_on(module: nn.Module, mesh) -> None:
@@ -66,7 +69,28 @@ def apply_tensor_parallel(model: DiT, dims: ParallelDims) -> None:
             _replicate_on(module, tp_mesh)
 
 
+def resolve_attention(model: nn.Module, cfg: JobConfig, tokens: int | None) -> None:
+    """Resolve model.attention (e.g. auto) once for this device and install it in every attention
+    module (those with an `attention_fn` and a `head_dim`), so all blocks and ranks run the same
+    implementation; noted in the start-up output."""
+    choices = {}
+    for module in model.modules():
+        if hasattr(module, "attention_fn"):
+            choice = ops.resolve_attention(
+                cfg.model.attention,
+                device_type="cuda" if torch.cuda.is_available() else "cpu",
+                dtype=DTYPES[cfg.train.dtype],
+                head_dim=module.head_dim,
+                seq_len=tokens,
+            )
+            module.attention_fn = ops.attention_fn(choice.impl, causal=False)
+            choices[choice.describe(cfg.model.attention)] = None
+    if choices:
+        model.startup_notes = [f"kernels: attention {', '.join(choices)}"]
+
+
 def parallelize_dit(model: DiT, dims: ParallelDims, cfg: JobConfig) -> DiT:
+    resolve_attention(model, cfg, tokens=(cfg.model.image_size // cfg.model.patch_size) ** 2)
     blocks = list(model.blocks.values())
     if dims.tp_enabled:
         apply_tensor_parallel(model, dims)
@@ -81,6 +105,8 @@ def parallelize_blocks(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> 
     """Data-parallel-only plan for models that list their repeated blocks in `model.fsdp_blocks()`."""
     if dims.tp_enabled:
         raise ValueError(f"parallel.tp: {type(model).__name__} has no tensor-parallel plan; use tp=1")
+    if hasattr(cfg.model, "attention"):
+        resolve_attention(model, cfg, tokens=None)  # U-Net: attention at several resolutions
     blocks = list(model.fsdp_blocks())
     apply_activation_checkpointing(blocks, cfg.activation_checkpoint)
     if cfg.train.compile:

@@ -18,6 +18,7 @@ from torch import nn
 from recipes.diffusion.data import SHAPES, DiffusionItems, ImageFolderDataset, ShapesDataset, _generator, auto_repeats
 from recipes.diffusion.metrics import to_classifier_size  # noqa: F401 - re-exported for callers of this module
 from recipes.diffusion.process import Process, sample
+from scaletrain import ops
 from scaletrain.config.schema import JobConfig
 from scaletrain.parallel.dims import ParallelDims
 from scaletrain.parallel.pipeline import num_stages, split_layers
@@ -137,6 +138,11 @@ def validate_dit(cfg: JobConfig, dims: ParallelDims) -> None:
         ),
         (m.dim % m.n_heads == 0, f"model.dim: {m.dim} is not divisible by model.n_heads={m.n_heads}"),
         (m.depth >= 1, f"model.depth: {m.depth} is not allowed; use >= 1"),
+        (
+            m.attention != "triton" or ops.triton_attention_supports(m.dim // m.n_heads),
+            f"model.attention: triton needs a head dim that is a power of two in [16, 128]; "
+            f"model.dim/model.n_heads = {m.dim // max(m.n_heads, 1)}",
+        ),
     ]
     if dims.pp > 1:  # raises naming parallel.pp / pp_layer_boundaries when the blocks do not split
         p = cfg.parallel
@@ -174,6 +180,15 @@ def validate_unet(cfg: JobConfig, dims: ParallelDims) -> None:
         c = m.channels * mult
         checks.append((c % min(m.groups, c) == 0, f"model.groups: {m.groups} does not divide {c} channels"))
         checks.append((c % max(1, c // 32) == 0, f"model.channels: {c} channels do not split into heads of ~32"))
+        if m.attention == "triton":
+            head_dim = c // max(1, c // 32)
+            checks.append(
+                (
+                    ops.triton_attention_supports(head_dim),
+                    f"model.attention: triton needs a head dim that is a power of two in [16, 128]; "
+                    f"{c} channels give heads of {head_dim}",
+                )
+            )
     for ok, message in checks:
         if not ok:
             raise ValueError(message)

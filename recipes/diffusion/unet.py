@@ -22,6 +22,7 @@ from torch import nn
 
 from recipes.diffusion.config import UNetConfig
 from recipes.diffusion.dit import timestep_features
+from scaletrain import ops
 
 # Parameters that start at zero (see the module docstring).
 _ZERO_INIT = ("conv2.weight", "proj.weight", "out_conv.weight")
@@ -46,9 +47,11 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    def __init__(self, channels: int, groups: int, head_dim: int = 32):
+    def __init__(self, channels: int, groups: int, attention: str = "auto", head_dim: int = 32):
         super().__init__()
         self.heads = max(1, channels // head_dim)
+        self.head_dim = channels // self.heads
+        self.attention_fn = ops.attention_fn(attention, causal=False)  # model.attention (scaletrain.ops)
         self.norm = nn.GroupNorm(min(groups, channels), channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
@@ -57,7 +60,7 @@ class AttentionBlock(nn.Module):
         B, C, H, W = x_BCHW.shape
         qkv = self.qkv(self.norm(x_BCHW)).reshape(B, 3, self.heads, C // self.heads, H * W)
         q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # B heads HW E
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = self.attention_fn(q, k, v)
         return x_BCHW + self.proj(out.transpose(-1, -2).reshape(B, C, H, W))
 
 
@@ -105,7 +108,7 @@ class UNet(nn.Module):
         self.mid = nn.ModuleList(
             [
                 ResBlock(c, c, cond_dim, groups, cfg.dropout),
-                AttentionBlock(c, groups),
+                AttentionBlock(c, groups, cfg.attention),
                 ResBlock(c, c, cond_dim, groups, cfg.dropout),
             ]
         )
@@ -124,7 +127,7 @@ class UNet(nn.Module):
         cfg = self.cfg
         layers = [ResBlock(c_in, c_out, cond_dim, cfg.groups, cfg.dropout)]
         if level in cfg.attention_levels:
-            layers.append(AttentionBlock(c_out, cfg.groups))
+            layers.append(AttentionBlock(c_out, cfg.groups, cfg.attention))
         return _Stage(*layers)
 
     def fsdp_blocks(self) -> list[nn.Module]:
