@@ -2,6 +2,7 @@
 
   scaletrain sample runs/dit-tiny/checkpoints/step-00000400 --sampler ddim --steps 50 \
       --cfg 4.0 --class 3 --n 64 --out grid.png
+  scaletrain sample CKPT --n 1000 --metrics --inception-weights /data/pt_inception.pth   # + FID/KID
 
 The model config comes from the checkpoint's trainer.json ("config") when the trainer stored
 it, else from --config (the training YAML, plus any --section.field overrides). EMA weights are
@@ -42,6 +43,12 @@ def _parser(recipe_name: str) -> argparse.ArgumentParser:
     p.add_argument("--out", default="grid.png", help="output PNG")
     p.add_argument("--ema", choices=["auto", "yes", "no"], default="auto", help="use the EMA weights if present")
     p.add_argument("--config", default=None, help="training config YAML, when the checkpoint does not carry one")
+    p.add_argument("--metrics", action="store_true", help="also print FID/KID against --n real images")
+    p.add_argument(
+        "--inception-weights",
+        default=None,
+        help="with --metrics: a local Inception-v3 state dict (replaces model.eval_inception_weights)",
+    )
     return p
 
 
@@ -120,6 +127,11 @@ class SampleCommand:
         cfg = load_job_config(folder, self.recipe_name, args.config, overrides)
         if args.n < 1:
             raise ValueError(f"--n: {args.n} is not allowed; use >= 1")
+        if args.inception_weights is not None:
+            from recipes.diffusion.inception import check_weights_file
+
+            check_weights_file(args.inception_weights)
+            cfg.model.eval_inception_weights = args.inception_weights
         labels = class_labels(cfg.model.num_classes, args.n, args.label)
         init_distributed("auto")
         try:
@@ -143,6 +155,13 @@ class SampleCommand:
         ncol = 8 if args.n >= 8 else args.n
         save_png(image_grid(images, ncol), args.out)
         print(f"wrote {args.out}: {args.n} images in {seconds:.1f}s ({args.n / seconds:.2f} images/s)")
+        if args.metrics:
+            from recipes.diffusion.metrics import feature_labels, sample_metrics
+
+            for line in feature_labels(cfg):
+                print(f"features: {line}")
+            for key, value in sample_metrics(cfg, images, labels).items():
+                print(f"{key}: {value:.6g}")
 
     @torch.no_grad()
     def benchmark(self, model: torch.nn.Module, cfg: JobConfig, rounds: int = 3) -> list[tuple[str, float, str]]:

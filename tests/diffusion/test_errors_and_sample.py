@@ -91,11 +91,16 @@ def test_train_then_sample_writes_a_png_grid(tmp_path):
     assert list((tmp_path / "s" / "tb").iterdir())  # the eval grid went to TensorBoard
     ckpt = tmp_path / "s" / "checkpoints" / "step-00000002"
     out = tmp_path / "grid.png"
-    sample = [sys.executable, "-m", "scaletrain.cli", "sample", str(ckpt), "--config", DIT, *small, "--sampler", "ddim",
-              "--steps", "3", "--cfg", "4.0", "--class", "3", "--n", "10", "--out", str(out)]  # fmt: skip
+    sample = [sys.executable, "-m", "scaletrain.cli", "sample", str(ckpt), "--config", DIT, *small, "--metrics",
+              "--sampler", "ddim", "--steps", "3", "--cfg", "4.0", "--class", "3", "--n", "10",
+              "--out", str(out)]  # fmt: skip
     done = subprocess.run(sample, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "images/s" in done.stdout
+    # --metrics: FID/KID against real shapes, labelled with the extractor that made them.
+    label = "features: fid_shapes/kid_shapes/class_accuracy_shapes: shapes classifier (trained by this project"
+    assert label in done.stdout
+    assert all(f"\n{key}: " in done.stdout for key in ("fid_shapes", "kid_shapes", "class_accuracy_shapes"))
     grid = np.asarray(Image.open(out))
     assert grid.shape == (2 * 18 + 2, 8 * 18 + 2, 3)  # 10 images of 16 px, 8 per row, 2 px gaps
     if "config" in json.loads((ckpt / "trainer.json").read_text()):  # cores that store the resolved config
