@@ -163,8 +163,14 @@ class Trainer:
             part.train()
         if dims.pp_enabled:
             self.schedule, self.pipeline_stages = build_schedule(
-                parts, stage_ids, stages, self.device, pp_mesh.get_group(), p.pp_schedule,
-                pipeline_microbatches(cfg, dims), self._pipeline_loss,
+                parts,
+                stage_ids,
+                stages,
+                self.device,
+                pp_mesh.get_group(),
+                p.pp_schedule,
+                pipeline_microbatches(cfg, dims),
+                self._pipeline_loss,
             )
             self.is_first_stage, self.is_last_stage = 0 in stage_ids, stages - 1 in stage_ids
         return parts
