@@ -54,7 +54,19 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: n
 
 
 def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    return frechet_distance(*gaussian_stats(features_a), *gaussian_stats(features_b))
+    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    if min(len(a), len(b)) < 2 or max(len(a), len(b)) >= a.shape[1]:
+        return frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
+    # Fewer samples than dimensions (an eval grid's 2048-d Inception features): with S1 = A^T A
+    # and S2 = B^T B (A, B the centred features / sqrt(n - 1), as np.cov), the eigenvalues of
+    # S1^(1/2) S2 S1^(1/2) are the squared singular values of A B^T, so tr((S1 S2)^(1/2)) is its
+    # nuclear norm: one n_a x n_b SVD instead of two d x d eigendecompositions (~5 s at d = 2048
+    # on one core), and exact where the d x d route clips round-off on a rank-deficient matrix.
+    ca = (a - a.mean(axis=0)) / np.sqrt(len(a) - 1)
+    cb = (b - b.mean(axis=0)) / np.sqrt(len(b) - 1)
+    diff = a.mean(axis=0) - b.mean(axis=0)
+    trace_sqrt = np.linalg.svd(ca @ cb.T, compute_uv=False).sum()
+    return float(diff @ diff + np.square(ca).sum() + np.square(cb).sum() - 2 * trace_sqrt)
 
 
 def kid(
