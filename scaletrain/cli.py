@@ -225,4 +225,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from scaletrain.distributed import run_as_worker
+
+    run_as_worker(main)  # under torchrun (e.g. `-m scaletrain.cli bench --parallel.pp 2`)

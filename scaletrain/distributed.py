@@ -23,8 +23,10 @@ import contextlib
 import gc
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -106,3 +108,28 @@ def destroy_distributed(wait_for_peers: bool = True) -> None:
                 dist.barrier()
         dist.destroy_process_group()
         gc.collect()
+
+
+def exit_without_finalization(code: int) -> NoReturn:
+    """Leave without running interpreter finalization.
+
+    gloo's worker threads can still hold tensors when Python tears down its modules, and
+    releasing them then aborts the process ("terminate called without an active exception")
+    even though the work finished and every file is written. Callers have closed their
+    outputs by now, so skip the teardown.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_as_worker(main: Callable[[], Any]) -> NoReturn:
+    """Entry point of a module torchrun starts (`python -m scaletrain.train`, `scaletrain.cli`, ...):
+    run `main` and exit with its status, skipping finalization (see exit_without_finalization).
+    Library calls of the same `main` return normally. An exception other than SystemExit
+    propagates, so its traceback prints as usual."""
+    try:
+        result = main()
+    except SystemExit as exc:
+        result = exc.code
+    exit_without_finalization(result if isinstance(result, int) else (0 if result is None else 1))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ from scaletrain.config import (
 )
 from scaletrain.config.validate import pipeline_microbatches
 from scaletrain.data import ShardedLoader
-from scaletrain.distributed import destroy_distributed, init_distributed, world_size_from_env
+from scaletrain.distributed import destroy_distributed, init_distributed, run_as_worker, world_size_from_env
 from scaletrain.ema import EMA
 from scaletrain.metrics import MetricLogger, count_train_flops, mfu, peak_memory_gib, peak_tflops
 from scaletrain.optim import build_optimizer, set_lr
@@ -462,23 +461,5 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(1) from exc
 
 
-def _exit_without_finalization(code: int) -> None:
-    """Leave without running interpreter finalization.
-
-    gloo's worker threads can still hold tensors when Python tears down its modules, and
-    releasing them then aborts the process ("terminate called without an active exception")
-    even though training finished and every file is written. All our outputs are closed
-    by now, so skip the teardown. Only used when this module is the process's entry point
-    (torchrun workers); library calls of `main`/`run` return normally.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    try:
-        main()
-    except SystemExit as exc:
-        _exit_without_finalization(exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1))
-    _exit_without_finalization(0)
+    run_as_worker(main)

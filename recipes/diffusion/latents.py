@@ -205,4 +205,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from scaletrain.distributed import run_as_worker
+
+    run_as_worker(main)  # torchrun workers leave without interpreter finalization

@@ -33,7 +33,8 @@ import torch.distributed.checkpoint as dcp
 
 import scaletrain.checkpoint.store as store
 from scaletrain.data import ShardedLoader
-from scaletrain.train import Trainer, _exit_without_finalization, main
+from scaletrain.distributed import run_as_worker
+from scaletrain.train import Trainer, main
 
 RANK = int(os.environ.get("RANK", "0"))
 FAULTS = [f for f in json.loads(os.environ.get("ST_FAULTS", "[]")) if f["rank"] == RANK]
@@ -149,8 +150,4 @@ if __name__ == "__main__":
     _patch()
     # Leave as `torchrun -m scaletrain.train` does, without interpreter finalization (a gloo
     # teardown abort there would count as one more failure, i.e. one more restart).
-    try:
-        main(sys.argv[1:])
-    except SystemExit as exc:
-        _exit_without_finalization(exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1))
-    _exit_without_finalization(0)
+    run_as_worker(lambda: main(sys.argv[1:]))

@@ -17,7 +17,7 @@ sys.path.insert(0, str(REPO))
 
 from recipes.gpt.model import GPT  # noqa: E402
 from scaletrain.config import load_config, validate_config  # noqa: E402
-from scaletrain.distributed import init_distributed  # noqa: E402
+from scaletrain.distributed import init_distributed, run_as_worker  # noqa: E402
 from scaletrain.parallel import init_model  # noqa: E402
 from scaletrain.registry import get_recipe  # noqa: E402
 from scaletrain.train import Trainer  # noqa: E402
@@ -78,4 +78,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Leave like a torchrun worker of scaletrain.train: skip interpreter finalization, where
+    # gloo's threads can abort the process after all results are written (a flake under load).
+    run_as_worker(main)
