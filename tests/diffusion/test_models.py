@@ -77,15 +77,22 @@ def test_class_label_changes_the_output_once_trained_weights_are_nonzero():
     assert not torch.allclose(model(x, t, torch.tensor([0])), model(x, t, torch.tensor([1])))
 
 
-def test_dit_xl2_config_matches_the_paper_on_the_meta_device():
-    """`scaletrain config show` of the DiT-XL/2 config: 675M parameters, 118.6 GMACs per forward (Peebles & Xie)."""
+# Peebles & Xie, Table 4: parameters and forward GFLOPs (multiply-accumulates) at 256 px, patch 2.
+DIT_SIZES = {"s": (33e6, 6.06e9), "b": (130e6, 23.01e9), "l": (458e6, 80.71e9), "xl": (675e6, 118.64e9)}
+
+
+@pytest.mark.parametrize("size", sorted(DIT_SIZES))
+def test_dit_configs_match_the_paper_on_the_meta_device(size):
+    """`scaletrain config show` of recipes/diffusion/configs/dit-<size>-2.yaml: parameters and
+    FLOPs as published (DiT-XL/2: 675M, 118.6 GMACs per forward)."""
     from pathlib import Path
 
     from scaletrain.cli import model_summary
     from scaletrain.config import load_config
 
-    config = Path(__file__).resolve().parents[2] / "recipes/diffusion/configs/dit-xl-2.yaml"
+    config = Path(__file__).resolve().parents[2] / f"recipes/diffusion/configs/dit-{size}-2.yaml"
     summary = model_summary(load_config(config))
-    assert summary["parameters"] == pytest.approx(675e6, rel=0.01)
+    params, macs = DIT_SIZES[size]
+    assert summary["parameters"] == pytest.approx(params, rel=0.01)
     # Training = forward + backward = 3 x forward; a MAC is 2 FLOPs.
-    assert summary["train_flops_per_sample"] == pytest.approx(3 * 2 * 118.6e9, rel=0.02)
+    assert summary["train_flops_per_sample"] == pytest.approx(3 * 2 * macs, rel=0.02)
