@@ -39,6 +39,7 @@ def reference(tmp_path_factory) -> list[dict]:
 def test_dit_pipeline_matches_one_process(layout, reference, tmp_path):
     overrides, nproc = LAYOUTS[layout]
     report = compare(reference, run_layout(CONFIG, COMMON + overrides, tmp_path, layout, nproc=nproc))
+    print(f"{layout}: max rel diff loss {report.max_loss_rel_diff:.1e}, grad norm {report.max_grad_norm_rel_diff:.1e}")
     assert report.loss_a[0] != report.loss_a[-1]  # training moved the loss
     assert report.max_loss_rel_diff <= LOSS_RTOL, report.table()
     assert report.max_grad_norm_rel_diff <= GNORM_RTOL, report.table()
