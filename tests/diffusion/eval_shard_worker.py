@@ -64,9 +64,9 @@ def main() -> None:
         del trainer
     finally:
         destroy_distributed()
-    sys.stdout.flush()
-    os._exit(0)  # skip interpreter teardown (gloo abort at exit; see scaletrain/train.py)
 
 
 if __name__ == "__main__":
-    main()
+    from scaletrain.distributed import run_as_worker
+
+    run_as_worker(main)  # skips interpreter teardown (gloo abort at exit), like scaletrain.train
