@@ -8,8 +8,8 @@ under torch.compile, and with a DTensor sharding rule (``kernels.sharding``), so
 shard by shard (e.g. the sequence-parallel norms under tensor parallel).
 
 Kernels: attention (flash, GQA, causal, sliding window, lse), rms_norm, apply_rope, swiglu,
-fused_linear_cross_entropy. See each module's docstring for layouts and algorithms; ``kernels.bench``
-benchmarks them (``python -m kernels.bench --help``).
+fused_linear_cross_entropy (and vocab_parallel_linear_cross_entropy, its tensor-parallel form). See each
+module's docstring for layouts and algorithms; ``kernels.bench`` benchmarks them.
 
 Note: the functions ``attention``, ``rms_norm`` and ``swiglu`` shadow their submodules as package
 attributes; reach the modules with ``from kernels.attention import attention_fwd`` or importlib.
@@ -18,7 +18,7 @@ attributes; reach the modules with ``from kernels.attention import attention_fwd
 from . import sharding
 from ._triton import INTERPRET, TRITON_AVAILABLE
 from .attention import attention
-from .fused_linear_ce import fused_linear_cross_entropy
+from .fused_linear_ce import fused_linear_cross_entropy, vocab_parallel_linear_cross_entropy
 from .rms_norm import rms_norm
 from .rope import apply_rope
 from .swiglu import swiglu
@@ -34,4 +34,5 @@ __all__ = [
     "fused_linear_cross_entropy",
     "rms_norm",
     "swiglu",
+    "vocab_parallel_linear_cross_entropy",
 ]

@@ -20,8 +20,39 @@ torch implementation of the per-chunk step, so the memory property holds on ever
 """
 
 import torch
+import torch.distributed as dist
 
 from ._triton import INTERPRET, kernel_op, launch, tl, triton, use_triton
+
+
+@triton.jit
+def _row_logsumexp(base, V, BLOCK_V: tl.constexpr):
+    """Online logsumexp of one row of V logits, read in BLOCK_V slices."""
+    cols0 = tl.arange(0, BLOCK_V)
+    m = tl.max(tl.full([BLOCK_V], float("-inf"), dtype=tl.float32), 0)
+    s = tl.sum(tl.zeros([BLOCK_V], dtype=tl.float32), 0)
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        m = m_new
+    return m + tl.log(s)
+
+
+@triton.jit
+def _row_grad_(base, V, lse, z_loss, target_col, scale, BLOCK_V: tl.constexpr):
+    """Overwrite one row of logits with scale * d(CE + z lse^2)/dlogits = scale * (softmax (1 + 2 z lse) - onehot).
+
+    target_col is the target's column in this row (outside [0, V) when another vocabulary shard holds it).
+    """
+    cols0 = tl.arange(0, BLOCK_V)
+    p_scale = 1.0 + 2.0 * z_loss * lse
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
+        grad = tl.exp(x - lse) * p_scale - tl.where(cols == target_col, 1.0, 0.0)
+        tl.store(base + cols, (grad * scale).to(base.dtype.element_ty), mask=cols < V)
 
 
 @triton.jit
@@ -33,31 +64,37 @@ def _ce_chunk_kernel(
     target = tl.load(TARGETS + row)
     valid = target != ignore_index
     safe_target = tl.where(valid, target, 0)
-    target_logit = tl.load(base + safe_target).to(tl.float32)  # read before pass 2 overwrites the row
-    cols0 = tl.arange(0, BLOCK_V)
-
-    # Pass 1: online logsumexp over the vocabulary in BLOCK_V slices.
-    m = tl.max(tl.full([BLOCK_V], float("-inf"), dtype=tl.float32), 0)
-    s = tl.sum(tl.zeros([BLOCK_V], dtype=tl.float32), 0)
-    for start in range(0, V, BLOCK_V):
-        cols = start + cols0
-        x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, 0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
-        m = m_new
-    lse = m + tl.log(s)
+    target_logit = tl.load(base + safe_target).to(tl.float32)  # read before the gradient overwrites the row
+    lse = _row_logsumexp(base, V, BLOCK_V)
     loss = lse - target_logit + z_loss * lse * lse
     tl.store(LOSS + row, tl.where(valid, loss, 0.0))
-
-    # Pass 2: d(loss_row / n_valid) / d logits, in place. d(z lse^2)/dx = 2 z lse softmax.
     if COMPUTE_GRAD:
         scale = tl.where(valid, tl.load(INV_N), 0.0)
-        p_scale = 1.0 + 2.0 * z_loss * lse
-        for start in range(0, V, BLOCK_V):
-            cols = start + cols0
-            x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
-            grad = tl.exp(x - lse) * p_scale - tl.where(cols == safe_target, 1.0, 0.0)
-            tl.store(base + cols, (grad * scale).to(LOGITS.dtype.element_ty), mask=cols < V)
+        _row_grad_(base, V, lse, z_loss, safe_target, scale, BLOCK_V)
+
+
+# Vocabulary-parallel pair (tensor parallel: each rank holds logits for the columns
+# [vocab_start, vocab_start + V) of the full vocabulary). The rows' global logsumexp needs every shard, so
+# the fused kernel splits in two around one all-gather: statistics of the local shard, then the gradient.
+
+
+@triton.jit
+def _ce_shard_stats_kernel(LOGITS, TARGETS, LSE, TARGET_LOGIT, V, vocab_start, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = LOGITS + row * V
+    local = tl.load(TARGETS + row) - vocab_start  # ignored rows get a value here too; the caller masks them
+    in_shard = (local >= 0) & (local < V)
+    x_t = tl.load(base + tl.where(in_shard, local, 0)).to(tl.float32)
+    tl.store(TARGET_LOGIT + row, tl.where(in_shard, x_t, 0.0))
+    tl.store(LSE + row, _row_logsumexp(base, V, BLOCK_V))
+
+
+@triton.jit
+def _ce_shard_grad_kernel(LOGITS, TARGETS, LSE, INV_N, V, vocab_start, ignore_index, z_loss, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    target = tl.load(TARGETS + row)
+    scale = tl.where(target != ignore_index, tl.load(INV_N), 0.0)
+    _row_grad_(LOGITS + row * V, V, tl.load(LSE + row), z_loss, target - vocab_start, scale, BLOCK_V)
 
 
 def _ce_chunk_fake(logits, targets, inv_n, ignore_index: int, z_loss: float, compute_grad: bool):  # noqa: ANN001
@@ -71,7 +108,7 @@ def cross_entropy_chunk_(
 ) -> torch.Tensor:  # fmt: skip
     """Per-row loss [c] fp32 for a contiguous logits chunk [c, V]; overwrites logits with dloss/dlogits."""
     c, v = logits.shape
-    block = min(triton.next_power_of_2(v), 64 if INTERPRET else 8192)
+    block = _block_v(v)
     loss = torch.empty(c, device=logits.device, dtype=torch.float32)
     launch(_ce_chunk_kernel)[(c,)](
         logits, targets, loss, inv_n, v, ignore_index, z_loss, BLOCK_V=block, COMPUTE_GRAD=compute_grad,
@@ -95,6 +132,62 @@ def _ce_chunk_torch(
         grad.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse)[:, None])
         logits.copy_(grad * (inv_n * valid)[:, None])
     return loss
+
+
+def _block_v(v: int) -> int:
+    return min(triton.next_power_of_2(v), 64 if INTERPRET else 8192)
+
+
+def _shard_stats_fake(logits, targets, vocab_start: int):  # noqa: ANN001
+    rows = logits.shape[0]
+    return logits.new_empty(rows, dtype=torch.float32), logits.new_empty(rows, dtype=torch.float32)
+
+
+@kernel_op("cross_entropy_shard_stats", fake=_shard_stats_fake)
+def cross_entropy_shard_stats(
+    logits: torch.Tensor, targets: torch.Tensor, vocab_start: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a vocabulary shard's logits [c, V]: (logsumexp over the shard, target logit or 0 if not here), fp32."""
+    c, v = logits.shape
+    block = _block_v(v)
+    lse = torch.empty(c, device=logits.device, dtype=torch.float32)
+    target_logit = torch.empty_like(lse)
+    launch(_ce_shard_stats_kernel)[(c,)](
+        logits, targets, lse, target_logit, v, vocab_start, BLOCK_V=block, num_warps=8 if block >= 4096 else 4
+    )
+    return lse, target_logit
+
+
+@kernel_op("cross_entropy_shard_grad_", mutates_args=("logits",))
+def cross_entropy_shard_grad_(
+    logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, inv_n: torch.Tensor, vocab_start: int,
+    ignore_index: int, z_loss: float,
+) -> None:  # fmt: skip
+    """Overwrites a vocabulary shard's logits [c, V] with d(mean loss)/dlogits, given the global lse [c]."""
+    c, v = logits.shape
+    block = _block_v(v)
+    launch(_ce_shard_grad_kernel)[(c,)](
+        logits, targets, lse, inv_n, v, vocab_start, ignore_index, z_loss, BLOCK_V=block,
+        num_warps=8 if block >= 4096 else 4,
+    )  # fmt: skip
+
+
+def _shard_stats_torch(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int) -> tuple[torch.Tensor, ...]:
+    local = targets - vocab_start
+    in_shard = (local >= 0) & (local < logits.shape[1])
+    x_t = logits.gather(1, torch.where(in_shard, local, 0)[:, None])[:, 0].float()
+    return torch.logsumexp(logits.float(), dim=-1), torch.where(in_shard, x_t, 0.0)
+
+
+def _shard_grad_torch_(
+    logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, inv_n: torch.Tensor, vocab_start: int,
+    ignore_index: int, z_loss: float,
+) -> None:  # fmt: skip
+    local = targets - vocab_start
+    in_shard = (local >= 0) & (local < logits.shape[1])
+    grad = torch.exp(logits.float() - lse[:, None]) * (1.0 + 2.0 * z_loss * lse)[:, None]
+    grad.scatter_add_(1, torch.where(in_shard, local, 0)[:, None], -in_shard.float()[:, None])
+    logits.copy_(grad * (inv_n * (targets != ignore_index))[:, None])
 
 
 def _chunk_logits(hidden_c: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -150,6 +243,109 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None
 
 
+# torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single; 2.11 has only the old name.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
+    """The same chunk loop over one vocabulary shard per rank of `group` (tensor parallel's output head)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, group, vocab_start, ignore_index, z_loss, chunk_size, reduce_dh):  # noqa: ANN001
+        want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        on_triton = use_triton(hidden, weight, targets)
+        shard_stats = cross_entropy_shard_stats if on_triton else _shard_stats_torch
+        shard_grad_ = cross_entropy_shard_grad_ if on_triton else _shard_grad_torch_
+        world = dist.get_world_size(group)
+        n = hidden.shape[0]
+        valid = targets != ignore_index
+        inv_n = (1.0 / valid.sum().clamp(min=1).float()).reshape(1)
+        grad_h = torch.empty_like(hidden) if want_dh else None
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if want_dw else None
+        loss_sum = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            h_c, t_c = hidden[start:end], targets[start:end]
+            logits = _chunk_logits(h_c, weight)
+            # One all-gather per chunk of 2 floats per row: every rank's (shard lse, target logit or 0).
+            # Combining them in rank order on every rank keeps the loss bitwise equal across the group.
+            local = torch.stack(shard_stats(logits, t_c, vocab_start))
+            gathered = local.new_empty(world * 2, local.shape[1])  # ranks stacked on dim 0 (as gloo wants)
+            _all_gather_single(gathered, local, group=group)
+            gathered = gathered.view(world, 2, -1)
+            lse = torch.logsumexp(gathered[:, 0], dim=0)
+            target_logit = gathered[:, 1].sum(0)
+            loss_sum += ((lse - target_logit + z_loss * lse * lse) * valid[start:end]).sum()
+            if want_dh or want_dw:
+                shard_grad_(logits, t_c, lse, inv_n, vocab_start, ignore_index, z_loss)
+                if want_dh:
+                    grad_h[start:end] = logits @ weight
+                if want_dw:
+                    grad_w += (logits.T @ h_c).float()
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
+        ctx.want, ctx.weight_dtype, ctx.group, ctx.reduce_dh = (want_dh, want_dw), weight.dtype, group, reduce_dh
+        return loss_sum * inv_n[0]
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # noqa: ANN001
+        saved = iter(ctx.saved_tensors)
+        want_dh, want_dw = ctx.want
+        grad_h = grad_w = None
+        if want_dh:
+            stored_h = next(saved)
+            grad_h = stored_h * grad_loss.to(stored_h.dtype)
+            if ctx.reduce_dh:  # each shard contributed its part of dloss/dhidden
+                dist.all_reduce(grad_h, group=ctx.group)
+        if want_dw:
+            grad_w = (next(saved) * grad_loss).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None, None, None, None, None
+
+
+def vocab_parallel_linear_cross_entropy(
+    hidden_ND: torch.Tensor,
+    weight_shard_VD: torch.Tensor,
+    targets_N: torch.Tensor,
+    group: dist.ProcessGroup,
+    *,
+    vocab_start: int,
+    ignore_index: int = -100,
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+    reduce_hidden_grad: bool = True,
+) -> torch.Tensor:
+    """``fused_linear_cross_entropy`` with the output weight split over the vocabulary across `group`.
+
+    Every rank passes the same hidden [N, D] and targets [N] (global vocabulary ids) and its own rows
+    [vocab_start, vocab_start + V_shard) of the weight; every rank gets the same loss. Memory per rank is
+    one [chunk, V_shard] buffer. The weight gradient is the rank's own shard. The hidden gradient is the
+    sum of every shard's part: summed here by an all-reduce, or, with ``reduce_hidden_grad=False``, left
+    as this rank's partial sum for a caller that reduces it itself (e.g. a DTensor with a Partial gradient
+    placement, which becomes a reduce-scatter under sequence parallel).
+    """
+    _check_shapes(hidden_ND, weight_shard_VD, targets_N)
+    n, d = hidden_ND.shape
+    chunk = _chunk_rows(n, d, weight_shard_VD.shape[0], chunk_size)
+    return _VocabParallelLinearCrossEntropy.apply(
+        hidden_ND, weight_shard_VD, targets_N.contiguous(), group, int(vocab_start), int(ignore_index),
+        float(z_loss), chunk, bool(reduce_hidden_grad),
+    )  # fmt: skip
+
+
+def _check_shapes(hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor) -> None:
+    if hidden_ND.dim() != 2 or weight_VD.dim() != 2 or hidden_ND.shape[1] != weight_VD.shape[1]:
+        raise ValueError(f"expected hidden [N, D], weight [V, D]; got {tuple(hidden_ND.shape)}, "
+                         f"{tuple(weight_VD.shape)}")  # fmt: skip
+    if targets_N.shape != hidden_ND.shape[:1]:
+        raise ValueError(f"targets must be [{hidden_ND.shape[0]}], got {tuple(targets_N.shape)}")
+
+
+def _chunk_rows(n: int, d: int, v: int, chunk_size: int | None) -> int:
+    chunk = default_chunk_size(n, d, v) if chunk_size is None else int(chunk_size)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk}")
+    return chunk
+
+
 def fused_linear_cross_entropy(
     hidden_ND: torch.Tensor,
     weight_VD: torch.Tensor,
@@ -160,15 +356,9 @@ def fused_linear_cross_entropy(
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Mean CE (+ z_loss * lse^2) of hidden @ weight.T against targets, chunked over rows; fp32 scalar."""
-    if hidden_ND.dim() != 2 or weight_VD.dim() != 2 or hidden_ND.shape[1] != weight_VD.shape[1]:
-        raise ValueError(f"expected hidden [N, D], weight [V, D]; got {tuple(hidden_ND.shape)}, "
-                         f"{tuple(weight_VD.shape)}")
-    if targets_N.shape != hidden_ND.shape[:1]:
-        raise ValueError(f"targets must be [{hidden_ND.shape[0]}], got {tuple(targets_N.shape)}")
+    _check_shapes(hidden_ND, weight_VD, targets_N)
     n, d = hidden_ND.shape
-    chunk = default_chunk_size(n, d, weight_VD.shape[0]) if chunk_size is None else int(chunk_size)
-    if chunk < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk}")
+    chunk = _chunk_rows(n, d, weight_VD.shape[0], chunk_size)
     return _FusedLinearCrossEntropy.apply(
         hidden_ND, weight_VD, targets_N.contiguous(), int(ignore_index), float(z_loss), chunk
     )

@@ -19,6 +19,7 @@ N rows, D width, V vocabulary):
                        halves equal (cat(freqs, freqs), as Hugging Face Llama stores them) -> (q, k)
   swiglu               gate, up [..., F]                                                -> silu(gate) * up
   linear_cross_entropy hidden [N, D], weight [V, D], targets [N]                        -> fp32 scalar mean
+                       (fused under tensor parallel: weight a DTensor sharded over V, hidden [..., D])
 """
 
 from __future__ import annotations
@@ -306,9 +307,18 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against targets (+ z_loss * logsumexp^2), fp32 scalar.
 
+    hidden may have leading dims ([..., D]) matched by targets ([...]); they are flattened.
     Fused: ``kernels.fused_linear_cross_entropy`` processes rows in chunks and never holds the [N, V]
     logits (memory ∝ chunk_size * V). Unfused: full logits, softmax in fp32.
+
+    Under tensor parallel (fused only) the weight is a DTensor sharded over the vocabulary and the hidden
+    states a DTensor of any placement (e.g. sequence-sharded): see ``_vocab_parallel_linear_cross_entropy``.
     """
+    if fused and _is_dtensor(weight_VD):
+        return _vocab_parallel_linear_cross_entropy(
+            hidden_ND, weight_VD, targets_N, ignore_index=ignore_index, z_loss=z_loss, chunk_size=chunk_size
+        )
+    hidden_ND, targets_N = hidden_ND.flatten(0, -2), targets_N.flatten()  # [B, T, D] / [B, T] are welcome
     if fused:
         return _kernels().fused_linear_cross_entropy(
             hidden_ND, weight_VD, targets_N, ignore_index=ignore_index, z_loss=z_loss, chunk_size=chunk_size
@@ -320,3 +330,49 @@ def linear_cross_entropy(
         lse = torch.logsumexp(logits, dim=-1)
         loss = loss + z_loss * (lse.square() * valid).sum() / valid.sum().clamp(min=1)
     return loss
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _vocab_parallel_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, **kwargs: float | int | None
+) -> torch.Tensor:
+    """Fused linear + cross-entropy with the output weight a DTensor Shard(0) over a 1-D (tensor-parallel) mesh.
+
+    Each rank runs the chunk loop over its vocabulary rows (``kernels.vocab_parallel_linear_cross_entropy``)
+    on the full hidden states, all-gathered here. The hidden gradient each rank computes is a partial sum
+    over its vocabulary shard; handing it back with a Partial gradient placement lets DTensor reduce it in
+    the backward of that all-gather — a reduce-scatter when the hidden states were sequence-sharded, the
+    same traffic as loss parallel and no [N, V] logits on any rank.
+    """
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    mesh = weight.device_mesh
+    if mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
+        raise ValueError(
+            "train.fused_cross_entropy under tensor parallel needs the output weight sharded over the vocabulary "
+            f"on one mesh dim (placements (Shard(0),)); got {tuple(weight.placements)} on a {mesh.ndim}-D mesh"
+        )
+    vocab, tp = weight.shape[0], mesh.size()
+    if vocab % tp:
+        raise ValueError(f"model.vocab_size: {vocab} is not divisible by parallel.tp={tp} (vocabulary-sharded head)")
+    if isinstance(hidden, DTensor):
+        hidden = hidden.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+        reduce_hidden_grad = False
+    else:  # a plain, replicated tensor: the kernel all-reduces its gradient itself
+        reduce_hidden_grad = True
+    if isinstance(targets, DTensor):
+        targets = targets.full_tensor()
+    return _kernels().vocab_parallel_linear_cross_entropy(
+        hidden.flatten(0, -2),
+        weight.to_local(),
+        targets.flatten(),
+        mesh.get_group(),
+        vocab_start=mesh.get_local_rank() * (vocab // tp),
+        reduce_hidden_grad=reduce_hidden_grad,
+        **kwargs,
+    )

@@ -130,11 +130,6 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
     if cfg.train.fused_cross_entropy:
         checks += [
             (
-                dims.tp == 1,
-                f"train.fused_cross_entropy: not supported with tensor parallel (parallel.tp={dims.tp}): the output "
-                "head is sharded over the vocabulary; use parallel.loss_parallel instead",
-            ),
-            (
                 dims.pp == 1,
                 f"train.fused_cross_entropy: not supported with pipeline parallel (parallel.pp={dims.pp}): the "
                 "last stage's loss is computed from its output by the schedule",

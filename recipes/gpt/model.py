@@ -207,7 +207,8 @@ class GPT(nn.Module):
 
         With `fused_cross_entropy` and targets [B, T], returns the fp32 mean cross-entropy instead,
         computed chunk by chunk by the fused kernel inside this forward (where FSDP has the output
-        weight unsharded). Otherwise targets are ignored.
+        weight unsharded; under tensor parallel each rank runs it over its vocabulary shard of the head).
+        Otherwise targets are ignored.
         """
         h = x
         if self.tok_embeddings is not None:
@@ -222,7 +223,7 @@ class GPT(nn.Module):
         if head is None and self.cfg.tie_embeddings and self.tok_embeddings is not None:
             head = self.tok_embeddings.weight
         if self.fused_cross_entropy and targets is not None and head is not None:
-            return ops.linear_cross_entropy(h.flatten(0, 1), head, targets.flatten(), fused=True)
+            return ops.linear_cross_entropy(h, head, targets, fused=True)
         if self.output is not None:
             return self.output(h)
         if self.cfg.tie_embeddings and self.tok_embeddings is not None:
