@@ -7,11 +7,12 @@ registered as a ``torch.library`` op in the ``scaletrain_kernels`` namespace wit
 under torch.compile, and with a DTensor sharding rule (``kernels.sharding``), so it runs on DTensor inputs
 shard by shard (e.g. the sequence-parallel norms under tensor parallel).
 
-Kernels: attention (flash, GQA, causal, sliding window, lse), rms_norm, apply_rope, swiglu,
+Kernels: attention (flash, GQA, causal, sliding window, lse), rms_norm, layer_norm (+ layer_norm_modulate,
+DiT's adaLN), apply_rope, swiglu,
 fused_linear_cross_entropy (and vocab_parallel_linear_cross_entropy, its tensor-parallel form). See each
 module's docstring for layouts and algorithms; ``kernels.bench`` benchmarks them.
 
-Note: the functions ``attention``, ``rms_norm`` and ``swiglu`` shadow their submodules as package
+Note: the functions ``attention``, ``rms_norm``, ``layer_norm`` and ``swiglu`` shadow their submodules as package
 attributes; reach the modules with ``from kernels.attention import attention_fwd`` or importlib.
 """
 
@@ -19,6 +20,7 @@ from . import sharding
 from ._triton import INTERPRET, TRITON_AVAILABLE
 from .attention import attention
 from .fused_linear_ce import fused_linear_cross_entropy, vocab_parallel_linear_cross_entropy
+from .layer_norm import layer_norm, layer_norm_modulate
 from .rms_norm import rms_norm
 from .rope import apply_rope
 from .swiglu import swiglu
@@ -32,6 +34,8 @@ __all__ = [
     "apply_rope",
     "attention",
     "fused_linear_cross_entropy",
+    "layer_norm",
+    "layer_norm_modulate",
     "rms_norm",
     "swiglu",
     "vocab_parallel_linear_cross_entropy",

@@ -18,6 +18,10 @@ runs the same number of tokens, as the FlashAttention benchmarks do):
                    (flash, efficient, cudnn; one that cannot run these inputs gets an error row) and
                    flex_attention under torch.compile with a causal BlockMask. TFLOP/s counts the causal half.
   rms_norm         x [B*T, hidden]; alternatives: eager (fp32 math, as Llama's reference code), F.rms_norm
+  layer_norm       x [B*T, hidden] with weight and bias; alternatives: eager (fp32 math in plain ops, as a
+                   model without a norm kernel runs it), F.layer_norm (nn.LayerNorm's, what scaletrain runs unfused)
+  layer_norm_modulate  x [B, T, hidden], shift / scale [B, hidden] (DiT's adaLN, no affine); alternatives: eager
+                   (fp32 plain ops), torch_layer_norm = F.layer_norm then x * (1 + scale) + shift (DiT unfused)
   rope             q/k [B, T, heads, head_dim]; alternative: eager rotate-half
   swiglu           gate/up [B*T, 4 * hidden]; alternative: eager silu(gate) * up
   fused_linear_ce  hidden [T, ce_hidden] bf16, weight [vocab, ce_hidden] (default vocab 128256, Llama 3's
@@ -56,11 +60,12 @@ from . import reference
 from ._triton import INTERPRET, TRITON_AVAILABLE, use_triton
 from .attention import attention
 from .fused_linear_ce import fused_linear_cross_entropy
+from .layer_norm import layer_norm, layer_norm_modulate
 from .rms_norm import rms_norm
 from .rope import apply_rope
 from .swiglu import swiglu
 
-KERNELS = ("attention", "rms_norm", "rope", "swiglu", "fused_linear_ce")
+KERNELS = ("attention", "rms_norm", "layer_norm", "layer_norm_modulate", "rope", "swiglu", "fused_linear_ce")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
 SDPA_BACKENDS = (("sdpa_flash", "FLASH_ATTENTION"), ("sdpa_efficient", "EFFICIENT_ATTENTION"),
@@ -70,6 +75,7 @@ GOALS = {  # the issue's targets, checked in the Markdown summary
     "attention": "fwd+bwd >= 1.0x the fastest SDPA backend at seq >= 2048",
     "elementwise": "rms_norm / rope / swiglu >= 1.5x eager",
     "fused_linear_ce": "peak memory >= 4x lower than eager, speed >= 0.9x eager",
+    "layer_norm": "layer_norm / layer_norm_modulate >= 1.5x eager",
 }
 
 
@@ -233,6 +239,24 @@ def _case(name: str, t: int, sizes: dict[str, int], dtype: torch.dtype, dev: tor
             alts["torch_rms_norm"] = lambda x, w: F.rms_norm(x, (hidden,), w, 1e-6)
         return dict(inputs=[x, w], fn=lambda x, w: rms_norm(x, w, 1e-6), alts=alts, ref=alts["eager"], flops={},
                     nbytes=_bytes(x, fwd=2, bwd=3), passes=("fwd", "fwd+bwd"), shape=f"N{b * t} D{hidden}")  # fmt: skip
+    if name == "layer_norm":
+        x, w, bias = rnd(b * t, hidden), 1 + 0.1 * rnd(hidden), 0.1 * rnd(hidden)
+        eager = lambda x, w, bias: reference.layer_norm_reference(x, w, bias, 1e-5)  # noqa: E731
+        alts = {"eager": eager, "torch_layer_norm": lambda x, w, bias: F.layer_norm(x, (hidden,), w, bias, 1e-5)}
+        return dict(inputs=[x, w, bias], fn=lambda x, w, bias: layer_norm(x, w, bias, 1e-5), alts=alts, ref=eager,
+                    flops={}, nbytes=_bytes(x, fwd=2, bwd=3), passes=("fwd", "fwd+bwd"),
+                    shape=f"N{b * t} D{hidden}")  # fmt: skip
+    if name == "layer_norm_modulate":
+        x, shift, scale = rnd(b, t, hidden), rnd(b, hidden), 0.1 * rnd(b, hidden)
+        eager = lambda x, s, c: reference.layer_norm_modulate_reference(x, s, c, 1e-6)  # noqa: E731
+
+        def torch_modulate(x: torch.Tensor, s: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return F.layer_norm(x, (hidden,), eps=1e-6) * (1 + c[:, None]) + s[:, None]
+
+        return dict(inputs=[x, shift, scale], fn=lambda x, s, c: layer_norm_modulate(x, s, c, 1e-6),
+                    alts={"eager": eager, "torch_layer_norm": torch_modulate}, ref=eager, flops={},
+                    nbytes=_bytes(x, fwd=2, bwd=3), passes=("fwd", "fwd+bwd"),
+                    shape=f"B{b} T{t} D{hidden}")  # fmt: skip
     if name == "rope":
         q, k = rnd(b, t, heads, head_dim), rnd(b, t, kv_heads, head_dim)
         ang = torch.rand(t, head_dim // 2, device=dev, generator=gen)
@@ -520,12 +544,20 @@ def goals(rows: list[dict]) -> list[str]:
         worst = min(elem, key=lambda e: e[3])
         out.append(f"{'MET' if ok else 'NOT MET'}: {GOALS['elementwise']} — lowest {worst[3]:.2f}x "
                    f"({worst[0]} {worst[1]} {worst[2]})")  # fmt: skip
+    norm = [r for r in tri if r["kernel"] in ("layer_norm", "layer_norm_modulate") and r.get("vs_eager")]
     ce = [r for r in tri if r["kernel"] == "fused_linear_ce" and r.get("vs_eager") and r.get("mem_vs_eager")]
     if ce:
         ok = all(r["mem_vs_eager"] >= 4 and r["vs_eager"] >= 0.9 for r in ce)
         detail = ", ".join(f"{r['shape']}: memory {r['mem_vs_eager']:.1f}x lower, speed {r['vs_eager']:.2f}x"
                            for r in ce)  # fmt: skip
         out.append(f"{'MET' if ok else 'NOT MET'}: fused cross-entropy {GOALS['fused_linear_ce']} — {detail}")
+    if norm:  # after the issue's original goals, so their lines keep their places
+        ok = all(r["vs_eager"] >= 1.5 for r in norm)
+        worst = min(norm, key=lambda r: r["vs_eager"])
+        torch_ratios = [r["vs_torch_layer_norm"] for r in norm if r.get("vs_torch_layer_norm")]
+        vs_torch = f"; vs F.layer_norm lowest {min(torch_ratios):.2f}x" if torch_ratios else ""
+        out.append(f"{'MET' if ok else 'NOT MET'}: {GOALS['layer_norm']} — lowest {worst['vs_eager']:.2f}x "
+                   f"({worst['kernel']} {worst.get('pass')} {worst['shape']}){vs_torch}")  # fmt: skip
     entry = attention_table_entry(rows)
     out.append(
         "model.attention=auto: Triton attention never beat every SDPA backend here; leave "

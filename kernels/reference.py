@@ -66,6 +66,36 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return y.to(x.dtype)
 
 
+def layer_norm_reference(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last dim (biased variance, as nn.LayerNorm),
+    weight / bias optional; computed in fp32, returned in x's dtype."""
+    xf = x.float()
+    mean = xf.mean(-1, keepdim=True)
+    y = (xf - mean) * torch.rsqrt((xf - mean).pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def layer_norm_modulate_reference(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """adaLN (DiT): layer_norm(x) * (1 + scale) + shift with x [B, ..., N] and shift / scale [B, N] broadcast
+    over the middle dims; in fp32, returned in x's dtype."""
+    view = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+    y = layer_norm_reference(x.float(), weight, bias, eps)
+    return (y * (1 + scale.float().view(view)) + shift.float().view(view)).to(x.dtype)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """(x1, x2) -> (-x2, x1) on the two halves of the last dim."""
     x1, x2 = x.chunk(2, dim=-1)

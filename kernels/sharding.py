@@ -12,6 +12,12 @@ Why these rules are exact:
                weight is replicated. Its gradient sums dy * x_hat over every row, and a rank holds only its
                rows, so the local dweight is a partial sum: ``Partial()`` (DTensor all-reduces it when a
                replicated value is needed, as for torch's own rms_norm).
+  layer_norm   like rms_norm: rows are independent, weight and bias replicated, their gradients Partial.
+               With adaLN modulate (x [B, ..., N], shift / scale [B, N]) the batch dim 0 may be sharded if
+               shift and scale share it (their gradients then too); any other row dim needs them replicated,
+               and their gradients (sums over the rows of each b) become Partial. The gradient slots of
+               absent optional inputs (empty placeholders) get the same placements, so the rule does not
+               depend on which of weight / bias is present.
   swiglu       elementwise: any shard, as long as gate, up and their gradients share it.
   attention    independent per batch row and per head: shard dim 0 (batch) or 1 (heads) of q/k/v, out,
                lse and the gradients alike. With grouped-query heads both head counts must be divisible by
@@ -51,6 +57,34 @@ def register() -> bool:
     def _rms_norm_bwd(dy, x, weight, rstd):  # noqa: ANN001, ANN202
         rules = [([R, R], [R, R, R, R])]  # (dx, dweight) <- (dy, x, weight, rstd)
         rules += [([Shard(d), Partial()], [Shard(d), Shard(d), R, Shard(d)]) for d in range(x.ndim - 1)]
+        return rules
+
+    def opt(t, placement):  # noqa: ANN001, ANN202 - None for an absent optional tensor argument
+        return None if t is None else placement
+
+    @register_sharding(ops.layer_norm_fwd.default)
+    def _layer_norm_fwd(x, weight, bias, shift, scale, eps):  # noqa: ANN001, ANN202
+        # (y, mean, rstd) <- (x, weight, bias, shift, scale, eps)
+        affine = [opt(weight, R), opt(bias, R)]
+        rules = [([R] * 3, [R, *affine, opt(shift, R), opt(scale, R), None])]
+        for d in range(x.ndim - 1):
+            mod = Shard(0) if d == 0 else R  # shift / scale follow a batch shard, else stay replicated
+            rules.append(([Shard(d)] * 3, [Shard(d), *affine, opt(shift, mod), opt(scale, mod), None]))
+        return rules
+
+    @register_sharding(ops.layer_norm_bwd.default)
+    def _layer_norm_bwd(dy, x, weight, bias, scale, mean, rstd):  # noqa: ANN001, ANN202
+        # (dx, dweight, dbias, dshift, dscale) <- (dy, x, weight, bias, scale, mean, rstd)
+        affine = [opt(weight, R), opt(bias, R)]
+        rules = [([R] * 5, [R, R, *affine, opt(scale, R), R, R])]
+        for d in range(x.ndim - 1):
+            mod_in, mod_grad = (Shard(0), Shard(0)) if d == 0 and scale is not None else (R, Partial())
+            rules.append(
+                (
+                    [Shard(d), Partial(), Partial(), mod_grad, mod_grad],
+                    [Shard(d), Shard(d), *affine, opt(scale, mod_in), Shard(d), Shard(d)],
+                )
+            )
         return rules
 
     @register_sharding(ops.swiglu_fwd.default)
