@@ -16,15 +16,18 @@ backends) followed by an add, a mul and another add over the whole [B, T, N] act
 write, with autograd keeping the intermediates. Here the forward is one read of x and one write of y; the only
 saved extras are mean and rstd (two fp32 per row), and x_hat / z are recomputed in the backward.
 
+Each program of the forward normalizes a [BLOCK_M, BLOCK_N] tile (BLOCK_N = N rounded up to a power of two,
+BLOCK_M rows such that the tile holds <= 4096 elements: one row of a wide input, several of a narrow one).
+
 Backward, with dz = dy * (1 + scale[b]) (dz = dy without modulate) and g = dz * weight (g = dz without one):
   dx     = rstd * (g - mean(g) - x_hat * mean(g * x_hat))        (per row)
   dweight = sum over rows of dz * x_hat,   dbias = sum over rows of dz
   dshift[b] = sum over the rows of slice b of dy,   dscale[b] = same of dy * z
 The backward is persistent: programs_per_group programs per leading slice b (one group of all rows without
-modulate), each walking a contiguous run of that slice's rows and accumulating dweight / dbias / dshift /
-dscale partial sums in fp32 registers; each program writes its partials to its own row of a [programs, N]
-buffer and torch sums them. No atomics, so the result is deterministic, and a program never straddles two
-slices, so the per-slice dshift / dscale need no second pass over x.
+modulate), each walking a contiguous run of that slice's rows a [BLOCK_M, BLOCK_N] tile at a time and
+accumulating dweight / dbias / dshift / dscale partial sums in fp32 registers; each program writes its partials
+to its own row of a [programs, N] buffer and torch sums them. No atomics, so the result is deterministic; and a
+program never straddles two slices, so the per-slice dshift / dscale need no second pass over x.
 """
 
 import torch
@@ -35,95 +38,112 @@ from ._triton import kernel_op, launch, num_programs_hint, tl, triton, use_trito
 
 @triton.jit
 def _ln_fwd_kernel(
-    X, W, B, SHIFT, SCALE, Y, MEAN, RSTD, N, rows_per_group, eps,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, MODULATE: tl.constexpr, BLOCK_N: tl.constexpr,
+    X, W, B, SHIFT, SCALE, Y, MEAN, RSTD, M, N, rows_per_group, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, MODULATE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: rows * N cannot overflow
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    x = tl.load(X + row * N + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, 0) / N
-    xc = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 0) / N + eps)
-    y = xc * rstd
+    row_ok = rows < M
+    col_ok = cols < N
+    mask = row_ok[:, None] & col_ok[None, :]
+    offs = rows[:, None] * N + cols[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, 1) / N
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / N + eps)
+    y = xc * rstd[:, None]
     if HAS_WEIGHT:
-        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
-        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y + tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if MODULATE:
-        group = row // rows_per_group
-        scale = tl.load(SCALE + group * N + cols, mask=mask, other=0.0).to(tl.float32)
-        shift = tl.load(SHIFT + group * N + cols, mask=mask, other=0.0).to(tl.float32)
+        group_offs = (rows // rows_per_group)[:, None] * N + cols[None, :]
+        scale = tl.load(SCALE + group_offs, mask=mask, other=0.0).to(tl.float32)
+        shift = tl.load(SHIFT + group_offs, mask=mask, other=0.0).to(tl.float32)
         y = y * (1.0 + scale) + shift
-    tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, mean, mask=row_ok)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
 @triton.jit
 def _ln_bwd_kernel(
     DY, X, W, B, SCALE, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, DSHIFT_PARTIAL, DSCALE_PARTIAL,
     N, rows_per_group, programs_per_group, rows_per_program,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, MODULATE: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, MODULATE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     group = pid // programs_per_group
     chunk = pid % programs_per_group
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
+    col_ok = cols < N
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     db = tl.zeros([BLOCK_N], dtype=tl.float32)
     dshift = tl.zeros([BLOCK_N], dtype=tl.float32)
     dscale = tl.zeros([BLOCK_N], dtype=tl.float32)
     if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
-        b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if MODULATE:
-        one_plus_scale = 1.0 + tl.load(SCALE + group.to(tl.int64) * N + cols, mask=mask, other=0.0).to(tl.float32)
-    # This program's rows: a contiguous run inside its group (int64 so r * N cannot overflow on huge inputs).
+        scale = tl.load(SCALE + group.to(tl.int64) * N + cols, mask=col_ok, other=0.0).to(tl.float32)
+        one_plus_scale = (1.0 + scale)[None, :]
+    # This program's rows: a contiguous run inside its group, BLOCK_M rows at a time (int64 offsets).
     first = chunk.to(tl.int64) * rows_per_program
     n_rows = tl.minimum(first + rows_per_program, rows_per_group) - first  # <= 0 for a surplus program
     row_start = group.to(tl.int64) * rows_per_group + first
-    for i in range(0, n_rows):
-        r = row_start + i
-        x = tl.load(X + r * N + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + r * N + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + r)
-        rstd = tl.load(RSTD + r)
-        x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
+    for i in range(0, n_rows, BLOCK_M):
+        local = i + tl.arange(0, BLOCK_M)
+        row_ok = local < n_rows
+        rows = row_start + local
+        mask = row_ok[:, None] & col_ok[None, :]
+        offs = rows[:, None] * N + cols[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         if MODULATE:
             z = x_hat
             if HAS_WEIGHT:
                 z = z * w
             if HAS_BIAS:
                 z = z + b
-            dshift += dy
-            dscale += dy * z
+            dshift += tl.sum(dy, 0)
+            dscale += tl.sum(dy * z, 0)
             dy = dy * one_plus_scale
         if HAS_BIAS:
-            db += dy
+            db += tl.sum(dy, 0)
         if HAS_WEIGHT:
-            dw += dy * x_hat
+            dw += tl.sum(dy * x_hat, 0)
             g = dy * w
         else:
             g = dy
-        c_mean = tl.sum(g, 0) / N
-        c_proj = tl.sum(g * x_hat, 0) / N
-        dx = rstd * (g - c_mean - x_hat * c_proj)
-        tl.store(DX + r * N + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        c_mean = tl.sum(g, 1) / N
+        c_proj = tl.sum(g * x_hat, 1) / N
+        dx = rstd[:, None] * (g - c_mean[:, None] - x_hat * c_proj[:, None])
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
     out = pid.to(tl.int64) * N + cols
     if HAS_WEIGHT:
-        tl.store(DW_PARTIAL + out, dw, mask=mask)
+        tl.store(DW_PARTIAL + out, dw, mask=col_ok)
     if HAS_BIAS:
-        tl.store(DB_PARTIAL + out, db, mask=mask)
+        tl.store(DB_PARTIAL + out, db, mask=col_ok)
     if MODULATE:
-        tl.store(DSHIFT_PARTIAL + out, dshift, mask=mask)
-        tl.store(DSCALE_PARTIAL + out, dscale, mask=mask)
+        tl.store(DSHIFT_PARTIAL + out, dshift, mask=col_ok)
+        tl.store(DSCALE_PARTIAL + out, dscale, mask=col_ok)
+
+
+TILE = 4096  # elements per [BLOCK_M, BLOCK_N] tile: one row of a wide input, several rows of a narrow one
 
 
 def _block(n: int) -> int:
     return triton.next_power_of_2(n)
+
+
+def _rows_per_tile(block_n: int, rows: int) -> int:
+    return max(1, min(TILE // block_n, triton.next_power_of_2(max(rows, 1))))
 
 
 def _warps(block: int) -> int:
@@ -161,15 +181,16 @@ def layer_norm_fwd(
     modulate = shift is not None
     groups = shift.shape[0] if modulate else 1
     block = _block(n)
-    launch(_ln_fwd_kernel)[(m,)](
+    block_m = _rows_per_tile(block, m)
+    launch(_ln_fwd_kernel)[(triton.cdiv(m, block_m),)](
         x,
         weight.contiguous() if weight is not None else x,  # unused pointers get x (never read)
         bias.contiguous() if bias is not None else x,
         shift.contiguous() if modulate else x,
         scale.contiguous() if modulate else x,
-        y, mean, rstd, n, m // groups, eps,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, MODULATE=modulate, BLOCK_N=block,
-        num_warps=_warps(block),
+        y, mean, rstd, m, n, m // groups, eps,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, MODULATE=modulate, BLOCK_M=block_m,
+        BLOCK_N=block, num_warps=_warps(block * block_m),
     )  # fmt: skip
     return y, mean, rstd
 
@@ -211,6 +232,7 @@ def layer_norm_bwd(
     dshift_p, dscale_p = partial(modulate), partial(modulate)
     if m > 0:
         block = _block(n)
+        block_m = _rows_per_tile(block, rows_per_program)
         launch(_ln_bwd_kernel)[(programs,)](
             dy, x,
             weight.contiguous() if weight is not None else x,
@@ -218,8 +240,8 @@ def layer_norm_bwd(
             scale.contiguous() if modulate else x,
             mean, rstd, dx, dw_p, db_p, dshift_p, dscale_p,
             n, rows_per_group, programs_per_group, rows_per_program,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, MODULATE=modulate, BLOCK_N=block,
-            num_warps=_warps(block),
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, MODULATE=modulate, BLOCK_M=block_m,
+            BLOCK_N=block, num_warps=_warps(block * block_m),
         )  # fmt: skip
     dw = dw_p.sum(0).to(weight.dtype) if weight is not None else _placeholder(x)
     db = db_p.sum(0).to(bias.dtype) if bias is not None else _placeholder(x)
