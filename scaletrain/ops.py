@@ -1,4 +1,5 @@
-"""Switchable compute ops every recipe uses: attention, RMSNorm, RoPE, SwiGLU and linear + cross-entropy.
+"""Switchable compute ops every recipe uses: attention, RMSNorm, LayerNorm (+ adaLN modulate), RoPE, SwiGLU
+and linear + cross-entropy.
 
 Each op has a plain PyTorch path (the default) and a fused path from the ``kernels`` package (Triton
 kernels with autograd, registered as torch custom ops). Recipes call these instead of writing the math
@@ -15,6 +16,9 @@ Layouts (shape legend: B batch, T query length, S key length, H query heads, K k
 N rows, D width, V vocabulary):
   attention            q [B, H, T, E], k/v [B, K, S, E] with K dividing H (grouped-query)  -> [B, H, T, E]
   rms_norm             x [..., D], weight [D]                                           -> like x
+  layer_norm           x [..., D], weight / bias [D] or None                            -> like x
+  layer_norm_modulate  x [B, ..., D], shift / scale [B, D] (DiT's adaLN)                -> like x:
+                       layer_norm(x) * (1 + scale) + shift, shift / scale broadcast over the middle dims
   rope                 q [B, T, H, E], k [B, T, K, E], cos/sin [T, E] in the rotate-half layout with both
                        halves equal (cat(freqs, freqs), as Hugging Face Llama stores them) -> (q, k)
   swiglu               gate, up [..., F]                                                -> silu(gate) * up
@@ -260,6 +264,34 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, fused: bo
             raise ValueError("the fused rms_norm needs a weight (elementwise affine)")
         return _kernels().rms_norm(x, weight, eps)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, fused: bool = False
+) -> torch.Tensor:
+    """LayerNorm over the last dim, weight / bias optional. Unfused is ``F.layer_norm`` (what nn.LayerNorm runs)."""
+    if fused:
+        return _kernels().layer_norm(x, weight, bias, eps)
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def layer_norm_modulate(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    fused: bool = False,
+    *,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """adaLN (DiT): ``layer_norm(x) * (1 + scale) + shift``, shift / scale [B, D] broadcast over the middle dims
+    of x [B, ..., D]. Fused: one kernel (``kernels.layer_norm_modulate``); unfused: F.layer_norm, then the formula."""
+    if fused:
+        return _kernels().layer_norm_modulate(x, shift, scale, eps, weight, bias)
+    view = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+    y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return y * (1 + scale.view(view)) + shift.view(view)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -123,7 +123,6 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
             m.attention != "flex" or ops.flex_available(),
             f"model.attention: 'flex' needs torch.nn.attention.flex_attention (torch {torch.__version__} lacks it)",
         ),
-        (not m.fused_norm or m.norm == "rmsnorm", f"model.fused_norm: only RMSNorm is fused, not model.norm={m.norm}"),
         (not m.fused_rope or m.pos == "rope", f"model.fused_rope: needs model.pos=rope, not {m.pos}"),
         (not m.fused_swiglu or m.mlp == "swiglu", f"model.fused_swiglu: needs model.mlp=swiglu, not {m.mlp}"),
     ]

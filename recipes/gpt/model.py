@@ -46,7 +46,9 @@ class GPTConfig:
         "backend), eager = plain matmul+softmax, flex = flex_attention with a causal block mask (GPU for "
         "training), triton = the fused flash-attention kernel (head dim a power of two in [16, 128]).",
     )
-    fused_norm: bool = opt(False, "RMSNorm through the fused Triton kernel (model.norm=rmsnorm only).")
+    fused_norm: bool = opt(
+        False, "The norms (RMSNorm or LayerNorm, by model.norm) through the fused Triton kernel (kernels/)."
+    )
     fused_rope: bool = opt(False, "RoPE through the fused Triton kernel (model.pos=rope only).")
     fused_swiglu: bool = opt(False, "SwiGLU activation through the fused Triton kernel (model.mlp=swiglu only).")
     init_std: float = opt(0.02, "Std of the normal init of weights (output projections scaled by 1/sqrt(2L)).")
@@ -89,9 +91,30 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}, fused={self.fused}"
 
 
+class LayerNorm(nn.Module):
+    """nn.LayerNorm's math and state (`weight`, and `bias` unless bias=False) through ops.layer_norm, so the
+    fused kernel can run it (model.fused_norm). Same parameter names as nn.LayerNorm: checkpoints, the HF
+    GPT-2 export and init_tensor see no difference. Under tensor parallel the sequence-parallel norms get
+    sequence-sharded DTensors; the fused kernel runs on them through its DTensor sharding rule."""
+
+    def __init__(self, dim: int, eps: float, bias: bool = True, fused: bool = False):
+        super().__init__()
+        self.eps, self.fused = eps, fused
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.bias = nn.Parameter(torch.empty(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, fused=self.fused)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, bias={self.bias is not None}, fused={self.fused}"
+
+
 def _norm(cfg: GPTConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.dim, eps=cfg.norm_eps, fused=cfg.fused_norm)
+    if cfg.fused_norm:
+        return LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias, fused=True)
     return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
 
 

@@ -52,9 +52,9 @@ def test_fused_cross_entropy_rejects_pipeline_parallel():
         _validate(2, "--train.fused_cross_entropy", "true", "--parallel.pp", "2")
 
 
-def test_fused_norm_needs_rmsnorm():
-    with pytest.raises(ValueError, match="model.fused_norm: only RMSNorm is fused, not model.norm=layernorm"):
-        _validate(1, "--model.fused_norm", "true", "--model.norm", "layernorm")
+def test_fused_norm_accepts_layernorm():
+    # GPT-2 style: LayerNorm with biases runs the fused LayerNorm kernel (kernels/layer_norm.py).
+    _validate(1, "--model.fused_norm", "true", "--model.norm", "layernorm", "--model.bias", "true")
 
 
 def test_fused_rope_needs_rope():
