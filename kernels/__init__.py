@@ -22,7 +22,7 @@ from .attention import attention
 from .fused_linear_ce import fused_linear_cross_entropy, vocab_parallel_linear_cross_entropy
 from .layer_norm import layer_norm, layer_norm_modulate
 from .rms_norm import rms_norm
-from .rope import apply_rope
+from .rope import apply_rope, apply_rope_
 from .swiglu import swiglu
 
 # After the op modules: the rules name the registered ops.
@@ -32,6 +32,7 @@ __all__ = [
     "INTERPRET",
     "TRITON_AVAILABLE",
     "apply_rope",
+    "apply_rope_",
     "attention",
     "fused_linear_cross_entropy",
     "layer_norm",

@@ -310,13 +310,18 @@ def rope(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate-half RoPE of q and k; cos/sin [T, E] hold each angle twice (cat(freqs, freqs)).
 
-    The fused kernel takes the [T, E/2] half, so the first half of cos/sin is what it uses.
+    The fused kernel takes the [T, E/2] half, so the first half of cos/sin is what it uses. It rotates q
+    and k in place (the caller's q and k are fresh projections nothing else holds), except on DTensors
+    (the sharding rule covers the out-of-place op) and under torch.compile, where inductor plans buffer
+    reuse itself.
     """
     if fused:
         half = q_BTHE.shape[-1] // 2
         cos = cos_TE[:, :half].to(torch.float32)
         sin = sin_TE[:, :half].to(torch.float32)
-        return _kernels().apply_rope(q_BTHE, k_BTKE, cos, sin)
+        if _is_dtensor(q_BTHE) or torch.compiler.is_compiling():
+            return _kernels().apply_rope(q_BTHE, k_BTKE, cos, sin)
+        return _kernels().apply_rope_(q_BTHE, k_BTKE, cos, sin)
     return _rope_one(q_BTHE, cos_TE, sin_TE), _rope_one(k_BTKE, cos_TE, sin_TE)
 
 

@@ -71,7 +71,7 @@ def test_fused_gpt_runs_every_kernel_and_matches():
         assert out.dim() == 0, "with fused cross-entropy the model returns the loss, not logits"
         loss_fused = gpt_loss(out, batch)
         loss_fused.backward()
-    assert {"attention_fwd", "attention_bwd", "rms_norm_fwd", "rms_norm_bwd", "rope", "swiglu_fwd",
+    assert {"attention_fwd", "attention_bwd", "rms_norm_fwd", "rms_norm_bwd", "rope_", "swiglu_fwd",
             "swiglu_bwd", "cross_entropy_chunk_"} <= seen.names, seen.names  # fmt: skip
     logits = plain(*model_inputs(batch))
     assert logits.shape == (2, 13, 96)
