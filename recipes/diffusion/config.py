@@ -34,6 +34,11 @@ class DiffusionSettings:
         "shapes, sdpa = torch SDPA, eager = plain matmul+softmax, flex = flex_attention, triton = the fused "
         "flash-attention kernel (head dim a power of two in [16, 128]).",
     )
+    fused_norm: bool = opt(
+        False,
+        "DiT: each LayerNorm + adaLN modulate (norm(x) * (1 + scale) + shift) as one fused Triton kernel "
+        "(kernels/layer_norm.py). The U-Net's norms are GroupNorm, which has no fused kernel: true is refused there.",
+    )
     eval_inception_weights: str = opt(
         "",
         "Local Inception-v3 state dict (e.g. pytorch-fid's pt_inception-2015-12-05-6726825d.pth): the eval "

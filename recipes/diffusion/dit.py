@@ -92,35 +92,52 @@ class MLP(nn.Module):
 
 
 def modulate(x_BND: torch.Tensor, shift_BD: torch.Tensor, scale_BD: torch.Tensor) -> torch.Tensor:
+    """adaLN's modulation of normalized tokens (what AdaLayerNorm computes after its LayerNorm)."""
     return x_BND * (1 + scale_BD[:, None]) + shift_BD[:, None]
+
+
+class AdaLayerNorm(nn.Module):
+    """modulate(LayerNorm(x), shift, scale): a LayerNorm without affine parameters (adaLN supplies the scale and
+    shift) followed by the modulation, through ops.layer_norm_modulate. Unfused that is F.layer_norm and then
+    `modulate`, exactly what nn.LayerNorm(elementwise_affine=False) + modulate ran; with model.fused_norm both
+    are one Triton kernel (kernels/layer_norm.py). No parameters or buffers, so checkpoints are unchanged."""
+
+    def __init__(self, eps: float = 1e-6, fused: bool = False):
+        super().__init__()
+        self.eps, self.fused = eps, fused
+
+    def forward(self, x_BND: torch.Tensor, shift_BD: torch.Tensor, scale_BD: torch.Tensor) -> torch.Tensor:
+        return ops.layer_norm_modulate(x_BND, shift_BD, scale_BD, self.eps, fused=self.fused)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, fused={self.fused}"
 
 
 class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        # No affine parameters: adaLN supplies the scale and shift.
-        self.norm1 = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
+        self.norm1 = AdaLayerNorm(eps=1e-6, fused=cfg.fused_norm)
         self.attention = Attention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
+        self.norm2 = AdaLayerNorm(eps=1e-6, fused=cfg.fused_norm)
         self.mlp = MLP(cfg)
         self.adaln = nn.Linear(cfg.dim, 6 * cfg.dim)
 
     def forward(self, x_BND: torch.Tensor, c_BD: torch.Tensor) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(F.silu(c_BD)).chunk(6, dim=-1)
-        x_BND = x_BND + gate1[:, None] * self.attention(modulate(self.norm1(x_BND), shift1, scale1))
-        return x_BND + gate2[:, None] * self.mlp(modulate(self.norm2(x_BND), shift2, scale2))
+        x_BND = x_BND + gate1[:, None] * self.attention(self.norm1(x_BND, shift1, scale1))
+        return x_BND + gate2[:, None] * self.mlp(self.norm2(x_BND, shift2, scale2))
 
 
 class FinalLayer(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        self.norm = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
+        self.norm = AdaLayerNorm(eps=1e-6, fused=cfg.fused_norm)
         self.adaln = nn.Linear(cfg.dim, 2 * cfg.dim)
         self.linear = nn.Linear(cfg.dim, cfg.patch_size**2 * cfg.in_channels)
 
     def forward(self, x_BND: torch.Tensor, c_BD: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaln(F.silu(c_BD)).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x_BND), shift, scale))
+        return self.linear(self.norm(x_BND, shift, scale))
 
 
 class DiT(nn.Module):

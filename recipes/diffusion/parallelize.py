@@ -86,7 +86,11 @@ def resolve_attention(model: nn.Module, cfg: JobConfig, tokens: int | None) -> N
             module.attention_fn = ops.attention_fn(choice.impl, causal=False)
             choices[choice.describe(cfg.model.attention)] = None
     if choices:
-        model.startup_notes = [f"kernels: attention {', '.join(choices)}"]
+        line = f"kernels: attention {', '.join(choices)}"
+        if getattr(cfg.model, "fused_norm", False):  # the DiT's LayerNorm + modulate (refused for the U-Net)
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            line += f" | fused: norm ({ops.fused_backend(torch.empty(0, device=device))})"
+        model.startup_notes = [line]
 
 
 def parallelize_dit(model: DiT, dims: ParallelDims, cfg: JobConfig) -> DiT:
