@@ -69,24 +69,36 @@ def fused_backend(*tensors: torch.Tensor) -> str:
 # -- attention ------------------------------------------------------------------------------------------
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+# Masks are bottom-right aligned (query i sits at key position i + S - T), as in SDPA with T == S, flash
+# attention and the Triton kernel. A sliding window of W keeps, for each query, the W keys ending at its
+# own position (key_pos > query_pos - W; Mistral's sliding_window). window = 0 means no window.
+
+
+@functools.lru_cache(maxsize=32)
+def _dense_mask(t: int, s: int, causal: bool, window: int, device: torch.device) -> torch.Tensor:
+    """[T, S] bool, True where the query attends to the key (cached per shape)."""
+    q_pos = torch.arange(t, device=device)[:, None] + (s - t)
+    k_pos = torch.arange(s, device=device)[None, :]
+    allowed = k_pos <= q_pos if causal else torch.ones(t, s, dtype=torch.bool, device=device)
+    return allowed & (k_pos > q_pos - window) if window else allowed
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int = 0) -> torch.Tensor:
     group = q.shape[1] // k.shape[1]
+    if window:  # an explicit mask: SDPA then uses its memory-efficient (or math) kernel, not flash
+        mask = _dense_mask(q.shape[2], k.shape[2], causal, window, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=group > 1)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=group > 1)
 
 
-def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Attention in plain ops: the readable reference the other implementations are checked against.
-
-    Causal masking is bottom-right aligned (query i sits at key position i + S - T), as in SDPA with T == S,
-    flash attention and the Triton kernel.
-    """
+def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int = 0) -> torch.Tensor:
+    """Attention in plain ops: the readable reference the other implementations are checked against."""
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    if causal:
-        t, s = q.shape[2], k.shape[2]
-        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
+    if causal or window:
+        mask = _dense_mask(q.shape[2], k.shape[2], causal, window, q.device)
         scores = scores.masked_fill(~mask, float("-inf"))
     return scores.softmax(dim=-1) @ v
 
@@ -100,18 +112,20 @@ def flex_available() -> bool:
 
 
 @functools.lru_cache(maxsize=32)
-def _causal_block_mask(t: int, s: int, device: torch.device):  # noqa: ANN202 - BlockMask
+def _flex_block_mask(t: int, s: int, causal: bool, window: int, device: torch.device):  # noqa: ANN202 - BlockMask
     from torch.nn.attention.flex_attention import create_block_mask
 
     offset = s - t
 
-    def causal(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202 - flex mask_mod signature
-        return kv_idx <= q_idx + offset
+    def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202 - flex mask_mod signature
+        q_pos = q_idx + offset
+        allowed = kv_idx <= q_pos if causal else kv_idx >= 0
+        return allowed & (kv_idx > q_pos - window) if window else allowed
 
-    return create_block_mask(causal, B=None, H=None, Q_LEN=t, KV_LEN=s, device=device)
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=t, KV_LEN=s, device=device)
 
 
-def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int = 0) -> torch.Tensor:
     if not flex_available():
         raise RuntimeError(
             f"model.attention: 'flex' needs torch.nn.attention.flex_attention, which torch {torch.__version__} "
@@ -126,12 +140,13 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> to
         )
     if q.device.type == "cpu":  # flex rejects CPU inputs that require grad even under no_grad
         q, k, v = q.detach(), k.detach(), v.detach()
-    block_mask = _causal_block_mask(q.shape[2], k.shape[2], q.device) if causal else None
+    masked = causal or window
+    block_mask = _flex_block_mask(q.shape[2], k.shape[2], causal, window, q.device) if masked else None
     return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def _triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    return _kernels().attention(q, k, v, causal=causal)
+def _triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int = 0) -> torch.Tensor:
+    return _kernels().attention(q, k, v, causal=causal, window=window or None)
 
 
 _ATTENTION = {"sdpa": _sdpa, "eager": _eager, "flex": _flex, "triton": _triton}
@@ -213,40 +228,52 @@ def _auto_impl(device_type: str, dtype: torch.dtype, head_dim: int, seq_len: int
     return resolve_attention("auto", device_type=device_type, dtype=dtype, head_dim=head_dim, seq_len=seq_len).impl
 
 
-def _auto(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+def _auto(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int = 0) -> torch.Tensor:
     # Models built outside the trainer keep "auto" and resolve per input kind (cached); the GPT recipe
     # resolves once at build time instead and installs the concrete implementation.
     impl = _auto_impl(q.device.type, q.dtype, q.shape[-1], q.shape[2])
-    return _ATTENTION[impl](q, k, v, causal)
+    return _ATTENTION[impl](q, k, v, causal, window)
 
 
 _ATTENTION["auto"] = _auto
 
 
 def attention(
-    q_BHTE: torch.Tensor, k_BKSE: torch.Tensor, v_BKSE: torch.Tensor, *, causal: bool = True, impl: str = "sdpa"
+    q_BHTE: torch.Tensor,
+    k_BKSE: torch.Tensor,
+    v_BKSE: torch.Tensor,
+    *,
+    causal: bool = True,
+    impl: str = "sdpa",
+    window: int = 0,
 ) -> torch.Tensor:
     """Scaled dot-product attention (scale 1/sqrt(E)) with grouped-query heads, by implementation:
 
     auto    sdpa or triton, whichever is faster for these inputs (see resolve_attention)
-    sdpa    torch's scaled_dot_product_attention (picks flash / efficient / cuDNN / math by itself)
+    sdpa    torch's scaled_dot_product_attention (picks flash / efficient / cuDNN / math by itself;
+            with a window it gets an explicit [T, S] mask, so not flash)
     eager   plain matmul + softmax (materializes [T, S]; the reference)
-    flex    torch.nn.attention.flex_attention with a causal BlockMask (cached per shape); compile the
+    flex    torch.nn.attention.flex_attention with a BlockMask (cached per shape); compile the
             caller for speed — uncompiled it runs flex's slow reference path
-    triton  kernels.attention: the flash-attention Triton kernel (head dim a power of two in [16, 128])
+    triton  kernels.attention: the flash-attention Triton kernel (head dim a power of two in [16, 128]);
+            with a window it skips the key blocks outside it
+
+    ``window`` > 0: each query sees only the ``window`` keys ending at its own position (sliding window).
     """
     try:
         fn = _ATTENTION[impl]
     except KeyError:
         raise ValueError(f"model.attention: unknown implementation {impl!r}; choose from {ATTENTION_IMPLS}") from None
-    return fn(q_BHTE, k_BKSE, v_BKSE, causal)
+    if window < 0:
+        raise ValueError(f"attention window must be >= 0 (0 = none), got {window}")
+    return fn(q_BHTE, k_BKSE, v_BKSE, causal, window)
 
 
-def attention_fn(impl: str, causal: bool = True):  # noqa: ANN201 - callable (q, k, v) -> out
+def attention_fn(impl: str, causal: bool = True, window: int = 0):  # noqa: ANN201 - callable (q, k, v) -> out
     """A (q, k, v) -> out callable for modules that hold their attention as a swappable function."""
     if impl not in _ATTENTION:
         raise ValueError(f"model.attention: unknown implementation {impl!r}; choose from {ATTENTION_IMPLS}")
-    return functools.partial(attention, causal=causal, impl=impl)
+    return functools.partial(attention, causal=causal, impl=impl, window=window)
 
 
 def triton_attention_supports(head_dim: int) -> bool:

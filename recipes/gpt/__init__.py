@@ -79,6 +79,8 @@ def attention_choice(cfg: JobConfig) -> ops.AttentionChoice:
 def _kernel_notes(cfg: JobConfig, dims: ParallelDims, choice: ops.AttentionChoice) -> list[str]:
     m = cfg.model
     attention = choice.describe(m.attention)
+    if m.sliding_window:
+        attention += f", sliding window {m.sliding_window}"
     if dims.cp_enabled:
         ring_blocks = f" over {'Triton' if choice.impl == 'triton' else 'eager'} blocks"
         attention += f", replaced by context-parallel {cfg.parallel.cp_method} attention"
@@ -100,7 +102,7 @@ def parallelize(model: GPT, dims: ParallelDims, cfg: JobConfig) -> GPT:
     choice = attention_choice(cfg)
     model.attention_impl = choice.impl  # context parallel's ring reuses the Triton kernel when chosen
     for block in model.layers.values():
-        block.attention.attention_fn = ops.attention_fn(choice.impl, causal=True)
+        block.attention.attention_fn = ops.attention_fn(choice.impl, causal=True, window=cfg.model.sliding_window)
     model.startup_notes = _kernel_notes(cfg, dims, choice)  # printed by the trainer at start-up
     return parallelize_gpt(model, dims, cfg)
 
@@ -124,6 +126,7 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
             f"model.attention: 'flex' needs torch.nn.attention.flex_attention (torch {torch.__version__} lacks it)",
         ),
         (not m.fused_rope or m.pos == "rope", f"model.fused_rope: needs model.pos=rope, not {m.pos}"),
+        (m.sliding_window >= 0, f"model.sliding_window: {m.sliding_window} is not allowed; use 0 (off) or >= 1"),
         (not m.fused_swiglu or m.mlp == "swiglu", f"model.fused_swiglu: needs model.mlp=swiglu, not {m.mlp}"),
     ]
     if cfg.train.fused_cross_entropy:
@@ -156,6 +159,11 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
     if dims.cp > 1:
         local_heads = m.n_heads // tp
         checks += [
+            (
+                not m.sliding_window,
+                f"model.sliding_window: {m.sliding_window} is not supported with context parallel (parallel.cp="
+                f"{dims.cp}): the ring and all-to-all attention are full causal; use cp=1",
+            ),
             (
                 d.seq_len % (2 * dims.cp * tp) == 0 if tp > 1 else d.seq_len % (2 * dims.cp) == 0,
                 f"data.seq_len: {d.seq_len} is not divisible by 2*cp{'*tp' if tp > 1 else ''} = "

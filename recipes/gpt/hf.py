@@ -34,12 +34,14 @@ _LLAMA_LAYER = {
 
 
 def hf_architecture(cfg: GPTConfig) -> str:
-    """'llama' or 'gpt2', or a ValueError naming the fields that fit neither."""
+    """'llama', 'mistral' (Llama with a sliding window) or 'gpt2', or a ValueError naming the fields that fit none."""
     if cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
-        return "llama"
+        return "mistral" if cfg.sliding_window else "llama"
     if cfg.pos == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu":
         if cfg.kv_heads != cfg.n_heads:
             raise ValueError("model.n_kv_heads: GPT-2 has no grouped-query attention; export needs n_kv_heads=n_heads")
+        if cfg.sliding_window:
+            raise ValueError("model.sliding_window: GPT-2 has no sliding window; export needs sliding_window=0")
         return "gpt2"
     raise ValueError(
         f"model: pos={cfg.pos}, norm={cfg.norm}, mlp={cfg.mlp} is neither Llama (rope, rmsnorm, swiglu) "
@@ -49,9 +51,12 @@ def hf_architecture(cfg: GPTConfig) -> str:
 
 # -- export ----------------------------------------------------------------------------------
 def _llama_config(cfg: GPTConfig) -> dict[str, Any]:
+    # Mistral is Llama's layout (same tensor names) plus a sliding window; transformers' Llama has none.
+    mistral = {"sliding_window": cfg.sliding_window} if cfg.sliding_window else {}
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": ["MistralForCausalLM" if mistral else "LlamaForCausalLM"],
+        "model_type": "mistral" if mistral else "llama",
+        **mistral,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.dim,
         "intermediate_size": cfg.hidden_dim,
@@ -143,7 +148,7 @@ def export_hf(cfg: GPTConfig, state_dict: dict[str, torch.Tensor], out_dir: Path
     arch = hf_architecture(cfg)
     config, tensors = (
         (_llama_config(cfg), _llama_tensors(cfg, state_dict))
-        if arch == "llama"
+        if arch in ("llama", "mistral")
         else (_gpt2_config(cfg), _gpt2_tensors(cfg, state_dict))
     )
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -180,7 +185,7 @@ def _llama_import(config: dict[str, Any], t: dict[str, torch.Tensor]) -> tuple[d
         "n_kv_heads": config.get("num_key_value_heads", heads), "ffn_hidden": config["intermediate_size"],
         "norm": "rmsnorm", "norm_eps": config.get("rms_norm_eps", 1e-6), "pos": "rope", "rope_theta": theta,
         "max_seq_len": config.get("max_position_embeddings", 2048), "mlp": "swiglu", "bias": bias,
-        "tie_embeddings": tied,
+        "tie_embeddings": tied, "sliding_window": config.get("sliding_window") or 0,
     }  # fmt: skip
     sd = {"tok_embeddings.weight": t["model.embed_tokens.weight"], "norm.weight": t["model.norm.weight"]}
     if not tied:
@@ -235,11 +240,11 @@ def import_hf(hf_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     tensors = _read_tensors(hf_dir)
     model_type = config.get("model_type")
     try:
-        model, sd = (_llama_import if model_type == "llama" else _gpt2_import)(config, tensors)
+        model, sd = (_llama_import if model_type in ("llama", "mistral") else _gpt2_import)(config, tensors)
     except KeyError as exc:
         raise ValueError(f"{hf_dir}: tensor or config key {exc} missing for a {model_type} model") from exc
     defaults = asdict(GPTConfig())
     return {k: v for k, v in model.items() if k in defaults}, sd
 
 
-HF_MODEL_TYPES = ("llama", "gpt2")
+HF_MODEL_TYPES = ("llama", "mistral", "gpt2")

@@ -46,6 +46,11 @@ class GPTConfig:
         "backend), eager = plain matmul+softmax, flex = flex_attention with a causal block mask (GPU for "
         "training), triton = the fused flash-attention kernel (head dim a power of two in [16, 128]).",
     )
+    sliding_window: int = opt(
+        0,
+        "Sliding-window attention: each token attends to the last N tokens, itself included (Mistral's "
+        "sliding_window); 0 = full causal attention. Every attention implementation supports it.",
+    )
     fused_norm: bool = opt(
         False, "The norms (RMSNorm or LayerNorm, by model.norm) through the fused Triton kernel (kernels/)."
     )
@@ -134,7 +139,7 @@ class Attention(nn.Module):
         # Causal attention over (q, k, v) in B H T E layout (scaletrain.ops, by model.attention).
         # Parallelize plans may swap in another implementation (context-parallel ring/all-to-all);
         # the math is the same.
-        self.attention_fn = ops.attention_fn(cfg.attention, causal=True)
+        self.attention_fn = ops.attention_fn(cfg.attention, causal=True, window=cfg.sliding_window)
         # Global positions of this module's (full local) sequence; context parallel swaps in
         # its load-balanced positions. Computed here, from the attention input, because under
         # sequence parallel the block input is a sequence shard but the attention input is not.

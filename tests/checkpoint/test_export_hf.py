@@ -1,7 +1,8 @@
 """Export and import: consolidated safetensors, and Hugging Face folders that `transformers` loads.
 
 A few training steps make a real checkpoint (one process); its weights are exported, loaded
-with `transformers` (Llama with grouped-query attention, untied and tied; GPT-2 style), and
+with `transformers` (Llama with grouped-query attention, untied and tied; Mistral = Llama with a
+sliding window; GPT-2 style), and
 the logits compared with scaletrain's model in fp32 (atol/rtol 1e-5). Importing the HF folder
 back must give exactly the exported state.
 """
@@ -30,6 +31,8 @@ SMALL += ["--train.warmup_steps", "1", "--metrics.tensorboard", "false", "--metr
 STYLES = {
     "llama-gqa": ["--model.n_kv_heads", "2"],
     "llama-gqa-tied-bias": ["--model.n_kv_heads", "2", "--model.tie_embeddings", "true", "--model.bias", "true"],
+    # A window shorter than the 32 compared positions: transformers' Mistral must mask like we do.
+    "mistral-window": ["--model.n_kv_heads", "2", "--model.sliding_window", "8"],
     "gpt2": ["--model.norm", "layernorm", "--model.pos", "learned", "--model.mlp", "gelu", "--model.bias", "true"]
     + ["--model.n_kv_heads", "0"],
 }
@@ -55,7 +58,7 @@ def test_hf_export_matches_logits_and_imports_back(style, tmp_path):
     hf_dir = tmp_path / "hf"
     assert cli_main(["export", str(ckpt), "--format", "hf", "--out", str(hf_dir)]) == 0
     config = json.loads((hf_dir / "config.json").read_text())
-    assert config["model_type"] == ("gpt2" if style == "gpt2" else "llama")
+    assert config["model_type"] == {"gpt2": "gpt2", "mistral-window": "mistral"}.get(style, "llama")
 
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
