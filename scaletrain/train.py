@@ -16,6 +16,7 @@ device -> FLOPs counted on meta -> recipe.parallelize -> materialize + init -> o
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import sys
 import time
@@ -172,6 +173,7 @@ class Trainer:
                 self._pipeline_loss,
             )
             self.is_first_stage, self.is_last_stage = 0 in stage_ids, stages - 1 in stage_ids
+            self._schedule_can_skip_outputs = "return_outputs" in inspect.signature(self.schedule.step).parameters
         return parts
 
     def _pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -338,11 +340,23 @@ class Trainer:
         return batch
 
     def _pipeline_micro_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        spec = self.recipe.pipeline
+        target = batch[spec.target_key] if self.is_last_stage else None
+        stage_kwargs = {}
+        if spec.target_kwarg and spec.targets_in_forward(self.cfg):
+            # The last stage computes the loss in its forward: its targets go in as a keyword (the schedule
+            # splits keywords into microbatches like inputs and hands them to every stage of this rank),
+            # and not positionally to the first stage, which may sit on the same rank.
+            batch = {k: v for k, v in batch.items() if k != spec.target_key}
+            stage_kwargs = {spec.target_kwarg: target} if self.is_last_stage else {}
         inputs = self.recipe.model_inputs(batch) if self.is_first_stage else ()
-        target = batch[self.recipe.pipeline.target_key] if self.is_last_stage else None
+        if self._schedule_can_skip_outputs:
+            # Only the losses are used: don't concatenate the last stage's microbatch outputs (the full
+            # logits, or the per-microbatch scalar losses of a fused loss, which cannot be concatenated).
+            stage_kwargs["return_outputs"] = False
         losses: list[torch.Tensor] = []
         with self.loss_context(), self.autocast():
-            self.schedule.step(*inputs, target=target, losses=losses)
+            self.schedule.step(*inputs, target=target, losses=losses, **stage_kwargs)
         if not losses:
             return torch.zeros((), device=self.device)
         return torch.stack([_full(x.detach()).float() for x in losses]).mean()

@@ -129,14 +129,6 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
         (m.sliding_window >= 0, f"model.sliding_window: {m.sliding_window} is not allowed; use 0 (off) or >= 1"),
         (not m.fused_swiglu or m.mlp == "swiglu", f"model.fused_swiglu: needs model.mlp=swiglu, not {m.mlp}"),
     ]
-    if cfg.train.fused_cross_entropy:
-        checks += [
-            (
-                dims.pp == 1,
-                f"train.fused_cross_entropy: not supported with pipeline parallel (parallel.pp={dims.pp}): the "
-                "last stage's loss is computed from its output by the schedule",
-            ),
-        ]
     tp = dims.tp
     if tp > 1:
         checks += [
@@ -205,7 +197,13 @@ RECIPE = register_recipe(
         supports_loss_parallel=True,
         example_batch=example_batch,
         pipeline=PipelineSpec(
-            trunk="layers", first=("tok_embeddings", "pos_embeddings"), last=("norm", "output"), target_key="target"
+            trunk="layers",
+            first=("tok_embeddings", "pos_embeddings"),
+            last=("norm", "output"),
+            target_key="target",
+            # train.fused_cross_entropy: the last stage returns the loss (GPT.forward's `targets`).
+            target_kwarg="targets",
+            targets_in_forward=lambda cfg: cfg.train.fused_cross_entropy,
         ),
         context_parallel_keys=("input", "target"),
         export_hf=hf.export_hf,

@@ -8,7 +8,9 @@ the Triton interpreter (~4 s per step here, hence the small shapes).
 
 Under tensor parallel (2 processes; FSDP2 x TP, 4 processes, with -m slow) the norms see sequence-sharded
 DTensors and run the fused kernel through its DTensor sharding rule, and fused cross-entropy runs over each
-rank's vocabulary shard of the head. Same tolerances; observed <= 1.7e-7 on both.
+rank's vocabulary shard of the head. Same tolerances; observed <= 1.7e-7 on both. Under pipeline parallel
+(ZBV, 2 processes; pp2 x tp2, 4 processes, -m slow) the last stage computes the fused loss in its forward;
+observed <= 1.7e-7.
 
 The in-process test also records which ``scaletrain_kernels`` ops ran, so a flag that stops reaching its
 kernel fails instead of comparing the reference with itself.
@@ -142,3 +144,21 @@ def test_fused_training_under_fsdp2_x_tensor_parallel_matches_unfused(unfused_ru
     layout = ["--parallel.tp", "2", "--parallel.dp_shard", "2"]
     rows = run_layout(TINY, SMALL + FUSED + layout, tmp_path, "fused_fsdp2_tp2", nproc=4)
     _assert_close(unfused_run, rows)
+
+
+def test_fused_cross_entropy_under_pipeline_parallel_matches_unfused(tmp_path):  # noqa: ANN001
+    # ZBV puts the first and the last stage on rank 0: the targets reach the last stage as a forward keyword
+    # (PipelineSpec.target_kwarg), not positionally through the first stage, and the last stage returns the
+    # loss. Fused cross-entropy only (the interpreter makes every fused kernel slow on CPU).
+    four_layers = [*SMALL, "--model.n_layers", "4"]
+    base = run_layout(TINY, four_layers, tmp_path, "unfused_l4", nproc=1)
+    pp = ["--parallel.pp", "2", "--parallel.pp_schedule", "zbv", "--parallel.stages_per_rank", "2"]
+    rows = run_layout(TINY, four_layers + FUSED[-2:] + pp, tmp_path, "fused_ce_zbv", nproc=2)
+    _assert_close(base, rows)
+
+
+@pytest.mark.slow
+def test_fused_cross_entropy_under_pipeline_x_tensor_parallel_matches_unfused(unfused_run, tmp_path):  # noqa: ANN001
+    # 4 processes: the last stage's head is vocabulary-sharded, so the loss is the vocabulary-parallel kernel.
+    layout = ["--parallel.pp", "2", "--parallel.tp", "2", "--parallel.dp_shard", "1"]
+    _assert_close(unfused_run, run_layout(TINY, SMALL + FUSED[-2:] + layout, tmp_path, "fused_ce_pp2_tp2", nproc=4))
