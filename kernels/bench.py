@@ -22,6 +22,10 @@ runs the same number of tokens, as the FlashAttention benchmarks do):
                    model without a norm kernel runs it), F.layer_norm (nn.LayerNorm's, what scaletrain runs unfused)
   layer_norm_modulate  x [B, T, hidden], shift / scale [B, hidden] (DiT's adaLN, no affine); alternatives: eager
                    (fp32 plain ops), torch_layer_norm = F.layer_norm then x * (1 + scale) + shift (DiT unfused)
+  group_norm       x [B, hidden/4, H, W] (a U-Net feature map, H * W = T: 64x64 at T 4096), gcd(hidden/4, 32)
+                   groups, weight and bias; alternatives: eager (fp32 plain ops), torch_group_norm = F.group_norm
+  group_norm_silu  the same followed by SiLU (the U-Net / VAE residual blocks' norm -> SiLU); alternatives: eager
+                   (fp32 plain ops), torch_group_norm = F.group_norm then F.silu (what they run unfused)
   rope             q/k [B, T, heads, head_dim]; alternative: eager rotate-half
   swiglu           gate/up [B*T, 4 * hidden]; alternative: eager silu(gate) * up
   fused_linear_ce  hidden [T, ce_hidden] bf16, weight [vocab, ce_hidden] (default vocab 128256, Llama 3's
@@ -60,12 +64,14 @@ from . import reference
 from ._triton import INTERPRET, TRITON_AVAILABLE, use_triton
 from .attention import attention
 from .fused_linear_ce import fused_linear_cross_entropy
+from .group_norm import group_norm
 from .layer_norm import layer_norm, layer_norm_modulate
 from .rms_norm import rms_norm
 from .rope import apply_rope
 from .swiglu import swiglu
 
-KERNELS = ("attention", "rms_norm", "layer_norm", "layer_norm_modulate", "rope", "swiglu", "fused_linear_ce")
+KERNELS = ("attention", "rms_norm", "layer_norm", "layer_norm_modulate", "group_norm", "group_norm_silu", "rope",
+           "swiglu", "fused_linear_ce")  # fmt: skip
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
 SDPA_BACKENDS = (("sdpa_flash", "FLASH_ATTENTION"), ("sdpa_efficient", "EFFICIENT_ATTENTION"),
@@ -76,6 +82,7 @@ GOALS = {  # the issue's targets, checked in the Markdown summary
     "elementwise": "rms_norm / rope / swiglu >= 1.5x eager",
     "fused_linear_ce": "peak memory >= 4x lower than eager, speed >= 0.9x eager",
     "layer_norm": "layer_norm / layer_norm_modulate >= 1.5x eager",
+    "group_norm": "group_norm / group_norm_silu >= 1.5x eager",
 }
 
 
@@ -257,6 +264,21 @@ def _case(name: str, t: int, sizes: dict[str, int], dtype: torch.dtype, dev: tor
                     alts={"eager": eager, "torch_layer_norm": torch_modulate}, ref=eager, flops={},
                     nbytes=_bytes(x, fwd=2, bwd=3), passes=("fwd", "fwd+bwd"),
                     shape=f"B{b} T{t} D{hidden}")  # fmt: skip
+    if name in ("group_norm", "group_norm_silu"):
+        silu, c = name == "group_norm_silu", max(1, hidden // 4)
+        groups, h = math.gcd(c, 32), 2 ** (t.bit_length() // 2)  # H x W = T, as square as powers of two allow
+        h = h if t % h == 0 else 1
+        x, w, bias = rnd(b, c, h, t // h), 1 + 0.1 * rnd(c), 0.1 * rnd(c)
+        eager = lambda x, w, bias: reference.group_norm_reference(x, groups, w, bias, 1e-5, silu=silu)  # noqa: E731
+
+        def torch_group_norm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+            y = F.group_norm(x, groups, w, bias, 1e-5)
+            return F.silu(y) if silu else y
+
+        return dict(inputs=[x, w, bias], fn=lambda x, w, bias: group_norm(x, groups, w, bias, 1e-5, silu=silu),
+                    alts={"eager": eager, "torch_group_norm": torch_group_norm}, ref=eager, flops={},
+                    nbytes=_bytes(x, fwd=2, bwd=3), passes=("fwd", "fwd+bwd"),
+                    shape=f"B{b} C{c} H{h} W{t // h} G{groups}")  # fmt: skip
     if name == "rope":
         q, k = rnd(b, t, heads, head_dim), rnd(b, t, kv_heads, head_dim)
         ang = torch.rand(t, head_dim // 2, device=dev, generator=gen)
@@ -558,6 +580,14 @@ def goals(rows: list[dict]) -> list[str]:
         vs_torch = f"; vs F.layer_norm lowest {min(torch_ratios):.2f}x" if torch_ratios else ""
         out.append(f"{'MET' if ok else 'NOT MET'}: {GOALS['layer_norm']} — lowest {worst['vs_eager']:.2f}x "
                    f"({worst['kernel']} {worst.get('pass')} {worst['shape']}){vs_torch}")  # fmt: skip
+    group = [r for r in tri if r["kernel"] in ("group_norm", "group_norm_silu") and r.get("vs_eager")]
+    if group:
+        ok = all(r["vs_eager"] >= 1.5 for r in group)
+        worst = min(group, key=lambda r: r["vs_eager"])
+        torch_ratios = [r["vs_torch_group_norm"] for r in group if r.get("vs_torch_group_norm")]
+        vs_torch = f"; vs F.group_norm (+ F.silu) lowest {min(torch_ratios):.2f}x" if torch_ratios else ""
+        out.append(f"{'MET' if ok else 'NOT MET'}: {GOALS['group_norm']} — lowest {worst['vs_eager']:.2f}x "
+                   f"({worst['kernel']} {worst.get('pass')} {worst['shape']}){vs_torch}")  # fmt: skip
     entry = attention_table_entry(rows)
     out.append(
         "model.attention=auto: Triton attention never beat every SDPA backend here; leave "
@@ -603,7 +633,7 @@ def plot(rows: list[dict], path_png: str) -> bool:
         ax.set_xlabel("sequence length (tokens per row)", fontsize=8)
         ax.set_ylabel("ms (lower is better)", fontsize=8)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path_png, dpi=120)

@@ -4,7 +4,7 @@ They are written for clarity, not speed or memory: attention materializes the fu
 and the cross-entropy reference materializes the full [N, V] logits. All math is done in fp32 and the
 result is cast back to the input dtype, mirroring what the kernels do.
 
-Shape legend: B batch, H query heads, Hkv key/value heads, T query length, S key length, D head dim,
+Shape legend: B batch, C channels, H query heads, Hkv key/value heads, T query length, S key length, D head dim,
 N rows (tokens), V vocabulary.
 """
 
@@ -94,6 +94,32 @@ def layer_norm_modulate_reference(
     view = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
     y = layer_norm_reference(x.float(), weight, bias, eps)
     return (y * (1 + scale.float().view(view)) + shift.float().view(view)).to(x.dtype)
+
+
+def group_norm_reference(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    *,
+    silu: bool = False,
+) -> torch.Tensor:
+    """GroupNorm of x [B, C, *spatial]: each of the num_groups groups of C / num_groups channels (over all
+    spatial positions) normalized to (x - mean) / sqrt(var + eps) (biased variance, as nn.GroupNorm), then
+    * weight[c] + bias[c] (optional, [C]) and silu(.) when ``silu``; computed in fp32, returned in x's dtype."""
+    b, c = x.shape[0], x.shape[1]
+    xf = x.float().reshape(b, num_groups, -1)
+    mean = xf.mean(-1, keepdim=True)
+    y = ((xf - mean) * torch.rsqrt((xf - mean).pow(2).mean(-1, keepdim=True) + eps)).reshape(x.shape)
+    view = (1, c) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.float().view(view)
+    if bias is not None:
+        y = y + bias.float().view(view)
+    if silu:
+        y = F.silu(y)
+    return y.to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,406 @@
+"""GroupNorm forward + backward in Triton, with an optional fused SiLU after the affine (diffusion U-Nets / VAEs).
+
+Layout: x [B, C, *spatial] (NCHW-contiguous, any number of spatial dims, none included: [B, C]; a non-contiguous
+x, e.g. channels_last, is copied first), G groups dividing C, optional weight and bias [C] (nn.GroupNorm's affine).
+With S = prod(spatial) and Cg = C / G, group (b, g) is the contiguous run x[b, g*Cg:(g+1)*Cg] of L = Cg * S
+elements, seen by the kernels as a [Cg, S] matrix (a channel per row).
+
+Math, per group, statistics in fp32 (y stored in x's dtype):
+  mean = sum(x) / L,  rstd = 1 / sqrt(sum((x - mean)^2) / L + eps),  x_hat = (x - mean) * rstd
+  z = x_hat * weight[c] + bias[c]                        (each term only when given; c = the element's channel)
+  y = z                  or, with silu:  y = silu(z) = z * sigmoid(z)
+Same as F.group_norm (biased variance) and F.silu after it.
+
+Why fused: a diffusion residual block runs norm -> SiLU -> conv twice, and eager that is F.group_norm (a
+statistics pass and a normalize pass over x) then F.silu (another read and write), with autograd keeping both
+the normalized copy and SiLU's input. Here the forward reads x twice (statistics, then normalize) and writes y
+once, with the SiLU applied in registers; the only saved extras are mean and rstd (two fp32 per group). z and the
+SiLU are recomputed in the backward from x and the statistics, so the pre-activation is never stored.
+
+Parallel layout. Programs work on [BLOCK_R, BLOCK_C, BLOCK_S] tiles: BLOCK_R groups x BLOCK_C of their channels
+x BLOCK_S contiguous spatial positions (BLOCK_S <= 1024; a tile holds <= 4096 elements on a GPU). A group of any
+size is covered by a loop over its tiles, never assumed to fit one block (512 channels / 32 groups x 64x64 =
+65536 elements: 16 tiles). Large groups get one group per program and are split along the spatial axis into
+`splits` runs of whole tiles, so that B * G * splits programs fill the GPU even for one image with few groups;
+groups that fit one tile are packed BLOCK_R to a program, as long as enough programs remain. Under the Triton
+interpreter (CPU tests) tiles hold up to 65536 elements, since there every tile operation costs a Python call.
+
+Forward, two kernels:
+  1. statistics: each program combines its tiles' (mean, M2) with Chan's parallel Welford update (no
+     E[x^2] - E[x]^2 cancellation) and writes one partial (mean, M2) per program;
+  2. normalize: each program combines its group's `splits` partials in a fixed order (every program of the
+     group gets the same bits; the first stores mean / rstd for the backward), then writes y for its run.
+Backward, with dz = dy (dz = dy * sigmoid(z) * (1 + z * (1 - sigmoid(z))) with silu) and g = dz * weight[c]:
+  dx      = rstd * (g - mean(g) - x_hat * mean(g * x_hat))          (means over the group)
+  dweight[c] = sum over batch and spatial of dz * x_hat,   dbias[c] = same of dz
+  1. reduce: each program writes, per channel of its run, the fp32 partial sums of dz and dz * x_hat to its own
+     slot of a [B * C, splits] buffer; torch sums them to dweight / dbias (over batch and splits) and to the
+     group means mean(g) = sum_c weight[c] * sum(dz)[c] / L and mean(g * x_hat) likewise;
+  2. dx: each program recomputes x_hat, z, dz for its run and writes dx.
+No atomics anywhere, so forward and backward are deterministic (bit for bit from run to run).
+"""
+
+import math
+
+import torch
+
+from . import reference
+from ._triton import INTERPRET, kernel_op, launch, num_programs_hint, tl, triton, use_triton
+
+
+@triton.jit
+def _gn_stats_kernel(
+    X, MEAN_P, M2_P, ROWS, S, CPG, spatial_per_program, splits,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # groups (b, g); int64 offsets
+    split = tl.program_id(1)
+    r_ok = rows < ROWS
+    s_start = split * spatial_per_program
+    s_end = tl.minimum(s_start + spatial_per_program, S)
+    base = rows * CPG * S
+    mean = tl.zeros([BLOCK_R], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_R], dtype=tl.float32)
+    count = tl.full([], 0.0, tl.float32)  # elements merged so far, the same for every row
+    for c0 in range(0, CPG, BLOCK_C):
+        ch = c0 + tl.arange(0, BLOCK_C)
+        c_ok = ch < CPG
+        for s0 in range(s_start, s_end, BLOCK_S):
+            sp = s0 + tl.arange(0, BLOCK_S)
+            mask = (r_ok[:, None] & c_ok[None, :])[:, :, None] & (sp < s_end)[None, None, :]
+            offs = base[:, None, None] + (ch.to(tl.int64) * S)[None, :, None] + sp[None, None, :]
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            n = (tl.minimum(CPG - c0, BLOCK_C) * tl.minimum(s_end - s0, BLOCK_S)).to(tl.float32)
+            tile_mean = tl.sum(tl.sum(x, 2), 1) / n
+            d = tl.where(mask, x - tile_mean[:, None, None], 0.0)
+            tile_m2 = tl.sum(tl.sum(d * d, 2), 1)
+            # Chan et al.: merge (count, mean, m2) with the tile's (n, tile_mean, tile_m2).
+            total = count + n
+            delta = tile_mean - mean
+            mean = mean + delta * (n / total)
+            m2 = m2 + tile_m2 + delta * delta * (count * (n / total))
+            count = total
+    out = rows * splits + split
+    tl.store(MEAN_P + out, mean, mask=r_ok)
+    tl.store(M2_P + out, m2, mask=r_ok)
+
+
+@triton.jit
+def _gn_fwd_kernel(
+    X, W, B, Y, MEAN_P, M2_P, MEAN, RSTD, ROWS, S, CPG, G, spatial_per_program, splits, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    split = tl.program_id(1)
+    r_ok = rows < ROWS
+    # Each group's statistics from its splits' partials, in a fixed order: the same bits in every program.
+    i = tl.arange(0, SPLITS)
+    i_ok = i < splits
+    p_offs = rows[:, None] * splits + i[None, :]
+    p_mask = r_ok[:, None] & i_ok[None, :]
+    p_mean = tl.load(MEAN_P + p_offs, mask=p_mask, other=0.0)
+    p_m2 = tl.load(M2_P + p_offs, mask=p_mask, other=0.0)
+    p_len = tl.minimum((i + 1) * spatial_per_program, S) - i * spatial_per_program
+    p_n = tl.where(i_ok, p_len * CPG, 0).to(tl.float32)[None, :]
+    total = (CPG * S).to(tl.float32)
+    mean = tl.sum(p_n * p_mean, 1) / total
+    dev = p_mean - mean[:, None]
+    m2 = tl.sum(p_m2 + p_n * dev * dev, 1)
+    rstd = 1.0 / tl.sqrt(m2 / total + eps)
+    first = rows < tl.where(split == 0, ROWS, 0)  # the first split's programs store the statistics
+    tl.store(MEAN + rows, mean, mask=first)
+    tl.store(RSTD + rows, rstd, mask=first)
+
+    s_start = split * spatial_per_program
+    s_end = tl.minimum(s_start + spatial_per_program, S)
+    base = rows * CPG * S
+    chan0 = (rows % G) * CPG  # the group's first channel
+    for c0 in range(0, CPG, BLOCK_C):
+        ch = c0 + tl.arange(0, BLOCK_C)
+        rc_ok = r_ok[:, None] & (ch < CPG)[None, :]
+        if HAS_WEIGHT:
+            w = tl.load(W + chan0[:, None] + ch[None, :], mask=rc_ok, other=0.0).to(tl.float32)[:, :, None]
+        if HAS_BIAS:
+            b = tl.load(B + chan0[:, None] + ch[None, :], mask=rc_ok, other=0.0).to(tl.float32)[:, :, None]
+        for s0 in range(s_start, s_end, BLOCK_S):
+            sp = s0 + tl.arange(0, BLOCK_S)
+            mask = rc_ok[:, :, None] & (sp < s_end)[None, None, :]
+            offs = base[:, None, None] + (ch.to(tl.int64) * S)[None, :, None] + sp[None, None, :]
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            y = (x - mean[:, None, None]) * rstd[:, None, None]
+            if HAS_WEIGHT:
+                y = y * w
+            if HAS_BIAS:
+                y = y + b
+            if SILU:
+                y = y * tl.sigmoid(y)
+            tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_bwd_reduce_kernel(
+    DY, X, W, B, MEAN, RSTD, DZ_P, DZX_P, ROWS, S, CPG, G, spatial_per_program, splits,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    split = tl.program_id(1)
+    r_ok = rows < ROWS
+    mean = tl.load(MEAN + rows, mask=r_ok, other=0.0)[:, None, None]
+    rstd = tl.load(RSTD + rows, mask=r_ok, other=0.0)[:, None, None]
+    s_start = split * spatial_per_program
+    s_end = tl.minimum(s_start + spatial_per_program, S)
+    base = rows * CPG * S
+    chan0 = (rows % G) * CPG
+    for c0 in range(0, CPG, BLOCK_C):
+        ch = c0 + tl.arange(0, BLOCK_C)
+        rc_ok = r_ok[:, None] & (ch < CPG)[None, :]
+        if SILU:  # z (the SiLU's input) is recomputed: it needs the affine
+            if HAS_WEIGHT:
+                w = tl.load(W + chan0[:, None] + ch[None, :], mask=rc_ok, other=0.0).to(tl.float32)[:, :, None]
+            if HAS_BIAS:
+                b = tl.load(B + chan0[:, None] + ch[None, :], mask=rc_ok, other=0.0).to(tl.float32)[:, :, None]
+        dz_sum = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        dzx_sum = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        for s0 in range(s_start, s_end, BLOCK_S):
+            sp = s0 + tl.arange(0, BLOCK_S)
+            mask = rc_ok[:, :, None] & (sp < s_end)[None, None, :]
+            offs = base[:, None, None] + (ch.to(tl.int64) * S)[None, :, None] + sp[None, None, :]
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            dz = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+            x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
+            if SILU:
+                z = x_hat
+                if HAS_WEIGHT:
+                    z = z * w
+                if HAS_BIAS:
+                    z = z + b
+                sig = tl.sigmoid(z)
+                dz = dz * sig * (1.0 + z * (1.0 - sig))  # masked lanes: dy = 0, so dz = 0
+            dz_sum += tl.sum(dz, 2)
+            dzx_sum += tl.sum(dz * x_hat, 2)
+        out = (rows[:, None] * CPG + ch[None, :]) * splits + split  # [B * C, splits]: row * CPG + ch = b * C + c
+        tl.store(DZ_P + out, dz_sum, mask=rc_ok)
+        tl.store(DZX_P + out, dzx_sum, mask=rc_ok)
+
+
+@triton.jit
+def _gn_bwd_dx_kernel(
+    DY, X, W, B, MEAN, RSTD, MEAN_G, MEAN_GX, DX, ROWS, S, CPG, G, spatial_per_program,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    split = tl.program_id(1)
+    r_ok = rows < ROWS
+    mean = tl.load(MEAN + rows, mask=r_ok, other=0.0)[:, None, None]
+    rstd = tl.load(RSTD + rows, mask=r_ok, other=0.0)[:, None, None]
+    mean_g = tl.load(MEAN_G + rows, mask=r_ok, other=0.0)[:, None, None]  # group mean of g = dz * weight
+    mean_gx = tl.load(MEAN_GX + rows, mask=r_ok, other=0.0)[:, None, None]  # of g * x_hat
+    s_start = split * spatial_per_program
+    s_end = tl.minimum(s_start + spatial_per_program, S)
+    base = rows * CPG * S
+    chan0 = (rows % G) * CPG
+    for c0 in range(0, CPG, BLOCK_C):
+        ch = c0 + tl.arange(0, BLOCK_C)
+        rc_ok = r_ok[:, None] & (ch < CPG)[None, :]
+        if HAS_WEIGHT:
+            w = tl.load(W + chan0[:, None] + ch[None, :], mask=rc_ok, other=0.0).to(tl.float32)[:, :, None]
+        if SILU and HAS_BIAS:
+            b = tl.load(B + chan0[:, None] + ch[None, :], mask=rc_ok, other=0.0).to(tl.float32)[:, :, None]
+        for s0 in range(s_start, s_end, BLOCK_S):
+            sp = s0 + tl.arange(0, BLOCK_S)
+            mask = rc_ok[:, :, None] & (sp < s_end)[None, None, :]
+            offs = base[:, None, None] + (ch.to(tl.int64) * S)[None, :, None] + sp[None, None, :]
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+            x_hat = (x - mean) * rstd
+            if SILU:
+                z = x_hat
+                if HAS_WEIGHT:
+                    z = z * w
+                if HAS_BIAS:
+                    z = z + b
+                sig = tl.sigmoid(z)
+                g = g * sig * (1.0 + z * (1.0 - sig))
+            if HAS_WEIGHT:
+                g = g * w
+            dx = rstd * (g - mean_g - x_hat * mean_gx)
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+TILE = 4096  # elements per [BLOCK_R, BLOCK_C, BLOCK_S] tile on a GPU
+INTERPRET_TILE = 1 << 16  # under the interpreter: larger tiles, fewer (slow, Python-level) ops per element
+MAX_BLOCK_S = 1024  # contiguous spatial positions per tile row
+
+
+def _layout(x: torch.Tensor, num_groups: int) -> tuple[int, int, int, int]:
+    """(B, C, S, Cg) of x [B, C, *spatial]."""
+    b, c = x.shape[0], x.shape[1]
+    return b, c, math.prod(x.shape[2:]), c // num_groups
+
+
+def _plan(rows: int, cpg: int, s: int, device: torch.device) -> dict[str, int]:
+    """Tile sizes and the program layout, so that the grid (row blocks x splits) fills the device.
+
+    A tile is [BLOCK_R groups, BLOCK_C channels, BLOCK_S positions]. Groups that fit one tile are packed BLOCK_R
+    to a tile while that still leaves enough programs; a larger group gets one row per program and is split
+    along the spatial axis into `splits` runs of whole BLOCK_S-wide tiles (several programs per group).
+    """
+    tile = INTERPRET_TILE if INTERPRET else TILE
+    target = num_programs_hint(device)
+    block_s = min(triton.next_power_of_2(max(s, 1)), MAX_BLOCK_S)
+    block_c = min(triton.next_power_of_2(cpg), max(1, tile // block_s))
+    block_r, splits = 1, 1
+    if block_c >= cpg and block_s >= s:  # a whole group per tile: pack groups, keeping >= target programs
+        fit = max(1, tile // (block_c * block_s))
+        spare = max(1, rows // target)
+        block_r = min(fit, 1 << (spare.bit_length() - 1))  # powers of two, at most `spare` groups per program
+    else:
+        splits = max(1, min(triton.cdiv(target, max(rows, 1)), triton.cdiv(s, block_s)))
+    spatial_per_program = triton.cdiv(triton.cdiv(s, splits), block_s) * block_s
+    splits = triton.cdiv(s, spatial_per_program)
+    warps = min(16, max(1, block_r * block_c * block_s // 256))
+    return dict(block_r=block_r, block_c=block_c, block_s=block_s, splits=splits,
+                spatial_per_program=spatial_per_program, warps=warps)  # fmt: skip
+
+
+def _placeholder(x: torch.Tensor) -> torch.Tensor:
+    """Stands for the gradient of an absent optional input (custom ops cannot return None)."""
+    return x.new_empty(0)
+
+
+def _fwd_fake(x, weight, bias, num_groups, eps, silu):  # noqa: ANN001, ANN202
+    stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+
+
+@kernel_op("group_norm_fwd", fake=_fwd_fake)
+def group_norm_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    num_groups: int,
+    eps: float,
+    silu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (y like x, mean [B, G] fp32, rstd [B, G] fp32); y = silu(group_norm(x)) when silu."""
+    x = x.contiguous()
+    b, _, s, cpg = _layout(x, num_groups)
+    rows = b * num_groups
+    y = torch.empty_like(x)
+    mean = torch.empty((b, num_groups), device=x.device, dtype=torch.float32)
+    rstd = torch.empty((b, num_groups), device=x.device, dtype=torch.float32)
+    if x.numel() == 0:
+        return y, mean, rstd
+    p = _plan(rows, cpg, s, x.device)
+    splits = p["splits"]
+    mean_p = torch.empty((rows, splits), device=x.device, dtype=torch.float32)
+    m2_p = torch.empty_like(mean_p)
+    grid = (triton.cdiv(rows, p["block_r"]), splits)
+    tiles = dict(BLOCK_R=p["block_r"], BLOCK_C=p["block_c"], BLOCK_S=p["block_s"], num_warps=p["warps"])
+    launch(_gn_stats_kernel)[grid](x, mean_p, m2_p, rows, s, cpg, p["spatial_per_program"], splits, **tiles)
+    launch(_gn_fwd_kernel)[grid](
+        x,
+        weight.contiguous() if weight is not None else x,  # unused pointers get x (never read)
+        bias.contiguous() if bias is not None else x,
+        y, mean_p, m2_p, mean, rstd, rows, s, cpg, num_groups, p["spatial_per_program"], splits, eps,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu, SPLITS=triton.next_power_of_2(splits),
+        **tiles,
+    )  # fmt: skip
+    return y, mean, rstd
+
+
+def _bwd_fake(dy, x, weight, bias, mean, rstd, num_groups, silu):  # noqa: ANN001, ANN202
+    like = lambda t: torch.empty_like(t) if t is not None else _placeholder(x)  # noqa: E731
+    return torch.empty_like(x, memory_format=torch.contiguous_format), like(weight), like(bias)
+
+
+@kernel_op("group_norm_bwd", fake=_bwd_fake)
+def group_norm_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    num_groups: int,
+    silu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dx, dweight, dbias); an absent weight's / bias's gradient is an empty placeholder."""
+    dy, x = dy.contiguous(), x.contiguous()
+    b, c, s, cpg = _layout(x, num_groups)
+    rows = b * num_groups
+    dx = torch.empty_like(x)
+    if x.numel() == 0:
+        dw = torch.zeros_like(weight) if weight is not None else _placeholder(x)
+        return dx, dw, torch.zeros_like(bias) if bias is not None else _placeholder(x)
+    p = _plan(rows, cpg, s, x.device)
+    splits = p["splits"]
+    w_arg = weight.contiguous() if weight is not None else x
+    b_arg = bias.contiguous() if bias is not None else x
+    flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu, BLOCK_R=p["block_r"],
+                 BLOCK_C=p["block_c"], BLOCK_S=p["block_s"], num_warps=p["warps"])  # fmt: skip
+    dz_p = torch.empty((b * c, splits), device=x.device, dtype=torch.float32)
+    dzx_p = torch.empty_like(dz_p)
+    grid = (triton.cdiv(rows, p["block_r"]), splits)
+    sizes = (rows, s, cpg, num_groups, p["spatial_per_program"])
+    launch(_gn_bwd_reduce_kernel)[grid](dy, x, w_arg, b_arg, mean, rstd, dz_p, dzx_p, *sizes, splits, **flags)
+    # Per (b, c) sums over the spatial splits; then the group means of g = dz * w and g * x_hat (fp32, fixed order).
+    dz_bc, dzx_bc = dz_p.sum(1).view(b, c), dzx_p.sum(1).view(b, c)
+    g_bc, gx_bc = (dz_bc, dzx_bc) if weight is None else (dz_bc * weight.float(), dzx_bc * weight.float())
+    n = cpg * s
+    mean_g = g_bc.view(rows, cpg).sum(1) / n
+    mean_gx = gx_bc.view(rows, cpg).sum(1) / n
+    launch(_gn_bwd_dx_kernel)[grid](dy, x, w_arg, b_arg, mean, rstd, mean_g, mean_gx, dx, *sizes, **flags)
+    dw = dzx_bc.sum(0).to(weight.dtype) if weight is not None else _placeholder(x)
+    db = dz_bc.sum(0).to(bias.dtype) if bias is not None else _placeholder(x)
+    return dx, dw, db
+
+
+def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, weight, bias, num_groups, _, silu = inputs
+    ctx.num_groups, ctx.silu = num_groups, silu
+    ctx.present = (weight is not None, bias is not None)
+    ctx.save_for_backward(x, weight, bias, output[1], output[2])
+
+
+def _backward(ctx, dy: torch.Tensor, _dmean: torch.Tensor | None, _drstd: torch.Tensor | None):  # noqa: ANN001
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dw, db = group_norm_bwd(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu)
+    has_w, has_b = ctx.present
+    return dx, dw if has_w else None, db if has_b else None, None, None, None
+
+
+if hasattr(group_norm_fwd, "register_autograd"):
+    group_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+    if x.dim() < 2:
+        raise ValueError(f"x must be [B, C, *spatial], got shape {tuple(x.shape)}")
+    c = x.shape[1]
+    if num_groups < 1 or c % num_groups:
+        raise ValueError(f"num_groups {num_groups} must divide the {c} channels of x {tuple(x.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (c,):
+            raise ValueError(f"{name} shape {tuple(t.shape)} must be ({c},)")
+
+
+def group_norm(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    silu: bool = False,
+) -> torch.Tensor:
+    """GroupNorm of x [B, C, *spatial] over num_groups groups of channels, optional weight / bias [C], then SiLU
+    when ``silu``; output in x's dtype (contiguous). Same math as ``F.group_norm(x, num_groups, weight, bias, eps)``
+    (+ ``F.silu``) with statistics in fp32."""
+    _check(x, num_groups, weight, bias)
+    if use_triton(x, *(t for t in (weight, bias) if t is not None)):
+        return group_norm_fwd(x, weight, bias, int(num_groups), float(eps), bool(silu))[0]
+    return reference.group_norm_reference(x, num_groups, weight, bias, eps, silu=silu)

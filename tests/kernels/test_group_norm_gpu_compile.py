@@ -1,0 +1,91 @@
+"""Compile the GroupNorm kernels for an H100 (sm_90) exactly as kernels/group_norm.py launches them on CUDA,
+without a GPU, through test_gpu_compile.py's recorder and Triton's NVIDIA backend (down to a cubin).
+
+The interpreter checks the math but not what only the compiler sees: the loop-carried fp32 scalars of the
+Welford merge, constexpr branches that define names used later (weight / bias / SiLU), nested loops with runtime
+bounds, int64 offsets and the [BLOCK_C, BLOCK_S] tile shapes. Cases: a U-Net-style bf16 x [2, 512, 64, 64] with
+32 groups, bf16 weight and bias and the SiLU (16 channels x 4096 positions per group: [1, 4, 1024] tiles), a bf16
+x [64, 64, 8, 8] with 32 groups and the SiLU (groups of 2 x 64 elements packed 32 to a [32, 2, 64] tile: the
+recorder's CPU device asks for 4 programs), an fp32 x [2, 12, 5, 7] with 3 groups and the SiLU (odd sizes:
+[1, 4, 64] tiles, masked), and a bf16 1-D x [4, 64, 300] with 8 groups and neither affine nor SiLU. Each case
+compiles the four kernels (statistics and normalize forward, reduce and dx backward).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CASES = ["unet-bf16-512x64x64-silu", "bf16-8x8-packed-groups-silu", "fp32-12x5x7-g3-silu", "bf16-1d-no-affine"]
+
+
+def _calls(case: str):  # noqa: ANN202
+    import torch
+
+    if case == "unet-bf16-512x64x64-silu":
+        x, groups, silu = torch.empty(2, 512, 64, 64, dtype=torch.bfloat16), 32, True
+        w = b = torch.empty(512, dtype=torch.bfloat16)
+    elif case == "bf16-8x8-packed-groups-silu":
+        x, groups, silu = torch.empty(64, 64, 8, 8, dtype=torch.bfloat16), 32, True
+        w = b = torch.empty(64, dtype=torch.bfloat16)
+    elif case == "fp32-12x5x7-g3-silu":
+        x, groups, silu = torch.empty(2, 12, 5, 7), 3, True
+        w = b = torch.empty(12)
+    else:
+        x, groups, silu, w, b = torch.empty(4, 64, 300, dtype=torch.bfloat16), 8, False, None, None
+    stats = torch.zeros(x.shape[0], groups)
+
+    def run(m) -> None:  # noqa: ANN001
+        m.group_norm_fwd(x, w, b, groups, 1e-5, silu)
+        m.group_norm_bwd(x, x, w, b, stats, stats, groups, silu)
+
+    return "kernels.group_norm", run
+
+
+def _main() -> None:
+    from test_gpu_compile import _capture, _compile
+
+    results = {}
+    for case in CASES:
+        try:
+            launches = _capture(*_calls(case))
+            results[case] = {"launches": len(launches), "shared": [_compile(k, a, dict(kw)) for k, a, kw in launches]}
+        except Exception as exc:  # noqa: BLE001 - reported per case to the test
+            results[case] = {"error": f"{type(exc).__name__}: {exc}"[-3000:]}
+    print("RESULTS" + json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: test_group_norm.py compiles and runs the kernels for real")
+    try:
+        import triton.backends.compiler  # noqa: F401
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError:
+        pytest.skip("triton or its NVIDIA backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS")), None)
+    assert line is not None, proc.stderr[-3000:]
+    return json.loads(line.removeprefix("RESULTS"))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_group_norm_kernels_compile_for_sm90(results, case):  # noqa: ANN001
+    from test_gpu_compile import _check
+
+    _check(results[case], expected_launches=4)  # statistics, normalize; reduce, dx
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    _main()
