@@ -1,5 +1,5 @@
-"""Switchable compute ops every recipe uses: attention, RMSNorm, LayerNorm (+ adaLN modulate), RoPE, SwiGLU
-and linear + cross-entropy.
+"""Switchable compute ops every recipe uses: attention, RMSNorm, LayerNorm (+ adaLN modulate), GroupNorm (+ SiLU),
+RoPE, SwiGLU and linear + cross-entropy.
 
 Each op has a plain PyTorch path (the default) and a fused path from the ``kernels`` package (Triton
 kernels with autograd, registered as torch custom ops). Recipes call these instead of writing the math
@@ -13,12 +13,14 @@ Triton cannot run on the given tensors (CPU without ``TRITON_INTERPRET=1``, or n
 ``fused_backend()`` says which one will run.
 
 Layouts (shape legend: B batch, T query length, S key length, H query heads, K kv heads, E head dim,
-N rows, D width, V vocabulary):
+N rows, D width, C channels, V vocabulary):
   attention            q [B, H, T, E], k/v [B, K, S, E] with K dividing H (grouped-query)  -> [B, H, T, E]
   rms_norm             x [..., D], weight [D]                                           -> like x
   layer_norm           x [..., D], weight / bias [D] or None                            -> like x
   layer_norm_modulate  x [B, ..., D], shift / scale [B, D] (DiT's adaLN)                -> like x:
                        layer_norm(x) * (1 + scale) + shift, shift / scale broadcast over the middle dims
+  group_norm           x [B, C, *spatial], weight / bias [C] or None, groups divide C   -> like x
+                       silu=True: silu(group_norm(x)) (the diffusion U-Net's / VAE's norm -> SiLU)
   rope                 q [B, T, H, E], k [B, T, K, E], cos/sin [T, E] in the rotate-half layout with both
                        halves equal (cat(freqs, freqs), as Hugging Face Llama stores them) -> (q, k)
   swiglu               gate, up [..., F]                                                -> silu(gate) * up
@@ -319,6 +321,23 @@ def layer_norm_modulate(
     view = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
     y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
     return y * (1 + scale.view(view)) + shift.view(view)
+
+
+def group_norm(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    fused: bool = False,
+    silu: bool = False,
+) -> torch.Tensor:
+    """GroupNorm of x [B, C, *spatial], weight / bias [C] optional, then SiLU when ``silu``. Unfused is
+    ``F.group_norm`` (what nn.GroupNorm runs), then ``F.silu``; fused: one kernel (``kernels.group_norm``)."""
+    if fused:
+        return _kernels().group_norm(x, num_groups, weight, bias, eps, silu=silu)
+    y = F.group_norm(x, num_groups, weight, bias, eps)
+    return F.silu(y) if silu else y
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
