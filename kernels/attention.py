@@ -17,14 +17,20 @@ with dS = P * (dP - delta), dP = dO V^T.
 Under the Triton interpreter (CPU tests) dot operands are upcast to fp32 because the interpreter's bf16
 dot is not correct; on GPU bf16/fp16 operands go straight to tensor cores with fp32 accumulation, and
 fp32 inputs use IEEE (not TF32) dots so they match the reference closely.
+
+Launch configs: on CUDA the forward, dK/dV and dQ kernels are autotuned (``triton.autotune``, pruned per
+call by shared memory and sequence length; see "launch configurations" below and ``last_configs()``);
+the interpreter and ``SCALETRAIN_ATTENTION_AUTOTUNE=0`` use fixed configs.
 """
 
+import functools
 import math
+import os
 
 import torch
 
 from . import reference
-from ._triton import INTERPRET, kernel_op, launch, tl, triton, use_triton
+from ._triton import INTERPRET, TRITON_AVAILABLE, kernel_op, launch, tl, triton, use_triton
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -83,10 +89,10 @@ def _visible(q_pos, k_idx, S, window, CAUSAL: tl.constexpr, WINDOWED: tl.constex
     return visible
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T_BUCKET", "S_BUCKET"])  # autotune-key only (unused)
 def _attn_fwd_kernel(
     Q, K, V, Out, LSE,
-    qk_scale_log2, T, S, H, HKV, q_offset, window,
+    qk_scale_log2, T, S, H, HKV, q_offset, window, T_BUCKET, S_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -134,8 +140,11 @@ def _attn_fwd_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    tl.store(Out + q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=offs_m[:, None] < T)
+    tl.store(
+        Out + q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=offs_m[:, None] < T,
+    )
     tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
 
 
@@ -153,10 +162,10 @@ def _attn_bwd_preprocess_kernel(Out, DO, DLSE, DELTA, T, HEAD_DIM: tl.constexpr,
     tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1) - dlse, mask=offs_m < T)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T_BUCKET", "S_BUCKET"])  # autotune-key only (unused)
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
-    qk_scale_log2, sm_scale, T, S, H, HKV, q_offset, window,
+    qk_scale_log2, sm_scale, T, S, H, HKV, q_offset, window, T_BUCKET, S_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -188,8 +197,9 @@ def _attn_bwd_dkdv_kernel(
             offs_m = start_m + offs_m0
             row_mask = offs_m[:, None] < T
             q = tl.load(Q + bh * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=row_mask, other=0.0)
-            do = tl.load(DO + bh * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=row_mask,
-                         other=0.0)
+            do = tl.load(
+                DO + bh * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=row_mask, other=0.0
+            )
             if UPCAST:
                 q = q.to(tl.float32)
                 do = do.to(tl.float32)
@@ -211,10 +221,10 @@ def _attn_bwd_dkdv_kernel(
     tl.store(DV + kv_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T_BUCKET", "S_BUCKET"])  # autotune-key only (unused)
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
-    qk_scale_log2, sm_scale, T, S, H, HKV, q_offset, window,
+    qk_scale_log2, sm_scale, T, S, H, HKV, q_offset, window, T_BUCKET, S_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -261,22 +271,191 @@ def _attn_bwd_dq_kernel(
     tl.store(DQ + q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_mask)
 
 
-def _config(head_dim: int, dtype: torch.dtype) -> dict:
-    """Block sizes / launch options. Interpreter: small blocks exercise the multi-block paths cheaply."""
-    prec = "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit operands
+# -- launch configurations ----------------------------------------------------------------------------------
+# On CUDA the forward, dK/dV and dQ kernels are autotuned (triton.autotune) over the small spaces below; under
+# the interpreter, or with SCALETRAIN_ATTENTION_AUTOTUNE=0, they run the fixed configs of _fixed_config.
+# BLOCK_M is always the query-row tile and BLOCK_N the key/value-row tile. No kernel needs a relation between
+# them: block ranges are rounded to the loop's own tile and every tile is masked element-wise.
+AUTOTUNE_ENV = "SCALETRAIN_ATTENTION_AUTOTUNE"
+DEFAULT_SHARED_MEM = 227 * 1024  # H100 (sm_90) opt-in shared memory per block; used when no GPU can say
+
+# (BLOCK_M, BLOCK_N, num_warps), each crossed with every num_stages in _STAGES: 18 / 15 / 15 configs. The fixed
+# 16-bit GPU configs are members, so tuning never has fewer choices than the fixed path. Around the Triton
+# tutorial's Hopper choices (forward BLOCK_M 64/128 x BLOCK_N 64/128; backward: narrow query tiles under wide
+# kv tiles for dK/dV, wide query tiles over narrow kv tiles for dQ), 8 warps only with a 128-row tile side.
+_TILES = {
+    "fwd": ((64, 64, 4), (64, 64, 8), (64, 128, 4), (128, 64, 4), (128, 64, 8), (128, 128, 8)),
+    "dkdv": ((32, 64, 8), (64, 64, 4), (32, 128, 4), (32, 128, 8), (64, 128, 8)),
+    "dq": ((32, 64, 8), (64, 64, 4), (128, 32, 4), (128, 32, 8), (128, 64, 8)),
+}
+_STAGES = (2, 3, 4)
+# What changes the best choice; triton.autotune adds every tensor argument's dtype to the key itself.
+# T_BUCKET / S_BUCKET are T and S rounded up to powers of two, so a new length re-tunes only per octave.
+AUTOTUNE_KEY = ["HEAD_DIM", "CAUSAL", "WINDOWED", "T_BUCKET", "S_BUCKET"]
+
+
+def autotune_space(kernel: str) -> list:
+    """The full (unpruned) config list of ``kernel`` ("fwd", "dkdv" or "dq") as triton.Config objects."""
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+        for bm, bn, warps in _TILES[kernel]
+        for stages in _STAGES
+    ]
+
+
+def shared_mem_estimate(kernel: str, block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int) -> int:
+    """Upper bound (bytes) of the shared memory Triton allocates for one config on sm_90.
+
+    The software pipeliner keeps ``stages`` buffers of each tile loaded in the loop (K and V in the forward
+    and dQ kernels; Q, dO and their lse/delta rows in dK/dV); the operands held across the loop (Q; Q and dO;
+    K and V) stay in shared memory for the tensor-core dots, and the backward kernels stage the [BLOCK_M,
+    BLOCK_N] probabilities / dS for their dots (bounded by two tiles). The forward's bound is exact for
+    16-bit inputs with Triton 3.9; the backward's is 5-100% above. tests/kernels/test_gpu_compile.py
+    compiles every surviving config and checks the bound against Triton's own allocation.
+    """
+    d, e, m, n = head_dim, elem_bytes, block_m, block_n
+    if kernel == "fwd":
+        return (m * d + stages * 2 * n * d) * e
+    if kernel == "dkdv":
+        return stages * (2 * m * d * e + 8 * m) + 2 * n * d * e + 2 * m * n * e
+    return stages * 2 * n * d * e + 2 * m * d * e + 2 * m * n * e + 8 * m
+
+
+@functools.cache
+def _shared_mem_budget(device_index: int | None) -> int:
+    if device_index is None:
+        return DEFAULT_SHARED_MEM
+    try:
+        return int(triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
+    except Exception:  # noqa: BLE001 - no driver (compile-only tests) or an older API: assume an H100
+        return DEFAULT_SHARED_MEM
+
+
+def prune_configs(
+    kernel: str, configs: list, *, head_dim: int, dtype: torch.dtype, t_bucket, s_bucket, budget: int  # noqa: ANN001
+) -> list:  # fmt: skip
+    """The configs worth benchmarking for one call; never empty.
+
+    1. fp32: the fixed config only, no tuning (IEEE fp32 dots run on CUDA cores, not tensor cores; fp32 is
+       for checking, not speed, and each fp32 config takes seconds to compile).
+    2. Shared memory: drop configs whose ``shared_mem_estimate`` exceeds ``budget`` (they could not launch).
+    3. Length: drop tiles longer than the bucketed sequence (they compute padding); if none is short enough,
+       keep the single smallest tile (nothing to tune on such short inputs).
+    """
+    if dtype == torch.float32:
+        fixed = _fixed_config(kernel, head_dim, dtype)
+        tile = {"BLOCK_M": fixed["BLOCK_M"], "BLOCK_N": fixed["BLOCK_N"]}
+        return [triton.Config(tile, num_warps=fixed["num_warps"], num_stages=fixed["num_stages"])]
+
+    def smem(c) -> int:  # noqa: ANN001
+        return shared_mem_estimate(
+            kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], head_dim, dtype.itemsize, c.num_stages
+        )
+
+    kept = [c for c in configs if smem(c) <= budget]
+    if isinstance(t_bucket, int) and isinstance(s_bucket, int) and kept:  # SymInts (dynamic shapes): no guess
+        short = [c for c in kept if c.kwargs["BLOCK_M"] <= t_bucket and c.kwargs["BLOCK_N"] <= s_bucket]
+        size = lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
+        kept = short or [min(kept, key=size)]
+    return kept or [min(configs, key=smem)]
+
+
+def _pruner(kernel: str):  # noqa: ANN202
+    def prune(configs, named_args, **kwargs):  # noqa: ANN001, ANN202 - triton.autotune's early_config_prune
+        args = {**named_args, **kwargs}
+        q = args["Q"]
+        index = q.device.index if q.device.type == "cuda" else None
+        if index is None and q.device.type == "cuda":
+            index = torch.cuda.current_device()
+        return prune_configs(
+            kernel, configs, head_dim=args["HEAD_DIM"], dtype=q.dtype, t_bucket=args["T_BUCKET"],
+            s_bucket=args["S_BUCKET"], budget=_shared_mem_budget(index),
+        )  # fmt: skip
+
+    return prune
+
+
+_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+
+
+@functools.cache
+def autotuned_kernel(kernel: str):  # noqa: ANN201
+    """``triton.autotune`` around one kernel. The kernels overwrite their outputs (plain stores, no atomics,
+    no accumulation into an output), so the benchmark's repeated launches need no reset_to_zero/restore_value.
+    """
+    return triton.autotune(
+        configs=autotune_space(kernel), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner(kernel)}
+    )(_KERNELS[kernel])
+
+
+def autotune_enabled() -> bool:
+    """Autotune on CUDA unless SCALETRAIN_ATTENTION_AUTOTUNE=0; never under the interpreter (CPU tests)."""
+    return TRITON_AVAILABLE and not INTERPRET and os.environ.get(AUTOTUNE_ENV, "1") != "0"
+
+
+def _fixed_config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
+    """Fixed block sizes / launch options. Interpreter: small blocks exercise the multi-block paths cheaply."""
     if INTERPRET:
-        return dict(fwd_m=16, fwd_n=16, bwd_m=16, bwd_n=16, warps=1, stages=1, upcast=True, prec=prec)
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
     wide = head_dim > 64 or dtype == torch.float32  # keep shared memory per stage bounded
-    return dict(
-        fwd_m=64 if wide else 128, fwd_n=64, bwd_m=32 if wide else 64, bwd_n=64,
-        warps=8 if head_dim > 64 else 4, stages=2 if wide else 3, upcast=False, prec=prec,
-    )  # fmt: skip
+    warps, stages = (8 if head_dim > 64 else 4), (2 if wide else 3)
+    if kernel == "fwd":
+        return dict(BLOCK_M=64 if wide else 128, BLOCK_N=64, num_warps=warps, num_stages=stages)
+    return dict(BLOCK_M=32 if wide else 64, BLOCK_N=64, num_warps=warps, num_stages=stages)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit operands
+
+
+def _describe(config: dict) -> str:
+    return (f"BLOCK_M={config['BLOCK_M']} BLOCK_N={config['BLOCK_N']} warps={config['num_warps']} "
+            f"stages={config['num_stages']}")  # fmt: skip
+
+
+_last: dict[str, object] = {}  # kernel -> its Autotuner (autotuned launch) or the fixed config's description
+
+
+def last_configs() -> dict[str, str]:
+    """The config each attention kernel ("fwd", "dkdv", "dq") last launched with in this process, e.g.
+    ``{"fwd": "BLOCK_M=128 BLOCK_N=64 warps=8 stages=3 (autotuned)", ...}``; kernels not launched yet are
+    absent. Under torch.compile inductor runs its own copy of the autotuner, whose choice is not seen here.
+    """
+    out = {}
+    for kernel, source in _last.items():
+        if isinstance(source, str):
+            out[kernel] = source + " (fixed)"
+            continue
+        best = getattr(source, "best_config", None)
+        if best is None:
+            out[kernel] = "autotuned (choice not visible: compiled by inductor)"
+        else:
+            config = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+            out[kernel] = _describe(config) + " (autotuned)"
+    return out
+
+
+def _bucket(n):  # noqa: ANN001, ANN202
+    return triton.next_power_of_2(n) if isinstance(n, int) else n
+
+
+def _launch(kernel: str, grid, args: tuple, head_dim: int, dtype: torch.dtype, **constexprs) -> None:  # noqa: ANN001
+    """Launch ``kernel`` with ``grid(meta)``: autotuned, or with its fixed config."""
+    if autotune_enabled():
+        tuned = autotuned_kernel(kernel)
+        launch(tuned)[grid](*args, **constexprs)
+        _last[kernel] = tuned
+        return
+    config = _fixed_config(kernel, head_dim, dtype)
+    launch(_KERNELS[kernel])[grid](*args, **constexprs, **config)
+    _last[kernel] = _describe(config)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"expected q [B,H,T,D], k/v [B,Hkv,S,D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
+        raise ValueError(
+            f"expected q [B,H,T,D], k/v [B,Hkv,S,D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     b, h, _, d = q.shape
     if k.shape[0] != b or k.shape[3] != d or h % k.shape[1] != 0:
         raise ValueError(f"kv shape {tuple(k.shape)} incompatible with q {tuple(q.shape)} (Hkv must divide H)")
@@ -301,12 +480,10 @@ def attention_fwd(
     hkv, s = k.shape[1], k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty((b, h, t), device=q.device, dtype=torch.float32)
-    cfg = _config(d, q.dtype)
-    grid = (triton.cdiv(t, cfg["fwd_m"]), b * h)
-    launch(_attn_fwd_kernel)[grid](
-        q, k, v, out, lse, scale * LOG2E, t, s, h, hkv, s - t, window,
-        HEAD_DIM=d, BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], CAUSAL=causal, WINDOWED=window > 0,
-        UPCAST=cfg["upcast"], PREC=cfg["prec"], num_warps=cfg["warps"], num_stages=cfg["stages"],
+    _launch(
+        "fwd", lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h),
+        (q, k, v, out, lse, scale * LOG2E, t, s, h, hkv, s - t, window, _bucket(t), _bucket(s)),
+        d, q.dtype, HEAD_DIM=d, CAUSAL=causal, WINDOWED=window > 0, UPCAST=INTERPRET, PREC=_precision(q.dtype),
     )  # fmt: skip
     return out, lse
 
@@ -325,22 +502,22 @@ def attention_bwd(
     lse, dlse = lse.contiguous(), dlse.float().contiguous()
     b, h, t, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
-    cfg = _config(d, q.dtype)
     delta = torch.empty_like(lse)
-    launch(_attn_bwd_preprocess_kernel)[(triton.cdiv(t, cfg["bwd_m"]), b * h)](
-        out, do, dlse, delta, t, HEAD_DIM=d, BLOCK_M=cfg["bwd_m"]
+    block_m = _fixed_config("dq", d, q.dtype)["BLOCK_M"]  # the preprocess is memory-bound: not tuned
+    launch(_attn_bwd_preprocess_kernel)[(triton.cdiv(t, block_m), b * h)](
+        out, do, dlse, delta, t, HEAD_DIM=d, BLOCK_M=block_m
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    common = dict(
-        HEAD_DIM=d, BLOCK_M=cfg["bwd_m"], BLOCK_N=cfg["bwd_n"], CAUSAL=causal, WINDOWED=window > 0,
-        UPCAST=cfg["upcast"], PREC=cfg["prec"], num_warps=cfg["warps"], num_stages=cfg["stages"],
+    common = dict(HEAD_DIM=d, CAUSAL=causal, WINDOWED=window > 0, UPCAST=INTERPRET, PREC=_precision(q.dtype))
+    tail = (scale * LOG2E, scale, t, s, h, hkv, s - t, window, _bucket(t), _bucket(s))
+    _launch(
+        "dkdv", lambda meta: (triton.cdiv(s, meta["BLOCK_N"]), b * hkv), (q, k, v, do, lse, delta, dk, dv, *tail),
+        d, q.dtype, **common,
     )  # fmt: skip
-    launch(_attn_bwd_dkdv_kernel)[(triton.cdiv(s, cfg["bwd_n"]), b * hkv)](
-        q, k, v, do, lse, delta, dk, dv, scale * LOG2E, scale, t, s, h, hkv, s - t, window, **common
-    )
-    launch(_attn_bwd_dq_kernel)[(triton.cdiv(t, cfg["bwd_m"]), b * h)](
-        q, k, v, do, lse, delta, dq, scale * LOG2E, scale, t, s, h, hkv, s - t, window, **common
-    )
+    _launch(
+        "dq", lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h), (q, k, v, do, lse, delta, dq, *tail),
+        d, q.dtype, **common,
+    )  # fmt: skip
     return dq, dk, dv
 
 

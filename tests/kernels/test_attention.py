@@ -7,6 +7,8 @@ operands to fp32 (the interpreter's bf16 dot is wrong), so on CPU the 16-bit tes
 and stores in those dtypes, not tensor-core rounding; on a GPU the same tests exercise the real path.
 """
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,7 @@ from kernels.reference import attention_mask, attention_reference
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
+
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
@@ -159,3 +162,87 @@ def test_rejects_bad_shapes(device):  # noqa: ANN001
     q, k, v = _inputs(1, 2, 2, 8, 8, 24, torch.float32, device)
     with pytest.raises(ValueError, match="head_dim"):
         kernels.attention(q, k, v, causal=False)
+
+
+# -- launch configs: autotune space, pruning, fixed fallback ------------------------------------------------
+attention_module = importlib.import_module("kernels.attention")  # ``kernels.attention`` is the function
+
+
+@pytest.mark.parametrize("bm,bn", [(32, 64), (64, 32), (128, 32), (32, 128)])
+def test_unequal_tiles(bm, bn, device, monkeypatch):  # noqa: ANN001
+    """The autotune space mixes BLOCK_M < BLOCK_N (dK/dV) and > (forward, dQ): no kernel may assume a relation.
+    Runs every kernel with these tiles (fixed path; the interpreter ignores warps and stages)."""
+    if device.type != "cpu":
+        pytest.skip("on a GPU the autotuner runs (and other tests check) these tiles")
+    config = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=2)
+    monkeypatch.setattr(attention_module, "_fixed_config", lambda kernel, head_dim, dtype: config)
+    _check_against_reference(1, 2, 1, 150, 150, 16, True, 40, torch.float32, device)
+    _check_against_reference(1, 2, 1, 70, 150, 16, False, None, torch.float32, device)
+
+
+def test_autotune_off_under_interpreter_and_last_configs(device):  # noqa: ANN001
+    if device.type != "cpu":
+        pytest.skip("CPU (interpreter) behaviour")
+    assert not attention_module.autotune_enabled()
+    q, k, v = (x.requires_grad_() for x in _inputs(1, 2, 1, 19, 19, 16, torch.float32, device))
+    kernels.attention(q, k, v, causal=True).sum().backward()
+    fixed = "BLOCK_M=16 BLOCK_N=16 warps=1 stages=1 (fixed)"
+    assert attention_module.last_configs() == {"fwd": fixed, "dkdv": fixed, "dq": fixed}
+
+
+def _prune(kernel, dtype=torch.bfloat16, d=128, t=4096, s=4096, budget=227 * 1024):  # noqa: ANN001, ANN202
+    space = attention_module.autotune_space(kernel)
+    return space, attention_module.prune_configs(
+        kernel, space, head_dim=d, dtype=dtype, t_bucket=t, s_bucket=s, budget=budget
+    )
+
+
+def _tile(c) -> tuple:  # noqa: ANN001
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
+def test_prune_configs(kernel, monkeypatch):  # noqa: ANN001
+    A = attention_module
+    monkeypatch.setattr(A, "INTERPRET", False)  # the GPU's fixed configs
+    for d in (16, 32, 64, 128):
+        for dtype in (torch.bfloat16, torch.float16):
+            space, kept = _prune(kernel, dtype, d)
+            est = {_tile(c): A.shared_mem_estimate(kernel, *_tile(c)[:2], d, 2, c.num_stages) for c in space}
+            assert [_tile(c) for c in kept] == [t for t in map(_tile, space) if est[t] <= 227 * 1024]
+            fixed = A._fixed_config(kernel, d, dtype)
+            assert (fixed["BLOCK_M"], fixed["BLOCK_N"], fixed["num_warps"], fixed["num_stages"]) in est
+        # fp32: the fixed config only (not tuned)
+        _, kept = _prune(kernel, torch.float32, d)
+        fixed = A._fixed_config(kernel, d, torch.float32)
+        assert [_tile(c) for c in kept] == [
+            (fixed["BLOCK_M"], fixed["BLOCK_N"], fixed["num_warps"], fixed["num_stages"])
+        ]
+    # a smaller budget (e.g. an A100's 163 KB) keeps a strict, non-empty subset
+    space, kept = _prune(kernel, budget=163 * 1024)
+    assert 0 < len(kept) < len(space)
+    # short sequences: only tiles within the bucketed lengths; nothing fits -> the single smallest tile
+    _, kept = _prune(kernel, t=64, s=64)
+    assert kept and all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64 for c in kept)
+    _, kept = _prune(kernel, t=16, s=16)
+    assert len(kept) == 1
+    # symbolic lengths (dynamic shapes): no length pruning; never empty, even with no shared memory at all
+    assert len(_prune(kernel, t=object(), s=object())[1]) == len(_prune(kernel)[1])
+    assert len(_prune(kernel, budget=0)[1]) == 1
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
+def test_autotuner_wiring(kernel):  # noqa: ANN001
+    """The autotuner's key names are kernel arguments and its pruner reads the arguments it is launched with."""
+    tuner = attention_module.autotuned_kernel(kernel)
+    assert set(attention_module.AUTOTUNE_KEY) <= set(tuner.arg_names)
+    assert not tuner.reset_to_zero and not tuner.restore_value  # outputs are overwritten, never accumulated
+    q, lse = torch.empty(1, 2, 100, 128, dtype=torch.bfloat16), torch.empty(1, 2, 100)
+    tensors = {"fwd": (q, q, q, q, lse), "dkdv": (q, q, q, q, lse, lse, q, q), "dq": (q, q, q, q, lse, lse, q)}
+    scalars = (0.1,) if kernel == "fwd" else (0.1, 0.1)
+    args = (*tensors[kernel], *scalars, 100, 100, 2, 1, 0, 0, 128, 128)
+    named = dict(zip(tuner.arg_names, args, strict=False))
+    assert named["T_BUCKET"] == 128 and named["HKV"] == 1
+    constexprs = dict(HEAD_DIM=128, CAUSAL=True, WINDOWED=False, UPCAST=False, PREC="tf32")
+    kept = tuner.early_config_prune(tuner.configs, named, **constexprs)
+    assert [_tile(c) for c in kept] == [_tile(c) for c in _prune(kernel, t=128, s=128)[1]]
