@@ -23,7 +23,8 @@ size is covered by a loop over its tiles, never assumed to fit one block (512 ch
 65536 elements: 16 tiles). Large groups get one group per program and are split along the spatial axis into
 `splits` runs of whole tiles, so that B * G * splits programs fill the GPU even for one image with few groups;
 groups that fit one tile are packed BLOCK_R to a program, as long as enough programs remain. Under the Triton
-interpreter (CPU tests) tiles hold up to 65536 elements, since there every tile operation costs a Python call.
+interpreter (CPU tests) tiles hold up to 65536 elements and one program is the target, since there every tile
+operation and every program costs Python calls (tests shrink the tiles to take every branch).
 
 Forward, two kernels:
   1. statistics: each program combines its tiles' (mean, M2) with Chan's parallel Welford update (no
@@ -49,40 +50,73 @@ from ._triton import INTERPRET, kernel_op, launch, num_programs_hint, tl, triton
 
 
 @triton.jit
-def _gn_stats_kernel(
-    X, MEAN_P, M2_P, ROWS, S, CPG, spatial_per_program, splits,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-):  # fmt: skip
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # groups (b, g); int64 offsets
-    split = tl.program_id(1)
-    r_ok = rows < ROWS
-    s_start = split * spatial_per_program
-    s_end = tl.minimum(s_start + spatial_per_program, S)
-    base = rows * CPG * S
+def _tile(rows, r_ok, c0, s0, s_end, S, CPG, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Offsets and mask of the [BLOCK_R, BLOCK_C, BLOCK_S] tile at channel c0, position s0 of groups `rows`."""
+    ch = c0 + tl.arange(0, BLOCK_C)
+    sp = s0 + tl.arange(0, BLOCK_S)
+    mask = (r_ok[:, None] & (ch < CPG)[None, :])[:, :, None] & (sp < s_end)[None, None, :]
+    offs = (rows * CPG * S)[:, None, None] + (ch.to(tl.int64) * S)[None, :, None] + sp[None, None, :]
+    return offs, mask
+
+
+@triton.jit
+def _affine(P, rows, r_ok, c0, CPG, G, BLOCK_C: tl.constexpr):
+    """weight or bias of channels c0 .. c0 + BLOCK_C of groups `rows`, as [BLOCK_R, BLOCK_C, 1] fp32."""
+    ch = c0 + tl.arange(0, BLOCK_C)
+    chan = ((rows % G) * CPG)[:, None] + ch[None, :]
+    return tl.load(P + chan, mask=r_ok[:, None] & (ch < CPG)[None, :], other=0.0).to(tl.float32)[:, :, None]
+
+
+@triton.jit
+def _affine_pair(W, B, rows, r_ok, c0, CPG, G, LOAD_W: tl.constexpr, LOAD_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(weight, bias) tiles as _affine gives them; 1.0 / 0.0 for one not loaded (absent, or not needed)."""
+    w = 1.0
+    b = 0.0
+    if LOAD_W:
+        w = _affine(W, rows, r_ok, c0, CPG, G, BLOCK_C)
+    if LOAD_B:
+        b = _affine(B, rows, r_ok, c0, CPG, G, BLOCK_C)
+    return w, b
+
+
+@triton.jit
+def _welford(X, rows, r_ok, s_start, s_end, S, CPG, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+             BLOCK_S: tl.constexpr):  # fmt: skip
+    """(mean, M2) [BLOCK_R] of positions s_start .. s_end of every channel of groups `rows`: each tile's mean and M2,
+    merged with Chan et al.'s parallel update (no E[x^2] - E[x]^2 cancellation)."""
     mean = tl.zeros([BLOCK_R], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_R], dtype=tl.float32)
     count = tl.full([], 0.0, tl.float32)  # elements merged so far, the same for every row
     for c0 in range(0, CPG, BLOCK_C):
-        ch = c0 + tl.arange(0, BLOCK_C)
-        c_ok = ch < CPG
         for s0 in range(s_start, s_end, BLOCK_S):
-            sp = s0 + tl.arange(0, BLOCK_S)
-            mask = (r_ok[:, None] & c_ok[None, :])[:, :, None] & (sp < s_end)[None, None, :]
-            offs = base[:, None, None] + (ch.to(tl.int64) * S)[None, :, None] + sp[None, None, :]
+            offs, mask = _tile(rows, r_ok, c0, s0, s_end, S, CPG, BLOCK_C, BLOCK_S)
             x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
             n = (tl.minimum(CPG - c0, BLOCK_C) * tl.minimum(s_end - s0, BLOCK_S)).to(tl.float32)
             tile_mean = tl.sum(tl.sum(x, 2), 1) / n
             d = tl.where(mask, x - tile_mean[:, None, None], 0.0)
             tile_m2 = tl.sum(tl.sum(d * d, 2), 1)
-            # Chan et al.: merge (count, mean, m2) with the tile's (n, tile_mean, tile_m2).
             total = count + n
             delta = tile_mean - mean
             mean = mean + delta * (n / total)
             m2 = m2 + tile_m2 + delta * delta * (count * (n / total))
             count = total
-    out = rows * splits + split
-    tl.store(MEAN_P + out, mean, mask=r_ok)
-    tl.store(M2_P + out, m2, mask=r_ok)
+    return mean, m2
+
+
+@triton.jit
+def _gn_stats_kernel(
+    X, MEAN_P, M2_P, ROWS, S, CPG, spatial_per_program, splits,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """Split groups only: the (mean, M2) of this program's run of positions, to [ROWS, splits] buffers."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # groups (b, g); int64 offsets
+    split = tl.program_id(1)
+    r_ok = rows < ROWS
+    s_start = split * spatial_per_program
+    s_end = tl.minimum(s_start + spatial_per_program, S)
+    mean, m2 = _welford(X, rows, r_ok, s_start, s_end, S, CPG, BLOCK_R, BLOCK_C, BLOCK_S)
+    tl.store(MEAN_P + rows * splits + split, mean, mask=r_ok)
+    tl.store(M2_P + rows * splits + split, m2, mask=r_ok)
 
 
 @triton.jit
@@ -94,19 +128,21 @@ def _gn_fwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     split = tl.program_id(1)
     r_ok = rows < ROWS
-    # Each group's statistics from its splits' partials, in a fixed order: the same bits in every program.
-    i = tl.arange(0, SPLITS)
-    i_ok = i < splits
-    p_offs = rows[:, None] * splits + i[None, :]
-    p_mask = r_ok[:, None] & i_ok[None, :]
-    p_mean = tl.load(MEAN_P + p_offs, mask=p_mask, other=0.0)
-    p_m2 = tl.load(M2_P + p_offs, mask=p_mask, other=0.0)
-    p_len = tl.minimum((i + 1) * spatial_per_program, S) - i * spatial_per_program
-    p_n = tl.where(i_ok, p_len * CPG, 0).to(tl.float32)[None, :]
     total = (CPG * S).to(tl.float32)
-    mean = tl.sum(p_n * p_mean, 1) / total
-    dev = p_mean - mean[:, None]
-    m2 = tl.sum(p_m2 + p_n * dev * dev, 1)
+    if SPLITS == 1:  # whole groups per program: the statistics here, then a second (cached) read to normalize
+        mean, m2 = _welford(X, rows, r_ok, 0, S, S, CPG, BLOCK_R, BLOCK_C, BLOCK_S)
+    else:  # the splits' partials, combined in a fixed order: the same bits in every program of a group
+        i = tl.arange(0, SPLITS)
+        i_ok = i < splits
+        p_offs = rows[:, None] * splits + i[None, :]
+        p_mask = r_ok[:, None] & i_ok[None, :]
+        p_mean = tl.load(MEAN_P + p_offs, mask=p_mask, other=0.0)
+        p_m2 = tl.load(M2_P + p_offs, mask=p_mask, other=0.0)
+        p_len = tl.minimum((i + 1) * spatial_per_program, S) - i * spatial_per_program
+        p_n = tl.where(i_ok, p_len * CPG, 0).to(tl.float32)[None, :]
+        mean = tl.sum(p_n * p_mean, 1) / total
+        dev = p_mean - mean[:, None]
+        m2 = tl.sum(p_m2 + p_n * dev * dev, 1)
     rstd = 1.0 / tl.sqrt(m2 / total + eps)
     first = rows < tl.where(split == 0, ROWS, 0)  # the first split's programs store the statistics
     tl.store(MEAN + rows, mean, mask=first)
@@ -114,19 +150,13 @@ def _gn_fwd_kernel(
 
     s_start = split * spatial_per_program
     s_end = tl.minimum(s_start + spatial_per_program, S)
-    base = rows * CPG * S
-    chan0 = (rows % G) * CPG  # the group's first channel
     for c0 in range(0, CPG, BLOCK_C):
-        ch = c0 + tl.arange(0, BLOCK_C)
-        rc_ok = r_ok[:, None] & (ch < CPG)[None, :]
         if HAS_WEIGHT:
-            w = tl.load(W + chan0[:, None] + ch[None, :], mask=rc_ok, other=0.0).to(tl.float32)[:, :, None]
+            w = _affine(W, rows, r_ok, c0, CPG, G, BLOCK_C)
         if HAS_BIAS:
-            b = tl.load(B + chan0[:, None] + ch[None, :], mask=rc_ok, other=0.0).to(tl.float32)[:, :, None]
+            b = _affine(B, rows, r_ok, c0, CPG, G, BLOCK_C)
         for s0 in range(s_start, s_end, BLOCK_S):
-            sp = s0 + tl.arange(0, BLOCK_S)
-            mask = rc_ok[:, :, None] & (sp < s_end)[None, None, :]
-            offs = base[:, None, None] + (ch.to(tl.int64) * S)[None, :, None] + sp[None, None, :]
+            offs, mask = _tile(rows, r_ok, c0, s0, s_end, S, CPG, BLOCK_C, BLOCK_S)
             x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
             y = (x - mean[:, None, None]) * rstd[:, None, None]
             if HAS_WEIGHT:
@@ -139,11 +169,27 @@ def _gn_fwd_kernel(
 
 
 @triton.jit
-def _gn_bwd_reduce_kernel(
-    DY, X, W, B, MEAN, RSTD, DZ_P, DZX_P, ROWS, S, CPG, G, spatial_per_program, splits,
+def _dz(dy, x_hat, w, b, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+    """The gradient at z = x_hat * w + b: dy, or through the SiLU (z recomputed) dy * s * (1 + z * (1 - s))."""
+    if SILU:
+        z = x_hat
+        if HAS_WEIGHT:
+            z = z * w
+        if HAS_BIAS:
+            z = z + b
+        sig = tl.sigmoid(z)
+        dy = dy * sig * (1.0 + z * (1.0 - sig))
+    return dy
+
+
+@triton.jit
+def _gn_bwd_kernel(
+    DY, X, W, B, MEAN, RSTD, DZ_P, DZX_P, DX, ROWS, S, CPG, G, spatial_per_program, splits,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ONE_PASS: tl.constexpr,
 ):  # fmt: skip
+    """Per channel of this program's run: the fp32 sums of dz and dz * x_hat, to [B * C, splits] buffers. With
+    ONE_PASS (whole groups per program) also the group means of g = dz * w and g * x_hat from them, then dx."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     split = tl.program_id(1)
     r_ok = rows < ROWS
@@ -151,38 +197,54 @@ def _gn_bwd_reduce_kernel(
     rstd = tl.load(RSTD + rows, mask=r_ok, other=0.0)[:, None, None]
     s_start = split * spatial_per_program
     s_end = tl.minimum(s_start + spatial_per_program, S)
-    base = rows * CPG * S
-    chan0 = (rows % G) * CPG
+    g_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    gx_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
     for c0 in range(0, CPG, BLOCK_C):
-        ch = c0 + tl.arange(0, BLOCK_C)
-        rc_ok = r_ok[:, None] & (ch < CPG)[None, :]
-        if SILU:  # z (the SiLU's input) is recomputed: it needs the affine
-            if HAS_WEIGHT:
-                w = tl.load(W + chan0[:, None] + ch[None, :], mask=rc_ok, other=0.0).to(tl.float32)[:, :, None]
-            if HAS_BIAS:
-                b = tl.load(B + chan0[:, None] + ch[None, :], mask=rc_ok, other=0.0).to(tl.float32)[:, :, None]
+        w, b = _affine_pair(W, B, rows, r_ok, c0, CPG, G, HAS_WEIGHT, SILU and HAS_BIAS, BLOCK_C)
         dz_sum = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         dzx_sum = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         for s0 in range(s_start, s_end, BLOCK_S):
-            sp = s0 + tl.arange(0, BLOCK_S)
-            mask = rc_ok[:, :, None] & (sp < s_end)[None, None, :]
-            offs = base[:, None, None] + (ch.to(tl.int64) * S)[None, :, None] + sp[None, None, :]
-            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-            dz = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-            x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
-            if SILU:
-                z = x_hat
-                if HAS_WEIGHT:
-                    z = z * w
-                if HAS_BIAS:
-                    z = z + b
-                sig = tl.sigmoid(z)
-                dz = dz * sig * (1.0 + z * (1.0 - sig))  # masked lanes: dy = 0, so dz = 0
+            offs, mask = _tile(rows, r_ok, c0, s0, s_end, S, CPG, BLOCK_C, BLOCK_S)
+            x_hat = tl.where(mask, (tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - mean) * rstd, 0.0)
+            dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+            dz = _dz(dy, x_hat, w, b, HAS_WEIGHT, HAS_BIAS, SILU)  # masked lanes: dy = 0, so dz = 0
             dz_sum += tl.sum(dz, 2)
             dzx_sum += tl.sum(dz * x_hat, 2)
-        out = (rows[:, None] * CPG + ch[None, :]) * splits + split  # [B * C, splits]: row * CPG + ch = b * C + c
+        ch = c0 + tl.arange(0, BLOCK_C)
+        rc_ok = r_ok[:, None] & (ch < CPG)[None, :]
+        out = (rows[:, None] * CPG + ch[None, :]) * splits + split  # row * CPG + ch = b * C + c
         tl.store(DZ_P + out, dz_sum, mask=rc_ok)
         tl.store(DZX_P + out, dzx_sum, mask=rc_ok)
+        if ONE_PASS:
+            if HAS_WEIGHT:
+                g_sum += tl.sum(dz_sum * tl.sum(w, 2), 1)
+                gx_sum += tl.sum(dzx_sum * tl.sum(w, 2), 1)
+            else:
+                g_sum += tl.sum(dz_sum, 1)
+                gx_sum += tl.sum(dzx_sum, 1)
+    if ONE_PASS:
+        n = (CPG * S).to(tl.float32)
+        _dx_run(DY, X, W, B, DX, rows, r_ok, mean, rstd, (g_sum / n)[:, None, None], (gx_sum / n)[:, None, None],
+                s_start, s_end, S, CPG, G, HAS_WEIGHT, HAS_BIAS, SILU, BLOCK_C, BLOCK_S)  # fmt: skip
+
+
+@triton.jit
+def _dx_run(
+    DY, X, W, B, DX, rows, r_ok, mean, rstd, mean_g, mean_gx, s_start, s_end, S, CPG, G,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)) over positions s_start .. s_end of groups `rows`."""
+    for c0 in range(0, CPG, BLOCK_C):
+        w, b = _affine_pair(W, B, rows, r_ok, c0, CPG, G, HAS_WEIGHT, SILU and HAS_BIAS, BLOCK_C)
+        for s0 in range(s_start, s_end, BLOCK_S):
+            offs, mask = _tile(rows, r_ok, c0, s0, s_end, S, CPG, BLOCK_C, BLOCK_S)
+            x_hat = (tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+            g = _dz(tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32), x_hat, w, b, HAS_WEIGHT, HAS_BIAS, SILU)
+            if HAS_WEIGHT:
+                g = g * w
+            dx = rstd * (g - mean_g - x_hat * mean_gx)
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -191,43 +253,18 @@ def _gn_bwd_dx_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
+    """Split groups only: dx of this program's run, from the group means torch combined from the partials."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     split = tl.program_id(1)
     r_ok = rows < ROWS
     mean = tl.load(MEAN + rows, mask=r_ok, other=0.0)[:, None, None]
     rstd = tl.load(RSTD + rows, mask=r_ok, other=0.0)[:, None, None]
-    mean_g = tl.load(MEAN_G + rows, mask=r_ok, other=0.0)[:, None, None]  # group mean of g = dz * weight
-    mean_gx = tl.load(MEAN_GX + rows, mask=r_ok, other=0.0)[:, None, None]  # of g * x_hat
+    mean_g = tl.load(MEAN_G + rows, mask=r_ok, other=0.0)[:, None, None]
+    mean_gx = tl.load(MEAN_GX + rows, mask=r_ok, other=0.0)[:, None, None]
     s_start = split * spatial_per_program
     s_end = tl.minimum(s_start + spatial_per_program, S)
-    base = rows * CPG * S
-    chan0 = (rows % G) * CPG
-    for c0 in range(0, CPG, BLOCK_C):
-        ch = c0 + tl.arange(0, BLOCK_C)
-        rc_ok = r_ok[:, None] & (ch < CPG)[None, :]
-        if HAS_WEIGHT:
-            w = tl.load(W + chan0[:, None] + ch[None, :], mask=rc_ok, other=0.0).to(tl.float32)[:, :, None]
-        if SILU and HAS_BIAS:
-            b = tl.load(B + chan0[:, None] + ch[None, :], mask=rc_ok, other=0.0).to(tl.float32)[:, :, None]
-        for s0 in range(s_start, s_end, BLOCK_S):
-            sp = s0 + tl.arange(0, BLOCK_S)
-            mask = rc_ok[:, :, None] & (sp < s_end)[None, None, :]
-            offs = base[:, None, None] + (ch.to(tl.int64) * S)[None, :, None] + sp[None, None, :]
-            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-            x_hat = (x - mean) * rstd
-            if SILU:
-                z = x_hat
-                if HAS_WEIGHT:
-                    z = z * w
-                if HAS_BIAS:
-                    z = z + b
-                sig = tl.sigmoid(z)
-                g = g * sig * (1.0 + z * (1.0 - sig))
-            if HAS_WEIGHT:
-                g = g * w
-            dx = rstd * (g - mean_g - x_hat * mean_gx)
-            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+    _dx_run(DY, X, W, B, DX, rows, r_ok, mean, rstd, mean_g, mean_gx, s_start, s_end, S, CPG, G, HAS_WEIGHT,
+            HAS_BIAS, SILU, BLOCK_C, BLOCK_S)  # fmt: skip
 
 
 TILE = 4096  # elements per [BLOCK_R, BLOCK_C, BLOCK_S] tile on a GPU
@@ -241,15 +278,23 @@ def _layout(x: torch.Tensor, num_groups: int) -> tuple[int, int, int, int]:
     return b, c, math.prod(x.shape[2:]), c // num_groups
 
 
+def _target_programs(device: torch.device) -> int:
+    """Programs a launch should have: a few per SM on a GPU; one under the interpreter, which runs the programs
+    one after another and pays a fixed Python cost for each."""
+    return 1 if INTERPRET else num_programs_hint(device)
+
+
 def _plan(rows: int, cpg: int, s: int, device: torch.device) -> dict[str, int]:
-    """Tile sizes and the program layout, so that the grid (row blocks x splits) fills the device.
+    """Tile sizes and the program layout (grid = row blocks x splits).
 
     A tile is [BLOCK_R groups, BLOCK_C channels, BLOCK_S positions]. Groups that fit one tile are packed BLOCK_R
-    to a tile while that still leaves enough programs; a larger group gets one row per program and is split
-    along the spatial axis into `splits` runs of whole BLOCK_S-wide tiles (several programs per group).
+    to a program while that still leaves the target number of programs. A larger group gets a program of its own,
+    and only when there are fewer groups than a quarter of the target (fewer than the SMs, on a GPU) is it also
+    split along the spatial axis into `splits` runs of whole BLOCK_S-wide tiles, one program each: a split
+    group takes two launches per pass (partial sums, then the rest), a whole one a single launch.
     """
     tile = INTERPRET_TILE if INTERPRET else TILE
-    target = num_programs_hint(device)
+    target = _target_programs(device)
     block_s = min(triton.next_power_of_2(max(s, 1)), MAX_BLOCK_S)
     block_c = min(triton.next_power_of_2(cpg), max(1, tile // block_s))
     block_r, splits = 1, 1
@@ -258,7 +303,7 @@ def _plan(rows: int, cpg: int, s: int, device: torch.device) -> dict[str, int]:
         spare = max(1, rows // target)
         block_r = min(fit, 1 << (spare.bit_length() - 1))  # powers of two, at most `spare` groups per program
     else:
-        splits = max(1, min(triton.cdiv(target, max(rows, 1)), triton.cdiv(s, block_s)))
+        splits = max(1, min(triton.cdiv(target, 4 * max(rows, 1)), triton.cdiv(s, block_s)))
     spatial_per_program = triton.cdiv(triton.cdiv(s, splits), block_s) * block_s
     splits = triton.cdiv(s, spatial_per_program)
     warps = min(16, max(1, block_r * block_c * block_s // 256))
@@ -296,11 +341,13 @@ def group_norm_fwd(
         return y, mean, rstd
     p = _plan(rows, cpg, s, x.device)
     splits = p["splits"]
-    mean_p = torch.empty((rows, splits), device=x.device, dtype=torch.float32)
-    m2_p = torch.empty_like(mean_p)
     grid = (triton.cdiv(rows, p["block_r"]), splits)
     tiles = dict(BLOCK_R=p["block_r"], BLOCK_C=p["block_c"], BLOCK_S=p["block_s"], num_warps=p["warps"])
-    launch(_gn_stats_kernel)[grid](x, mean_p, m2_p, rows, s, cpg, p["spatial_per_program"], splits, **tiles)
+    mean_p = m2_p = x  # whole groups per program: no partial statistics (the pointers are never read)
+    if splits > 1:
+        mean_p = torch.empty((rows, splits), device=x.device, dtype=torch.float32)
+        m2_p = torch.empty_like(mean_p)
+        launch(_gn_stats_kernel)[grid](x, mean_p, m2_p, rows, s, cpg, p["spatial_per_program"], splits, **tiles)
     launch(_gn_fwd_kernel)[grid](
         x,
         weight.contiguous() if weight is not None else x,  # unused pointers get x (never read)
@@ -342,20 +389,22 @@ def group_norm_bwd(
     b_arg = bias.contiguous() if bias is not None else x
     flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu, BLOCK_R=p["block_r"],
                  BLOCK_C=p["block_c"], BLOCK_S=p["block_s"], num_warps=p["warps"])  # fmt: skip
-    dz_p = torch.empty((b * c, splits), device=x.device, dtype=torch.float32)
-    dzx_p = torch.empty_like(dz_p)
+    dz_p = torch.empty((b, c, splits), device=x.device, dtype=torch.float32)  # per (b, c, split): sum of dz
+    dzx_p = torch.empty_like(dz_p)  # ... and of dz * x_hat
     grid = (triton.cdiv(rows, p["block_r"]), splits)
     sizes = (rows, s, cpg, num_groups, p["spatial_per_program"])
-    launch(_gn_bwd_reduce_kernel)[grid](dy, x, w_arg, b_arg, mean, rstd, dz_p, dzx_p, *sizes, splits, **flags)
-    # Per (b, c) sums over the spatial splits; then the group means of g = dz * w and g * x_hat (fp32, fixed order).
-    dz_bc, dzx_bc = dz_p.sum(1).view(b, c), dzx_p.sum(1).view(b, c)
-    g_bc, gx_bc = (dz_bc, dzx_bc) if weight is None else (dz_bc * weight.float(), dzx_bc * weight.float())
-    n = cpg * s
-    mean_g = g_bc.view(rows, cpg).sum(1) / n
-    mean_gx = gx_bc.view(rows, cpg).sum(1) / n
-    launch(_gn_bwd_dx_kernel)[grid](dy, x, w_arg, b_arg, mean, rstd, mean_g, mean_gx, dx, *sizes, **flags)
-    dw = dzx_bc.sum(0).to(weight.dtype) if weight is not None else _placeholder(x)
-    db = dz_bc.sum(0).to(bias.dtype) if bias is not None else _placeholder(x)
+    launch(_gn_bwd_kernel)[grid](
+        dy, x, w_arg, b_arg, mean, rstd, dz_p, dzx_p, dx, *sizes, splits, ONE_PASS=splits == 1, **flags
+    )
+    if splits > 1:  # the group means of g = dz * w and g * x_hat from the partials (fp32, fixed order), then dx
+        dz_bc, dzx_bc = dz_p.sum(2), dzx_p.sum(2)
+        if weight is not None:
+            dz_bc, dzx_bc = dz_bc * weight.float(), dzx_bc * weight.float()
+        mean_g = dz_bc.view(rows, cpg).sum(1) / (cpg * s)
+        mean_gx = dzx_bc.view(rows, cpg).sum(1) / (cpg * s)
+        launch(_gn_bwd_dx_kernel)[grid](dy, x, w_arg, b_arg, mean, rstd, mean_g, mean_gx, dx, *sizes, **flags)
+    dw = dzx_p.sum((0, 2)).to(weight.dtype) if weight is not None else _placeholder(x)
+    db = dz_p.sum((0, 2)).to(bias.dtype) if bias is not None else _placeholder(x)
     return dx, dw, db
 
 

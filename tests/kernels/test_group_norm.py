@@ -140,22 +140,23 @@ def test_shapes_match_torch(case, silu, device):  # noqa: ANN001
     _compare(f"group_norm {case} silu={silu}", groups, silu, inputs, torch.float32, ref=ref)
 
 
-def test_large_group_is_covered_by_a_loop_of_tiles(device):  # noqa: ANN001
+def test_large_group_is_covered_by_a_loop_of_tiles(device, monkeypatch):  # noqa: ANN001
     """65536 elements per group (16 channels x 64x64, as 512 channels / 32 groups in a U-Net at 64x64): more than
-    any tile, so each group is walked tile by tile; with the device's program count it is also split over several
-    programs along the spatial axis (the interpreter asks for 4 programs: 2 groups x 2 splits there)."""
+    any tile, so each group is walked tile by tile, and split over several programs along the spatial axis when
+    the device wants many more programs than there are groups (16 here, as a 4-SM GPU would: 2 groups x 2
+    splits)."""
+    monkeypatch.setattr(gn, "_target_programs", lambda device: 16)
     p = gn._plan(2, 16, 4096, device)
-    assert p["block_s"] < 4096 and p["block_r"] == 1, p
-    assert p["splits"] >= 2 or device.type == "cuda", p
+    assert p["block_s"] < 4096 and p["block_r"] == 1 and p["splits"] == 2, p
     inputs = _inputs((1, 32, 64, 64), 2, "weight+bias", torch.float32, device, seed=3)
     err = _compare("group_norm 1x32x64x64 G=2 silu", 2, True, inputs, torch.float32, grad_atol=1e-4)
     assert err < 1e-4
 
 
-LAYOUTS = {  # shape, groups, what the shrunk tiles (16 positions, 64 elements) must make of it
-    "tiles-per-program": ((3, 10, 7, 9), 5, lambda p: p["splits"] == 1 and p["block_s"] == 16),
-    "spatial-splits": ((1, 6, 7, 9), 2, lambda p: p["splits"] == 2 and p["spatial_per_program"] == 32),
-    "packed-groups": ((9, 4, 2, 3), 4, lambda p: p["block_r"] == 8),  # 36 groups: the last tile is partial
+LAYOUTS = {  # shape, groups, programs wanted, what the shrunk tiles (16 positions, 64 elements) must make of it
+    "tiles-per-program": ((3, 10, 7, 9), 5, 16, lambda p: p["splits"] == 1 and p["block_s"] == 16),
+    "spatial-splits": ((1, 6, 7, 9), 2, 16, lambda p: p["splits"] == 2 and p["spatial_per_program"] == 32),
+    "packed-groups": ((9, 4, 2, 3), 4, 4, lambda p: p["block_r"] == 8),  # 36 groups: the last tile is partial
 }
 
 
@@ -163,13 +164,14 @@ LAYOUTS = {  # shape, groups, what the shrunk tiles (16 positions, 64 elements) 
 @pytest.mark.parametrize("case", list(LAYOUTS))
 def test_every_layout_branch_with_small_tiles(case, silu, device, monkeypatch):  # noqa: ANN001
     """Tiles shrunk to 64 elements / 16 positions so small inputs take every branch of the program layout:
-    several tiles per program (last one partial), spatial splits whose last run is shorter (63 = 32 + 31
-    positions), and 8 groups packed per tile with a partial last row block."""
+    several tiles per program in one pass (last one partial), spatial splits whose last run is shorter (63 = 32 +
+    31 positions; the two-launch forward and backward), and 8 groups packed per tile with a partial last row
+    block."""
     monkeypatch.setattr(gn, "TILE", 64)
     monkeypatch.setattr(gn, "INTERPRET_TILE", 64)
     monkeypatch.setattr(gn, "MAX_BLOCK_S", 16)
-    monkeypatch.setattr(gn, "num_programs_hint", lambda device: 4)
-    shape, groups, expect = LAYOUTS[case]
+    shape, groups, programs, expect = LAYOUTS[case]
+    monkeypatch.setattr(gn, "_target_programs", lambda device: programs)
     b, c, s, cpg = gn._layout(torch.empty(shape), groups)
     plan = gn._plan(b * groups, cpg, s, device)
     assert expect(plan), plan
@@ -193,9 +195,11 @@ def test_eps_and_centring_matter(device):  # noqa: ANN001
     assert (kernels.group_norm(x, 4, None, None, 1e-2) - kernels.group_norm(x, 4, None, None, 1e-8)).abs().max() > 0.1
 
 
-def test_forward_and_backward_are_deterministic(device):  # noqa: ANN001
+def test_forward_and_backward_are_deterministic(device, monkeypatch):  # noqa: ANN001
     """Per-program partial sums combined in a fixed order (no atomics): two calls agree bit for bit, also with
     a group split over several programs. Absent weight / bias give empty placeholder gradients."""
+    monkeypatch.setattr(gn, "_target_programs", lambda device: 16)  # 2 groups: split in 2 (3 tiles of 1024)
+    assert gn._plan(2, 3, 48 * 48, device)["splits"] == 2
     g = torch.Generator().manual_seed(8)
     x, dy = torch.randn(1, 6, 48, 48, generator=g).to(device), torch.randn(1, 6, 48, 48, generator=g).to(device)
     w, b = torch.randn(6, generator=g).to(device), torch.randn(6, generator=g).to(device)
