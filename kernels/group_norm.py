@@ -13,31 +13,33 @@ Same as F.group_norm (biased variance) and F.silu after it.
 
 Why fused: a diffusion residual block runs norm -> SiLU -> conv twice, and eager that is F.group_norm (a
 statistics pass and a normalize pass over x) then F.silu (another read and write), with autograd keeping both
-the normalized copy and SiLU's input. Here the forward reads x twice (statistics, then normalize) and writes y
-once, with the SiLU applied in registers; the only saved extras are mean and rstd (two fp32 per group). z and the
-SiLU are recomputed in the backward from x and the statistics, so the pre-activation is never stored.
+the normalized copy and SiLU's input. Here the forward is one kernel that reads x twice (statistics, then
+normalize; the second read mostly from cache) and writes y once, with the SiLU applied in registers; the only
+saved extras are mean and rstd (two fp32 per group). z and the SiLU are recomputed in the backward from x and the
+statistics, so the pre-activation is never stored.
 
 Parallel layout. Programs work on [BLOCK_R, BLOCK_C, BLOCK_S] tiles: BLOCK_R groups x BLOCK_C of their channels
 x BLOCK_S contiguous spatial positions (BLOCK_S <= 1024; a tile holds <= 4096 elements on a GPU). A group of any
 size is covered by a loop over its tiles, never assumed to fit one block (512 channels / 32 groups x 64x64 =
-65536 elements: 16 tiles). Large groups get one group per program and are split along the spatial axis into
-`splits` runs of whole tiles, so that B * G * splits programs fill the GPU even for one image with few groups;
-groups that fit one tile are packed BLOCK_R to a program, as long as enough programs remain. Under the Triton
-interpreter (CPU tests) tiles hold up to 65536 elements and one program is the target, since there every tile
-operation and every program costs Python calls (tests shrink the tiles to take every branch).
+65536 elements: 16 tiles). Groups that fit one tile are packed BLOCK_R to a program, as long as enough programs
+remain; a larger group gets a program of its own, and when there are fewer groups than SMs (one image, few
+groups) each group is split along the spatial axis into `splits` runs of whole tiles, one program each. Under the
+Triton interpreter (CPU tests) tiles hold up to 65536 elements and one program is the target, since there every
+tile operation and every program costs Python calls (tests shrink the tiles to take every branch).
 
-Forward, two kernels:
-  1. statistics: each program combines its tiles' (mean, M2) with Chan's parallel Welford update (no
-     E[x^2] - E[x]^2 cancellation) and writes one partial (mean, M2) per program;
-  2. normalize: each program combines its group's `splits` partials in a fixed order (every program of the
-     group gets the same bits; the first stores mean / rstd for the backward), then writes y for its run.
+Forward, whole groups per program (one kernel): each program merges its groups' tiles' (mean, M2) with Chan's
+parallel Welford update (no E[x^2] - E[x]^2 cancellation), stores mean / rstd, then walks the tiles again and
+writes y. Split groups (two kernels): each program writes the (mean, M2) of its run; then each program merges its
+group's `splits` partials in a fixed order (every program of the group gets the same bits; the first stores
+mean / rstd) and writes y for its run.
 Backward, with dz = dy (dz = dy * sigmoid(z) * (1 + z * (1 - sigmoid(z))) with silu) and g = dz * weight[c]:
   dx      = rstd * (g - mean(g) - x_hat * mean(g * x_hat))          (means over the group)
   dweight[c] = sum over batch and spatial of dz * x_hat,   dbias[c] = same of dz
-  1. reduce: each program writes, per channel of its run, the fp32 partial sums of dz and dz * x_hat to its own
-     slot of a [B * C, splits] buffer; torch sums them to dweight / dbias (over batch and splits) and to the
-     group means mean(g) = sum_c weight[c] * sum(dz)[c] / L and mean(g * x_hat) likewise;
-  2. dx: each program recomputes x_hat, z, dz for its run and writes dx.
+Each program first writes, per channel of its run, the fp32 sums of dz and dz * x_hat to its own slot of a
+[B, C, splits] buffer, which torch sums to dweight / dbias. Whole groups (one kernel): the program also weighs
+those sums by weight[c] into mean(g) = sum_c weight[c] * sum(dz)[c] / L and mean(g * x_hat), then recomputes
+x_hat, z, dz tile by tile and writes dx. Split groups (two kernels): torch combines the group means from the
+partials (fp32, fixed order), then a second kernel writes dx.
 No atomics anywhere, so forward and backward are deterministic (bit for bit from run to run).
 """
 
