@@ -36,8 +36,9 @@ class DiffusionSettings:
     )
     fused_norm: bool = opt(
         False,
-        "DiT: each LayerNorm + adaLN modulate (norm(x) * (1 + scale) + shift) as one fused Triton kernel "
-        "(kernels/layer_norm.py). The U-Net's norms are GroupNorm, which has no fused kernel: true is refused there.",
+        "Fused Triton norm kernels. DiT: each LayerNorm + adaLN modulate (norm(x) * (1 + scale) + shift) as one "
+        "kernel (kernels/layer_norm.py). U-Net: each GroupNorm + SiLU (and the attention blocks' GroupNorm) as one "
+        "kernel (kernels/group_norm.py).",
     )
     eval_inception_weights: str = opt(
         "",

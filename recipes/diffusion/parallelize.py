@@ -10,7 +10,7 @@ Every other parameter (patch embedding, timestep/class embedders, final layer) i
 replicated over tp as a DTensor, so that all parameters live on the tp mesh and FSDP and
 the gradient norm see one layout (as in recipes/gpt/parallelize.py).
 
-The U-Net is data parallel only (DDP or FSDP2 per residual/attention block).
+The U-Net and the VAE are data parallel only (DDP or FSDP2 per residual/attention block).
 """
 
 from __future__ import annotations
@@ -85,12 +85,17 @@ def resolve_attention(model: nn.Module, cfg: JobConfig, tokens: int | None) -> N
             )
             module.attention_fn = ops.attention_fn(choice.impl, causal=False)
             choices[choice.describe(cfg.model.attention)] = None
-    if choices:
-        line = f"kernels: attention {', '.join(choices)}"
-        if getattr(cfg.model, "fused_norm", False):  # the DiT's LayerNorm + modulate (refused for the U-Net)
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            line += f" | fused: norm ({ops.fused_backend(torch.empty(0, device=device))})"
-        model.startup_notes = [line]
+    set_kernel_notes(model, cfg, [f"attention {', '.join(choices)}"] if choices else [])
+
+
+def set_kernel_notes(model: nn.Module, cfg: JobConfig, parts: list[str]) -> None:
+    """The start-up "kernels:" line: the given parts, then `fused: norm (<backend>)` when model.fused_norm is on
+    (the DiT's LayerNorm + modulate, the U-Net's and the VAE's GroupNorm + SiLU kernels); none if both are empty."""
+    if getattr(cfg.model, "fused_norm", False):
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        parts = [*parts, f"fused: norm ({ops.fused_backend(torch.empty(0, device=device))})"]
+    if parts:
+        model.startup_notes = [f"kernels: {' | '.join(parts)}"]
 
 
 def parallelize_dit(model: DiT, dims: ParallelDims, cfg: JobConfig) -> DiT:
@@ -111,6 +116,8 @@ def parallelize_blocks(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> 
         raise ValueError(f"parallel.tp: {type(model).__name__} has no tensor-parallel plan; use tp=1")
     if hasattr(cfg.model, "attention"):
         resolve_attention(model, cfg, tokens=None)  # U-Net: attention at several resolutions
+    else:  # the VAE: no attention, only its norms to report
+        set_kernel_notes(model, cfg, [])
     blocks = list(model.fsdp_blocks())
     apply_activation_checkpointing(blocks, cfg.activation_checkpoint)
     if cfg.train.compile:

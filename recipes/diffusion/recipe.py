@@ -175,11 +175,6 @@ def validate_unet(cfg: JobConfig, dims: ParallelDims) -> None:
         ),
         (m.blocks_per_level >= 1, f"model.blocks_per_level: {m.blocks_per_level} is not allowed; use >= 1"),
         (0 <= m.dropout < 1, f"model.dropout: {m.dropout} is not allowed; use a value in [0, 1)"),
-        (
-            not m.fused_norm,
-            "model.fused_norm: the U-Net normalizes with GroupNorm, which has no fused kernel; fused_norm applies "
-            "to the DiT's LayerNorm + adaLN modulate only (recipe dit); set model.fused_norm=false",
-        ),
     ]
     for mult in m.channel_mult:
         c = m.channels * mult

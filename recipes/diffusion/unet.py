@@ -6,6 +6,10 @@ init is layout-independent. Residual blocks add a projection of the conditioning
 convolution start at zero, so every block starts as the identity (the U-Net analogue of
 adaLN-Zero) and the model starts by predicting 0.
 
+Every GroupNorm is a `GroupNorm` module (nn.GroupNorm's state, so checkpoints are unchanged); those that
+SiLU follows (in the residual blocks and before the output convolution) apply the SiLU themselves, so that
+with model.fused_norm each norm -> SiLU pair runs as one fused Triton kernel (kernels/group_norm.py).
+
 Data parallel only: `fsdp_blocks()` lists the residual/attention blocks that FSDP2 shards
 one at a time and that activation checkpointing wraps.
 
@@ -28,31 +32,58 @@ from scaletrain import ops
 _ZERO_INIT = ("conv2.weight", "proj.weight", "out_conv.weight")
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm, optionally followed by SiLU (``silu``), through ``ops.group_norm``.
+
+    Same state as nn.GroupNorm (``weight``, ``bias``; ``num_groups``, ``num_channels``, ``eps``), so checkpoints
+    and `init_tensor` see no difference. Unfused it runs F.group_norm (+ F.silu), exactly what nn.GroupNorm
+    followed by F.silu ran; with ``fused`` (model.fused_norm) the norm and the SiLU are one Triton kernel
+    (``kernels.group_norm``). The VAE (vae.py) uses it too.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, *, silu: bool = False,
+                 fused: bool = False) -> None:  # fmt: skip
+        super().__init__(num_groups, num_channels, eps)
+        self.silu, self.fused = silu, fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, fused=self.fused, silu=self.silu)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, silu={self.silu}, fused={self.fused}"
+
+
+def group_norm(channels: int, groups: int, *, silu: bool, fused: bool) -> GroupNorm:
+    """The recipes' GroupNorm: min(groups, channels) groups."""
+    return GroupNorm(min(groups, channels), channels, silu=silu, fused=fused)
+
+
 class ResBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, cond_dim: int, groups: int, dropout: float):
+    def __init__(self, c_in: int, c_out: int, cond_dim: int, groups: int, dropout: float, fused_norm: bool = False):
         super().__init__()
-        self.norm1 = nn.GroupNorm(min(groups, c_in), c_in)
+        self.norm1 = group_norm(c_in, groups, silu=True, fused=fused_norm)  # GroupNorm -> SiLU
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.cond = nn.Linear(cond_dim, c_out)
-        self.norm2 = nn.GroupNorm(min(groups, c_out), c_out)
+        self.norm2 = group_norm(c_out, groups, silu=True, fused=fused_norm)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x_BCHW: torch.Tensor, c_BD: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x_BCHW)))
+        h = self.conv1(self.norm1(x_BCHW))
         h = h + self.cond(F.silu(c_BD))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv2(self.dropout(self.norm2(h)))
         return (x_BCHW if self.skip is None else self.skip(x_BCHW)) + h
 
 
 class AttentionBlock(nn.Module):
-    def __init__(self, channels: int, groups: int, attention: str = "auto", head_dim: int = 32):
+    def __init__(self, channels: int, groups: int, attention: str = "auto", head_dim: int = 32,
+                 fused_norm: bool = False) -> None:  # fmt: skip
         super().__init__()
         self.heads = max(1, channels // head_dim)
         self.head_dim = channels // self.heads
         self.attention_fn = ops.attention_fn(attention, causal=False)  # model.attention (scaletrain.ops)
-        self.norm = nn.GroupNorm(min(groups, channels), channels)
+        self.norm = group_norm(channels, groups, silu=False, fused=fused_norm)  # no SiLU before q/k/v
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
 
@@ -105,11 +136,12 @@ class UNet(nn.Module):
             if level < levels - 1:
                 self.down.append(Downsample(c))
                 skips.append(c)
+        fused = cfg.fused_norm
         self.mid = nn.ModuleList(
             [
-                ResBlock(c, c, cond_dim, groups, cfg.dropout),
-                AttentionBlock(c, groups, cfg.attention),
-                ResBlock(c, c, cond_dim, groups, cfg.dropout),
+                ResBlock(c, c, cond_dim, groups, cfg.dropout, fused),
+                AttentionBlock(c, groups, cfg.attention, fused_norm=fused),
+                ResBlock(c, c, cond_dim, groups, cfg.dropout, fused),
             ]
         )
         # Decoder: mirror image; each res block consumes one encoder skip (channel concat).
@@ -120,14 +152,14 @@ class UNet(nn.Module):
                 c = ch * cfg.channel_mult[level]
             if level > 0:
                 self.up.append(Upsample(c))
-        self.out_norm = nn.GroupNorm(min(groups, c), c)
+        self.out_norm = group_norm(c, groups, silu=True, fused=fused)  # GroupNorm -> SiLU -> out_conv
         self.out_conv = nn.Conv2d(c, cfg.in_channels, 3, padding=1)
 
     def _stage(self, c_in: int, c_out: int, level: int, cond_dim: int) -> nn.Module:
         cfg = self.cfg
-        layers = [ResBlock(c_in, c_out, cond_dim, cfg.groups, cfg.dropout)]
+        layers = [ResBlock(c_in, c_out, cond_dim, cfg.groups, cfg.dropout, cfg.fused_norm)]
         if level in cfg.attention_levels:
-            layers.append(AttentionBlock(c_out, cfg.groups, cfg.attention))
+            layers.append(AttentionBlock(c_out, cfg.groups, cfg.attention, fused_norm=cfg.fused_norm))
         return _Stage(*layers)
 
     def fsdp_blocks(self) -> list[nn.Module]:
@@ -147,7 +179,7 @@ class UNet(nn.Module):
             h = block(h, c)
         for block in self.up:
             h = block(torch.cat([h, skips.pop()], dim=1), c) if isinstance(block, _Stage) else block(h, c)
-        return self.out_conv(F.silu(self.out_norm(h)))
+        return self.out_conv(self.out_norm(h))
 
     @torch.no_grad()
     def init_tensor(self, name: str, tensor: torch.Tensor, generator: torch.Generator) -> None:

@@ -7,6 +7,9 @@ kl_weight * KL(q(z|x) || N(0, I)) (per latent element); the tiny default KL weig
 the latent close to a Gaussian without blurring (as Stable Diffusion's f8 autoencoder does).
 A perceptual/adversarial term is not implemented yet.
 
+Every GroupNorm is followed by SiLU and is a `GroupNorm(silu=True)` (unet.py; nn.GroupNorm's state, so
+checkpoints are unchanged): with model.fused_norm each norm -> SiLU pair runs as one fused Triton kernel.
+
 The reparameterisation noise comes from the data item (seeded per global sample), so, like
 the denoisers, the VAE trains identically under every layout.
 
@@ -19,9 +22,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from recipes.diffusion.unet import group_norm
 from scaletrain.config.schema import opt
 
 
@@ -34,6 +37,11 @@ class VAEConfig:
     latent_channels: int = opt(4, "Latent channels Z.")
     groups: int = opt(8, "GroupNorm groups.")
     kl_weight: float = opt(1e-6, "Weight of the KL term (per latent element, vs the per-pixel L1).")
+    fused_norm: bool = opt(
+        False,
+        "Each GroupNorm + SiLU (all of the VAE's norms) as one fused Triton kernel (kernels/group_norm.py), as "
+        "model.fused_norm does for the U-Net.",
+    )
 
     @property
     def downsample(self) -> int:
@@ -43,16 +51,16 @@ class VAEConfig:
 class Block(nn.Module):
     """Pre-norm residual block without conditioning."""
 
-    def __init__(self, c_in: int, c_out: int, groups: int):
+    def __init__(self, c_in: int, c_out: int, groups: int, fused_norm: bool = False):
         super().__init__()
-        self.norm1 = nn.GroupNorm(min(groups, c_in), c_in)
+        self.norm1 = group_norm(c_in, groups, silu=True, fused=fused_norm)  # GroupNorm -> SiLU
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2 = nn.GroupNorm(min(groups, c_out), c_out)
+        self.norm2 = group_norm(c_out, groups, silu=True, fused=fused_norm)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
+        h = self.conv2(self.norm2(self.conv1(self.norm1(x))))
         return (x if self.skip is None else self.skip(x)) + h
 
 
@@ -64,17 +72,17 @@ class Encoder(nn.Module):
         layers: list[nn.Module] = []
         c = ch
         for level, mult in enumerate(cfg.channel_mult):
-            layers.append(Block(c, ch * mult, cfg.groups))
+            layers.append(Block(c, ch * mult, cfg.groups, cfg.fused_norm))
             c = ch * mult
             if level < len(cfg.channel_mult) - 1:
                 layers.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
-        layers.append(Block(c, c, cfg.groups))
+        layers.append(Block(c, c, cfg.groups, cfg.fused_norm))
         self.layers = nn.Sequential(*layers)
-        self.norm_out = nn.GroupNorm(min(cfg.groups, c), c)
+        self.norm_out = group_norm(c, cfg.groups, silu=True, fused=cfg.fused_norm)  # GroupNorm -> SiLU -> conv_out
         self.conv_out = nn.Conv2d(c, 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(F.silu(self.norm_out(self.layers(self.conv_in(x_BCHW)))))
+        return self.conv_out(self.norm_out(self.layers(self.conv_in(x_BCHW))))
 
 
 class Decoder(nn.Module):
@@ -83,18 +91,18 @@ class Decoder(nn.Module):
         ch = cfg.channels
         c = ch * cfg.channel_mult[-1]
         self.conv_in = nn.Conv2d(cfg.latent_channels, c, 3, padding=1)
-        layers: list[nn.Module] = [Block(c, c, cfg.groups)]
+        layers: list[nn.Module] = [Block(c, c, cfg.groups, cfg.fused_norm)]
         for level in reversed(range(len(cfg.channel_mult))):
-            layers.append(Block(c, ch * cfg.channel_mult[level], cfg.groups))
+            layers.append(Block(c, ch * cfg.channel_mult[level], cfg.groups, cfg.fused_norm))
             c = ch * cfg.channel_mult[level]
             if level > 0:
                 layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)]
         self.layers = nn.Sequential(*layers)
-        self.norm_out = nn.GroupNorm(min(cfg.groups, c), c)
+        self.norm_out = group_norm(c, cfg.groups, silu=True, fused=cfg.fused_norm)  # GroupNorm -> SiLU -> conv_out
         self.conv_out = nn.Conv2d(c, cfg.in_channels, 3, padding=1)
 
     def forward(self, z_BZhw: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(F.silu(self.norm_out(self.layers(self.conv_in(z_BZhw)))))
+        return self.conv_out(self.norm_out(self.layers(self.conv_in(z_BZhw))))
 
 
 class KLAutoencoder(nn.Module):
