@@ -62,7 +62,7 @@ import torch.nn.functional as F
 
 from . import reference
 from ._triton import INTERPRET, TRITON_AVAILABLE, use_triton
-from .attention import attention
+from .attention import attention, last_configs
 from .fused_linear_ce import fused_linear_cross_entropy
 from .group_norm import group_norm
 from .layer_norm import layer_norm, layer_norm_modulate
@@ -426,6 +426,9 @@ def run(
             for p in case["passes"]:
                 measured = _measure(case, p, dev, common)
                 measured[0].update(backend=_backend(dev), max_err=err)
+                if name == "attention":  # the block sizes the autotuner picked for this shape and pass
+                    ran = last_configs().items()
+                    measured[0]["config"] = "; ".join(f"{k}: {v}" for k, v in ran if p != "fwd" or k == "fwd")
                 rows += measured
             del case
             gc.collect()

@@ -90,6 +90,10 @@ def test_timed_flow_on_cpu_with_failing_alternatives(monkeypatch, device, tmp_pa
     assert len(failed) == 8 and all(r["ms"] is None and "RuntimeError" in r["error"] for r in failed)
     assert all(r["vs_sdpa_flash"] > 0 and "vs_sdpa_cudnn" not in r for r in triton if r["kernel"] == "attention")
     assert {r["shape"] for r in rows if r["kernel"] == "attention"} == {"B1 H2/1 T8 D16", "B1 H2/1 T16 D16"}
+    # The block sizes each attention row ran with (the autotuner's pick on a GPU; fixed under the interpreter).
+    configs = {r["pass"]: r["config"] for r in triton if r["kernel"] == "attention"}
+    assert configs["fwd"].startswith("fwd: BLOCK_M=") and "dq" not in configs["fwd"], configs
+    assert "dkdv: BLOCK_M=" in configs["fwd+bwd"] and "dq: BLOCK_M=" in configs["fwd+bwd"], configs
 
     written = bench.write_outputs(rows, str(tmp_path / "out"), {"device": "test"})
     report = (tmp_path / "out" / "kernels.md").read_text()
