@@ -81,6 +81,9 @@ class Recipe:
     unit: Literal["tokens", "samples"] = "samples"
     # For families with vocab-sized outputs: TP may compute the loss on sharded logits.
     supports_loss_parallel: bool = False
+    # For families whose loss is a cross-entropy over an output projection: train.fused_cross_entropy
+    # computes it in chunks inside the model's forward (scaletrain/ops.py: linear_cross_entropy).
+    supports_fused_cross_entropy: bool = False
     evaluate: Callable[[nn.Module, JobConfig, int, Any], dict[str, float]] | None = None
     sample: Callable[[list[str]], None] | None = None
     # Pipeline parallel: how the model splits; None = the family does not support pp > 1.

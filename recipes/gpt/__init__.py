@@ -195,6 +195,7 @@ RECIPE = register_recipe(
         units_per_sample=lambda cfg: cfg.data.seq_len,
         unit="tokens",
         supports_loss_parallel=True,
+        supports_fused_cross_entropy=True,
         example_batch=example_batch,
         pipeline=PipelineSpec(
             trunk="layers",

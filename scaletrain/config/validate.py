@@ -98,6 +98,11 @@ def validate_config(cfg: JobConfig, world_size: int) -> ParallelDims:
             f"pipeline parallel (parallel.pp={dims.pp}) splits across ranks; set eval.interval=0 and evaluate "
             "a checkpoint afterwards (e.g. `scaletrain sample`)",
         )
+    _check(
+        not t.fused_cross_entropy or recipe.supports_fused_cross_entropy,
+        f"train.fused_cross_entropy: recipe {cfg.recipe!r} has no cross-entropy over an output projection to "
+        "fuse; leave it false",
+    )
     if dims.cp > 1:
         _check(
             bool(recipe.context_parallel_keys),

@@ -41,6 +41,13 @@ def test_unet_image_size_not_divisible_by_downsampling_and_no_tp():
         _validate(UNET, "--parallel.tp", "2", world_size=2)
 
 
+@pytest.mark.parametrize("config", ["dit-tiny", "unet-tiny", "vae-tiny"])
+def test_fused_cross_entropy_is_refused_without_a_cross_entropy(config):  # noqa: ANN001
+    # The switch exists in every job config; a family with no cross-entropy must say it does nothing there.
+    with pytest.raises(ValueError, match=r"train.fused_cross_entropy: recipe '\w+' has no cross-entropy"):
+        _validate(str(ROOT / f"recipes/diffusion/configs/{config}.yaml"), "--train.fused_cross_entropy", "true")
+
+
 def test_tp_must_divide_heads():
     with pytest.raises(ValueError, match=r"parallel.tp: 8 does not divide model.n_heads=4"):
         _validate(DIT, "--parallel.tp", "8", world_size=8)
