@@ -200,38 +200,36 @@ def default_chunk_size(n: int, d: int, v: int) -> int:
     return min(n, rows) if n > 0 else 1
 
 
-class _FusedLinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, z_loss, chunk_size):  # noqa: ANN001
-        want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        compute_grad = want_dh or want_dw
-        n = hidden.shape[0]
-        chunk_step = cross_entropy_chunk_ if use_triton(hidden, weight, targets) else _ce_chunk_torch
-        # Keep n_valid on device (no host sync); the kernel reads 1/n_valid to scale gradients.
-        inv_n = (1.0 / (targets != ignore_index).sum().clamp(min=1).float()).reshape(1)
-        grad_h = torch.empty_like(hidden) if want_dh else None
+class _ChunkGrads:
+    """The gradients both chunk loops compute during the forward, and the backward's scaling of them."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, want_dh: bool, want_dw: bool):
+        self.grad_h = torch.empty_like(hidden) if want_dh else None
         # fp32 accumulator: summing many bf16 chunk products in bf16 would lose precision.
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if want_dw else None
-        loss_sum = torch.zeros((), device=hidden.device, dtype=torch.float32)
-        for start in range(0, n, chunk_size):
-            end = min(start + chunk_size, n)
-            h_c = hidden[start:end]
-            logits = _chunk_logits(h_c, weight)
-            loss_sum += chunk_step(logits, targets[start:end], inv_n, ignore_index, z_loss, compute_grad).sum()
-            if want_dh:
-                grad_h[start:end] = logits @ weight
-            if want_dw:
-                if grad_w.dtype == logits.dtype:
-                    grad_w.addmm_(logits.T, h_c)
-                else:
-                    grad_w += (logits.T @ h_c).float()
-        ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
-        ctx.want = (want_dh, want_dw)
-        ctx.weight_dtype = weight.dtype
-        return loss_sum * inv_n[0]
+        self.grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if want_dw else None
+        self.weight = weight
+
+    @property
+    def wanted(self) -> bool:
+        return self.grad_h is not None or self.grad_w is not None
+
+    def add_chunk(self, dlogits: torch.Tensor, h_c: torch.Tensor, start: int) -> None:
+        """dlogits [c, V] (the chunk's logits overwritten with their gradient) for rows start..start+c."""
+        if self.grad_h is not None:
+            self.grad_h[start : start + h_c.shape[0]] = dlogits @ self.weight
+        if self.grad_w is not None:
+            if self.grad_w.dtype == dlogits.dtype:
+                self.grad_w.addmm_(dlogits.T, h_c)
+            else:
+                self.grad_w += (dlogits.T @ h_c).float()
+
+    def save(self, ctx) -> None:  # noqa: ANN001
+        ctx.save_for_backward(*(g for g in (self.grad_h, self.grad_w) if g is not None))
+        ctx.want, ctx.weight_dtype = (self.grad_h is not None, self.grad_w is not None), self.weight.dtype
 
     @staticmethod
-    def backward(ctx, grad_loss):  # noqa: ANN001
+    def scaled(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The stored d(loss)/d(hidden, weight), times the incoming gradient of the loss."""
         saved = iter(ctx.saved_tensors)
         want_dh, want_dw = ctx.want
         grad_h = grad_w = None
@@ -240,7 +238,33 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_h = stored_h * grad_loss.to(stored_h.dtype)
         if want_dw:
             grad_w = (next(saved) * grad_loss).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w
+
+
+def _inv_valid(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    # 1 / n_valid kept on device (no host sync); the kernels read it to scale gradients.
+    return (1.0 / (targets != ignore_index).sum().clamp(min=1).float()).reshape(1)
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, z_loss, chunk_size):  # noqa: ANN001
+        grads = _ChunkGrads(hidden, weight, *ctx.needs_input_grad[:2])
+        chunk_step = cross_entropy_chunk_ if use_triton(hidden, weight, targets) else _ce_chunk_torch
+        inv_n = _inv_valid(targets, ignore_index)
+        loss_sum = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h_c = hidden[start : start + chunk_size]
+            logits = _chunk_logits(h_c, weight)
+            t_c = targets[start : start + chunk_size]
+            loss_sum += chunk_step(logits, t_c, inv_n, ignore_index, z_loss, grads.wanted).sum()
+            grads.add_chunk(logits, h_c, start)
+        grads.save(ctx)
+        return loss_sum * inv_n[0]
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # noqa: ANN001
+        return *_ChunkGrads.scaled(ctx, grad_loss), None, None, None, None
 
 
 # torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single; 2.11 has only the old name.
@@ -252,20 +276,16 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, group, vocab_start, ignore_index, z_loss, chunk_size, reduce_dh):  # noqa: ANN001
-        want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grads = _ChunkGrads(hidden, weight, *ctx.needs_input_grad[:2])
         on_triton = use_triton(hidden, weight, targets)
         shard_stats = cross_entropy_shard_stats if on_triton else _shard_stats_torch
         shard_grad_ = cross_entropy_shard_grad_ if on_triton else _shard_grad_torch_
         world = dist.get_world_size(group)
-        n = hidden.shape[0]
         valid = targets != ignore_index
-        inv_n = (1.0 / valid.sum().clamp(min=1).float()).reshape(1)
-        grad_h = torch.empty_like(hidden) if want_dh else None
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if want_dw else None
+        inv_n = _inv_valid(targets, ignore_index)
         loss_sum = torch.zeros((), device=hidden.device, dtype=torch.float32)
-        for start in range(0, n, chunk_size):
-            end = min(start + chunk_size, n)
-            h_c, t_c = hidden[start:end], targets[start:end]
+        for start in range(0, hidden.shape[0], chunk_size):
+            h_c, t_c = hidden[start : start + chunk_size], targets[start : start + chunk_size]
             logits = _chunk_logits(h_c, weight)
             # One all-gather per chunk of 2 floats per row: every rank's (shard lse, target logit or 0).
             # Combining them in rank order on every rank keeps the loss bitwise equal across the group.
@@ -275,29 +295,19 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             gathered = gathered.view(world, 2, -1)
             lse = torch.logsumexp(gathered[:, 0], dim=0)
             target_logit = gathered[:, 1].sum(0)
-            loss_sum += ((lse - target_logit + z_loss * lse * lse) * valid[start:end]).sum()
-            if want_dh or want_dw:
+            loss_sum += ((lse - target_logit + z_loss * lse * lse) * valid[start : start + chunk_size]).sum()
+            if grads.wanted:
                 shard_grad_(logits, t_c, lse, inv_n, vocab_start, ignore_index, z_loss)
-                if want_dh:
-                    grad_h[start:end] = logits @ weight
-                if want_dw:
-                    grad_w += (logits.T @ h_c).float()
-        ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
-        ctx.want, ctx.weight_dtype, ctx.group, ctx.reduce_dh = (want_dh, want_dw), weight.dtype, group, reduce_dh
+                grads.add_chunk(logits, h_c, start)
+        grads.save(ctx)
+        ctx.group, ctx.reduce_dh = group, reduce_dh
         return loss_sum * inv_n[0]
 
     @staticmethod
     def backward(ctx, grad_loss):  # noqa: ANN001
-        saved = iter(ctx.saved_tensors)
-        want_dh, want_dw = ctx.want
-        grad_h = grad_w = None
-        if want_dh:
-            stored_h = next(saved)
-            grad_h = stored_h * grad_loss.to(stored_h.dtype)
-            if ctx.reduce_dh:  # each shard contributed its part of dloss/dhidden
-                dist.all_reduce(grad_h, group=ctx.group)
-        if want_dw:
-            grad_w = (next(saved) * grad_loss).to(ctx.weight_dtype)
+        grad_h, grad_w = _ChunkGrads.scaled(ctx, grad_loss)
+        if grad_h is not None and ctx.reduce_dh:  # each shard contributed its part of dloss/dhidden
+            dist.all_reduce(grad_h, group=ctx.group)
         return grad_h, grad_w, None, None, None, None, None, None, None
 
 

@@ -17,13 +17,12 @@ The worker is this file run under torchrun; it prints VOCAB-PARALLEL-OK per rank
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from ki_common import run_interpreted_workers
 
-REPO = Path(__file__).resolve().parents[2]
 TOL = dict(atol=1e-5, rtol=1e-5)
 B, T, D, V = 3, 11, 16, 48  # N = 33 rows: chunks of 8 leave a ragged last chunk
 
@@ -143,18 +142,7 @@ def _worker() -> None:  # noqa: C901 - one linear script of checks
 
 @pytest.fixture(scope="module")
 def worker_output() -> str:
-    import torch
-
-    from scaletrain import ops
-
-    if torch.cuda.is_available() or ops.fused_backend(torch.empty(0)) != "triton-interpret":
-        pytest.skip("runs the kernels on CPU tensors over gloo: needs the Triton interpreter (no GPU)")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    return done.stdout
+    return run_interpreted_workers(__file__)
 
 
 def test_vocab_parallel_fused_cross_entropy_matches_the_reference(worker_output):  # noqa: ANN001
