@@ -247,9 +247,26 @@ def _main() -> None:
     print("RESULTS" + json.dumps(results))
 
 
+def compile_cases(cases, calls) -> None:  # noqa: ANN001
+    """Subprocess side of a per-kernel compile test: capture each case's launches (``calls(case)`` gives the
+    module name and a function that calls its wrappers), compile them for sm_90 and print one RESULTS line."""
+    results = {}
+    for case in cases:
+        try:
+            launches = _capture(*calls(case))
+            results[case] = {"launches": len(launches), "shared": [_compile(k, a, dict(kw)) for k, a, kw in launches]}
+        except Exception as exc:  # noqa: BLE001 - reported per case to the test
+            results[case] = {"error": f"{type(exc).__name__}: {exc}"[-3000:]}
+    print("RESULTS" + json.dumps(results))
+
+
 # ---------------------------------------------------------------- pytest side
-@pytest.fixture(scope="module")
-def results() -> dict:
+def compile_results(script: str, timeout: int = 300) -> dict:
+    """Run a compile test's `script` in a process without the interpreter; its RESULTS as a dict.
+
+    Skips where the test means nothing: on a GPU (the kernel tests run the kernels for real there) or
+    without Triton's NVIDIA backend.
+    """
     import torch
 
     if torch.cuda.is_available():
@@ -262,10 +279,15 @@ def results() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", AUTOTUNE_ENV)}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences a Triton 3.9 warning; 1 is the current default
-    proc = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, script], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS")), None)
     assert line is not None, proc.stderr[-3000:]
     return json.loads(line.removeprefix("RESULTS"))
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    return compile_results(__file__, timeout=600)
 
 
 def _check(result: dict, expected_launches: int | None = None) -> None:

@@ -8,9 +8,6 @@ modulate x [4, 16, 1152] without affine (width not a power of two), and fp32 x [
 and bias all on (8-row tiles). Each case compiles the forward and the backward kernel.
 """
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -42,36 +39,16 @@ def _calls(case: str):  # noqa: ANN202
 
 
 def _main() -> None:
-    from test_gpu_compile import _capture, _compile
+    from test_gpu_compile import compile_cases
 
-    results = {}
-    for case in CASES:
-        try:
-            launches = _capture(*_calls(case))
-            results[case] = {"launches": len(launches), "shared": [_compile(k, a, dict(kw)) for k, a, kw in launches]}
-        except Exception as exc:  # noqa: BLE001 - reported per case to the test
-            results[case] = {"error": f"{type(exc).__name__}: {exc}"[-3000:]}
-    print("RESULTS" + json.dumps(results))
+    compile_cases(CASES, _calls)
 
 
 @pytest.fixture(scope="module")
 def results() -> dict:
-    import torch
+    from test_gpu_compile import compile_results
 
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: test_layer_norm.py compiles and runs the kernels for real")
-    try:
-        import triton.backends.compiler  # noqa: F401
-        import triton.backends.nvidia  # noqa: F401
-    except ImportError:
-        pytest.skip("triton or its NVIDIA backend is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS")), None)
-    assert line is not None, proc.stderr[-3000:]
-    return json.loads(line.removeprefix("RESULTS"))
+    return compile_results(__file__)
 
 
 @pytest.mark.parametrize("case", CASES)
