@@ -37,11 +37,9 @@ class PipelineSpec:
     first: tuple[str, ...] = ()  # modules that run before the trunk (removed from later stages)
     last: tuple[str, ...] = ()  # modules that run after it (removed from earlier stages)
     target_key: str = "target"  # the batch entry the loss compares the last stage's output with
-    # A model that computes its loss inside forward (e.g. a fused linear + cross-entropy that never makes
-    # the logits) needs the targets in the last stage's forward: `target_kwarg` names the forward keyword
-    # that takes them, and `targets_in_forward(job config)` says whether this run computes the loss there.
+    # With train.fused_cross_entropy the model computes its loss inside forward (Recipe.
+    # supports_fused_cross_entropy), so the last stage's forward needs the targets: the keyword that takes them.
     target_kwarg: str | None = None
-    targets_in_forward: Callable[[JobConfig], bool] = lambda cfg: False
 
 
 @dataclass(frozen=True)

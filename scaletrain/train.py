@@ -343,7 +343,7 @@ class Trainer:
         spec = self.recipe.pipeline
         target = batch[spec.target_key] if self.is_last_stage else None
         stage_kwargs = {}
-        if spec.target_kwarg and spec.targets_in_forward(self.cfg):
+        if self.cfg.train.fused_cross_entropy:
             # The last stage computes the loss in its forward: its targets go in as a keyword (the schedule
             # splits keywords into microbatches like inputs and hands them to every stage of this rank),
             # and not positionally to the first stage, which may sit on the same rank.

@@ -202,9 +202,7 @@ RECIPE = register_recipe(
             first=("tok_embeddings", "pos_embeddings"),
             last=("norm", "output"),
             target_key="target",
-            # train.fused_cross_entropy: the last stage returns the loss (GPT.forward's `targets`).
-            target_kwarg="targets",
-            targets_in_forward=lambda cfg: cfg.train.fused_cross_entropy,
+            target_kwarg="targets",  # train.fused_cross_entropy: the last stage returns the loss
         ),
         context_parallel_keys=("input", "target"),
         export_hf=hf.export_hf,

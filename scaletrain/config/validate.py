@@ -93,6 +93,11 @@ def validate_config(cfg: JobConfig, world_size: int) -> ParallelDims:
             None,
         )
         _check(
+            not t.fused_cross_entropy or recipe.pipeline.target_kwarg is not None,
+            f"train.fused_cross_entropy: recipe {cfg.recipe!r} names no forward keyword for the targets "
+            "(PipelineSpec.target_kwarg), so its last pipeline stage cannot compute the fused loss",
+        )
+        _check(
             not (cfg.eval.interval and recipe.evaluate is not None),
             f"eval.interval: the evaluation of recipe {cfg.recipe!r} runs the whole model on one rank, which "
             f"pipeline parallel (parallel.pp={dims.pp}) splits across ranks; set eval.interval=0 and evaluate "

@@ -75,3 +75,17 @@ def test_triton_attention_needs_a_power_of_two_head_dim():
     # dim 96 / 4 heads = head dim 24
     with pytest.raises(ValueError, match=r"model.attention: 'triton' needs a head dim .* = 24\) that is a power"):
         _validate(1, "--model.attention", "triton", "--model.dim", "96")
+
+
+def test_fused_cross_entropy_under_pp_needs_the_recipes_target_keyword(monkeypatch):  # noqa: ANN001
+    # A family that fuses its loss but names no forward keyword for the targets could not compute the loss
+    # on its last stage: refused before any process starts.
+    import dataclasses
+
+    from scaletrain import registry
+
+    gpt = registry.get_recipe("gpt")
+    no_keyword = dataclasses.replace(gpt, pipeline=dataclasses.replace(gpt.pipeline, target_kwarg=None))
+    monkeypatch.setitem(registry._RECIPES, "gpt", no_keyword)
+    with pytest.raises(ValueError, match=r"train.fused_cross_entropy: recipe 'gpt' names no forward keyword"):
+        _validate(2, "--train.fused_cross_entropy", "true", "--parallel.pp", "2")
