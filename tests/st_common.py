@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "recipes" / "gpt" / "configs" / "tiny.yaml")
 
@@ -21,3 +23,17 @@ FAST = [
     "--train.global_batch_size",
     "8",
 ]
+
+
+class KernelOps(TorchDispatchMode):
+    """Records the names of the scaletrain_kernels ops dispatched inside the block (``.names``), so a test
+    can tell that a fused path really ran the kernel rather than its plain-torch fallback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func.namespace == "scaletrain_kernels":
+            self.names.add(func._opname)
+        return func(*args, **(kwargs or {}))

@@ -15,13 +15,12 @@ kernels cover with a loop of tiles split over two programs per group; and, with 
 layout branch: several tiles per program, spatial splits with a partial last run, groups packed several to a tile.
 """
 
-import contextlib
 import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from st_common import KernelOps
 
 import kernels
 from kernels import reference
@@ -33,25 +32,6 @@ DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, i
           pytest.param(torch.float16, id="fp16")]  # fmt: skip
 SILU = [pytest.param(False, id="plain"), pytest.param(True, id="silu")]
 OPS = {"group_norm_fwd", "group_norm_bwd"}
-
-
-class _KernelOps(TorchDispatchMode):
-    def __init__(self, seen: set[str]) -> None:
-        super().__init__()
-        self.seen = seen
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        if func.namespace == "scaletrain_kernels":
-            self.seen.add(func._opname)
-        return func(*args, **(kwargs or {}))
-
-
-@contextlib.contextmanager
-def record_kernel_ops():  # noqa: ANN201
-    """Yields the set of scaletrain_kernels op names dispatched inside the block."""
-    seen: set[str] = set()
-    with _KernelOps(seen):
-        yield seen
 
 
 def _inputs(shape, groups, affine, dtype, device, seed=0, wdtype=None):  # noqa: ANN001, ANN202
@@ -82,11 +62,11 @@ def _compare(name, groups, silu, inputs, dtype, ref=None, grad_atol=None):  # no
     ref = ref or (lambda x, w, b: reference.group_norm_reference(x, groups, w, b, 1e-5, silu=silu))
     a = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
     b = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
-    with record_kernel_ops() as seen:
+    with KernelOps() as ops_seen:
         out_a = kernels.group_norm(*a[:1], groups, *a[1:], 1e-5, silu=silu)
         up = torch.randn(out_a.shape, generator=torch.Generator().manual_seed(7)).to(out_a.device, out_a.dtype)
         out_a.backward(up)
-    assert OPS <= seen, f"the Triton ops did not run: {seen}"
+    assert OPS <= ops_seen.names, f"the Triton ops did not run: {ops_seen.names}"
     out_b = ref(*b)
     out_b.backward(up)
     tol = TOL[dtype]
@@ -245,9 +225,9 @@ def test_group_norm_ops_under_torch_compile(device):  # noqa: ANN001
 def test_fallback_without_triton_is_the_reference(monkeypatch):  # noqa: ANN001
     monkeypatch.setattr(gn, "use_triton", lambda *t: False)
     x, w, b = torch.randn(2, 6, 3, 3), torch.randn(6), torch.randn(6)
-    with record_kernel_ops() as seen:
+    with KernelOps() as ops_seen:
         out = kernels.group_norm(x, 3, w, b, silu=True)
-    assert not seen
+    assert not ops_seen.names
     torch.testing.assert_close(out, reference.group_norm_reference(x, 3, w, b, 1e-5, silu=True))
     torch.testing.assert_close(out, F.silu(F.group_norm(x, 3, w, b)))
 

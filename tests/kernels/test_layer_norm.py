@@ -10,12 +10,10 @@ over the output and every gradient, relative to the largest value: fp32 <= 3.7e-
 Widths 100 and 300 (not powers of two) exercise the masked tail; 37 rows per slice, 2- to 4-D inputs.
 """
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from st_common import KernelOps
 
 import kernels
 from kernels import reference
@@ -25,25 +23,6 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
           pytest.param(torch.float16, id="fp16")]  # fmt: skip
 AFFINE = ["none", "weight", "weight+bias", "bias"]
-
-
-class _KernelOps(TorchDispatchMode):
-    def __init__(self, seen: set[str]) -> None:
-        super().__init__()
-        self.seen = seen
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        if func.namespace == "scaletrain_kernels":
-            self.seen.add(func._opname)
-        return func(*args, **(kwargs or {}))
-
-
-@contextlib.contextmanager
-def record_kernel_ops():  # noqa: ANN201
-    """Yields the set of scaletrain_kernels op names dispatched inside the block."""
-    seen: set[str] = set()
-    with _KernelOps(seen):
-        yield seen
 
 
 def _affine(kind: str, n: int, g: torch.Generator, device: torch.device, dtype: torch.dtype) -> list:
@@ -56,11 +35,11 @@ def _compare(name: str, fn, ref, inputs, dtype, expect_ops=("layer_norm_fwd", "l
     """Forward + backward of fn and ref with the same upstream gradient; None inputs are passed through."""
     a = [None if x is None else x.detach().clone().requires_grad_() for x in inputs]
     b = [None if x is None else x.detach().clone().requires_grad_() for x in inputs]
-    with record_kernel_ops() as seen:
+    with KernelOps() as ops_seen:
         out_a = fn(*a)
         up = torch.randn(out_a.shape, generator=torch.Generator().manual_seed(7)).to(out_a.device, out_a.dtype)
         out_a.backward(up)
-    assert set(expect_ops) <= seen, f"the Triton op did not run: {seen}"
+    assert set(expect_ops) <= ops_seen.names, f"the Triton op did not run: {ops_seen.names}"
     out_b = ref(*b)
     out_b.backward(up)
     tol = TOL[dtype]
@@ -207,9 +186,9 @@ def test_fallback_without_triton_is_the_reference(monkeypatch):  # noqa: ANN001
     mod = importlib.import_module("kernels.layer_norm")  # the package attribute is the function, not the module
     monkeypatch.setattr(mod, "use_triton", lambda *t: False)
     x, shift, scale = torch.randn(2, 5, 16), torch.randn(2, 16), torch.randn(2, 16)
-    with record_kernel_ops() as seen:
+    with KernelOps() as ops_seen:
         out = kernels.layer_norm_modulate(x, shift, scale, 1e-6)
-    assert not seen
+    assert not ops_seen.names
     torch.testing.assert_close(out, reference.layer_norm_modulate_reference(x, shift, scale, 1e-6))
 
 

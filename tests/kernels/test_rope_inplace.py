@@ -9,7 +9,7 @@ and the models' entry point ``ops.rope(fused=True)`` takes the in-place path (op
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from st_common import KernelOps
 
 import kernels
 from kernels import reference
@@ -66,24 +66,13 @@ def test_writes_over_its_inputs(device):  # noqa: ANN001
     torch.testing.assert_close(k, want_k, atol=1e-5, rtol=1e-5)
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        if func.namespace == "scaletrain_kernels":
-            self.names.add(func._opname)
-        return func(*args, **(kwargs or {}))
-
-
 def test_ops_rope_fused_runs_in_place(device):  # noqa: ANN001
     x = torch.randn(2, 6, 16, device=device, requires_grad=True)
     wq = torch.randn(16, 24, device=device)
     wk = torch.randn(16, 8, device=device)
     angles = torch.outer(torch.arange(6.0), torch.ones(4)).to(device)
     cos_te, sin_te = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
-    with _Ops() as seen:
+    with KernelOps() as seen:
         q, k = _projected(lambda q, k, c, s: ops.rope(q, k, c, s, fused=True), x, wq, wk, cos_te, sin_te)
         (q.sum() + k.sum()).backward()
     assert seen.names == {"rope_"}, seen.names  # forward and backward both in place
@@ -108,7 +97,7 @@ def test_falls_back_where_autograd_forbids_writing(device):  # noqa: ANN001
     q = AsIs.apply(base * 1.0)
     k = (base * 1.0).view(1, 4, 2, 8)
     cos, sin = _tables(4, 4, device)
-    with _Ops() as seen:
+    with KernelOps() as seen:
         out_q, out_k = kernels.apply_rope_(q, k, cos, sin)
     assert seen.names == {"rope"}, seen.names
     assert out_q.data_ptr() != q.data_ptr()

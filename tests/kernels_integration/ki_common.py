@@ -7,22 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from torch.utils._python_dispatch import TorchDispatchMode
+from st_common import KernelOps  # noqa: F401 - re-exported for the tests and their workers
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-class KernelOps(TorchDispatchMode):
-    """Records the scaletrain_kernels ops dispatched inside the block."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        if func.namespace == "scaletrain_kernels":
-            self.names.add(func._opname)
-        return func(*args, **(kwargs or {}))
 
 
 def run_interpreted_workers(script: str, nproc: int = 2) -> str:
@@ -39,7 +26,8 @@ def run_interpreted_workers(script: str, nproc: int = 2) -> str:
     if torch.cuda.is_available() or ops.fused_backend(torch.empty(0)) != "triton-interpret":
         pytest.skip("runs the kernels on CPU tensors over gloo: needs the Triton interpreter (no GPU)")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    # tests/ too: the workers import ki_common, which takes KernelOps from st_common.
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", script]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
