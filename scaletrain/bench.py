@@ -6,7 +6,7 @@ config plumbing, the DTensor/mesh machinery, metrics — from the model's own co
 are timed in alternating rounds and each side reports its median round, so drift in
 machine load (thermal, other processes) hits both equally.
 
-  scaletrain bench recipes/gpt/configs/tiny.yaml --bench-steps 20 --bench-rounds 3
+  scaletrain bench scaletrain/recipes/gpt/configs/tiny.yaml --bench-steps 20 --bench-rounds 3
 
 A recipe can add its own rows: when its `sample` hook has a `benchmark(model, cfg, rounds)`
 method returning (what, rate, unit) rows, the trained model is timed by it too and the rows

@@ -1,7 +1,7 @@
 """Pipeline bubble: measured from per-microbatch timestamps, next to the schedule's theory.
 
 Run under torchrun with pp > 1:
-  torchrun --nproc-per-node 2 -m scaletrain.cli bench recipes/gpt/configs/tiny.yaml \
+  torchrun --nproc-per-node 2 -m scaletrain.cli bench scaletrain/recipes/gpt/configs/tiny.yaml \
       --parallel.pp 2 --parallel.pp_schedule gpipe --parallel.microbatches 4 --parallel.dp_shard 1
 
 Each stage's forward / backward (input grad) / weight-grad chunk is timestamped. A rank's

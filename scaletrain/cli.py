@@ -14,7 +14,7 @@
   scaletrain <plugin> ...                                   commands other packages register (e.g. launch)
 
 Plugins register under the `scaletrain.commands` entry-point group as `name = module:main`
-(main(argv) -> int), which is how `scaletrain launch` arrives from the launchers package
+(main(argv) -> int), which is how `scaletrain launch` arrives from scaletrain.launchers
 without the core importing it.
 """
 
@@ -168,7 +168,7 @@ def dist_rank() -> int:
 
 
 def _bench_kernels(argv: list[str]) -> int:
-    from kernels import bench as kernel_bench
+    from scaletrain.kernels import bench as kernel_bench
 
     return int(kernel_bench.main(argv) or 0)
 

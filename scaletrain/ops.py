@@ -1,15 +1,15 @@
 """Switchable compute ops every recipe uses: attention, RMSNorm, LayerNorm (+ adaLN modulate), GroupNorm (+ SiLU),
 RoPE, SwiGLU and linear + cross-entropy.
 
-Each op has a plain PyTorch path (the default) and a fused path from the ``kernels`` package (Triton
+Each op has a plain PyTorch path (the default) and a fused path from the ``scaletrain.kernels`` package (Triton
 kernels with autograd, registered as torch custom ops). Recipes call these instead of writing the math
 themselves, so one config switch (``model.attention``, ``model.fused_norm``, ``model.fused_rope``,
 ``model.fused_swiglu``, ``train.fused_cross_entropy``) changes every model family the same way.
 
-Import direction: the core may import ``kernels`` (a leaf package), never the reverse. It is imported
+Import direction: the core may import ``scaletrain.kernels`` (a leaf package), never the reverse. It is imported
 lazily, on the first fused call, so ``import scaletrain`` works where Triton is missing or broken. Where
 Triton cannot run on the given tensors (CPU without ``TRITON_INTERPRET=1``, or no Triton at all) the
-``kernels`` functions fall back to their plain-torch references, so a fused flag never makes a run fail;
+``scaletrain.kernels`` functions fall back to their plain-torch references, so a fused flag never makes a run fail;
 ``fused_backend()`` says which one will run.
 
 Layouts (shape legend: B batch, T query length, S key length, H query heads, K kv heads, E head dim,
@@ -49,7 +49,7 @@ ATTENTION_IMPLS: tuple[str, ...] = ("auto", "sdpa", "eager", "flex", "triton")
 @functools.cache
 def _kernels() -> ModuleType:
     try:
-        import kernels
+        from scaletrain import kernels
     except Exception as error:  # noqa: BLE001 - report any import failure with the fix
         raise RuntimeError(
             f"the fused kernels could not be imported ({error!r}); turn off model.attention=triton, "
@@ -61,7 +61,7 @@ def _kernels() -> ModuleType:
 def fused_backend(*tensors: torch.Tensor) -> str:
     """Which fused path runs on these tensors: "triton", "triton-interpret" or "torch-fallback"."""
     k = _kernels()
-    from kernels._triton import use_triton
+    from scaletrain.kernels._triton import use_triton
 
     if not use_triton(*tensors):
         return "torch-fallback"

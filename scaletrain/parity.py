@@ -6,7 +6,7 @@ loader's order does not depend on the data-parallel degree), so any difference i
 layout's numerics. This is the harness the test suite uses; `scaletrain parity` offers it
 to users who add a recipe or a layout:
 
-  scaletrain parity recipes/gpt/configs/tiny.yaml --a "" --b "--parallel.dp_shard 2 --parallel.tp 2"
+  scaletrain parity scaletrain/recipes/gpt/configs/tiny.yaml --a "" --b "--parallel.dp_shard 2 --parallel.tp 2"
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The recipe registry: how the core finds model families without naming them.
 
 A recipe is one small spec (`Recipe`) that a family registers at import time. The core
-discovers families by importing every sub-package of the `recipes` package and every
+discovers families by importing every sub-package of the `scaletrain.recipes` package and every
 `scaletrain.recipes` entry point (for families shipped in other packages); it never
 imports a family by name. Unknown or duplicate names fail loudly with the known names.
 """
@@ -99,6 +99,8 @@ class Recipe:
     hf_model_types: tuple[str, ...] = ()
 
 
+# The bundled families are the sub-packages of this package; the core scans it and never names one.
+RECIPES_PACKAGE = "scaletrain.recipes"
 _RECIPES: dict[str, Recipe] = {}
 _discovered = False
 
@@ -111,19 +113,15 @@ def register_recipe(recipe: Recipe) -> Recipe:
 
 
 def discover_recipes() -> None:
-    """Import every family under the `recipes` package and every registered entry point."""
+    """Import every family under the `scaletrain.recipes` package and every registered entry point."""
     global _discovered
     if _discovered:
         return
     _discovered = True
-    try:
-        package = importlib.import_module("recipes")
-    except ModuleNotFoundError:
-        package = None
-    if package is not None:
-        for info in pkgutil.iter_modules(package.__path__):
-            if info.ispkg:
-                importlib.import_module(f"recipes.{info.name}")
+    package = importlib.import_module(RECIPES_PACKAGE)
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.ispkg:
+            importlib.import_module(f"{RECIPES_PACKAGE}.{info.name}")
     for ep in entry_points(group="scaletrain.recipes"):
         ep.load()
 

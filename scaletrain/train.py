@@ -1,11 +1,11 @@
 """The training loop, for every recipe and every layout.
 
 Runbook:
-  scaletrain train recipes/gpt/configs/tiny.yaml                     # one process, CPU or one GPU
-  scaletrain train recipes/gpt/configs/tiny.yaml --train.steps 50    # dotted overrides
-  torchrun --nproc-per-node 4 -m scaletrain.train recipes/gpt/configs/tiny.yaml \
+  scaletrain train scaletrain/recipes/gpt/configs/tiny.yaml                     # one process, CPU or one GPU
+  scaletrain train scaletrain/recipes/gpt/configs/tiny.yaml --train.steps 50    # dotted overrides
+  torchrun --nproc-per-node 4 -m scaletrain.train scaletrain/recipes/gpt/configs/tiny.yaml \
       --parallel.dp_shard 2 --parallel.tp 2                          # FSDP2 x TP on 4 processes
-  scaletrain config show recipes/gpt/configs/tiny.yaml               # the resolved config
+  scaletrain config show scaletrain/recipes/gpt/configs/tiny.yaml               # the resolved config
 
 Order of work: parse + validate the whole config (no process group yet) -> build the
 dataset (bad data files fail here) -> process group + device mesh -> model on the meta

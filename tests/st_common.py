@@ -7,7 +7,7 @@ from pathlib import Path
 from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "recipes" / "gpt" / "configs" / "tiny.yaml")
+TINY = str(REPO / "scaletrain" / "recipes" / "gpt" / "configs" / "tiny.yaml")
 
 # Small enough for many multi-process runs on 2 cores, big enough that every layout's
 # code path (GQA, several blocks, accumulation) is exercised.

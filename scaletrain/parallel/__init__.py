@@ -1,6 +1,6 @@
 """Parallelism as functions applied to a model built on the meta device.
 
-Order, as a recipe's `parallelize` applies them (see recipes/gpt/parallelize.py):
+Order, as a recipe's `parallelize` applies them (see scaletrain/recipes/gpt/parallelize.py):
 tensor parallel -> activation checkpointing -> torch.compile -> FSDP2 / DDP.
 TP first because it rewrites parameters into DTensors that the later steps wrap;
 FSDP last because it must see the final module structure to group parameters.

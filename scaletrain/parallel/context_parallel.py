@@ -95,7 +95,7 @@ def eager_block_attention(q_BHTD, k_BKSD, v_BKSD, causal: bool):
 def triton_block_attention(q_BHTD, k_BKSD, v_BKSD, causal: bool):
     """The same from the flash-attention kernel, which returns lse (differentiably) and reads
     grouped K/V heads without copying them."""
-    import kernels
+    from scaletrain import kernels
 
     return kernels.attention(q_BHTD, k_BKSD, v_BKSD, causal=causal, return_lse=True)
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = str(REPO / "recipes" / "gpt" / "configs" / "tiny.yaml")
+TINY = str(REPO / "scaletrain" / "recipes" / "gpt" / "configs" / "tiny.yaml")
 WORKER = str(Path(__file__).with_name("fault_worker.py"))
 
 # 10 steps, a checkpoint every 5: "10 straight vs 5 + resume 5".

@@ -202,7 +202,7 @@ def test_two_agents_restart_with_the_launchers_environment(tmp_path):
     """Two torchrun agents (c10d, as on two nodes): restart counts differ between agents, so no
     prefix can be agreed on; the launcher's TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives every
     rendezvous round a fresh store instead."""
-    from launchers.torchrun import TorchrunLaunch, extra_env
+    from scaletrain.launchers.torchrun import TorchrunLaunch, extra_env
 
     env = extra_env(TorchrunLaunch("unused.yaml", nnodes=2, nproc_per_node=1, rdzv_endpoint="x:1", max_restarts=1))
     assert env == {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}

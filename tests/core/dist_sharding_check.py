@@ -15,10 +15,10 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from recipes.gpt.model import GPT  # noqa: E402
 from scaletrain.config import load_config, validate_config  # noqa: E402
 from scaletrain.distributed import init_distributed, run_as_worker  # noqa: E402
 from scaletrain.parallel import init_model  # noqa: E402
+from scaletrain.recipes.gpt.model import GPT  # noqa: E402
 from scaletrain.registry import get_recipe  # noqa: E402
 from scaletrain.train import Trainer  # noqa: E402
 
@@ -26,7 +26,7 @@ from scaletrain.train import Trainer  # noqa: E402
 def pipeline_report() -> None:
     """pp=4: each rank must hold exactly its own stages' parameters (meta split, no full copy)."""
     cfg = load_config(
-        REPO / "recipes/gpt/configs/tiny.yaml",
+        REPO / "scaletrain/recipes/gpt/configs/tiny.yaml",
         ["--parallel.pp", "4", "--parallel.dp_shard", "1", "--train.steps", "1", "--train.warmup_steps", "0",
          "--model.n_layers", "6", "--train.global_batch_size", "8"],
     )  # fmt: skip
@@ -49,7 +49,7 @@ def main() -> None:
     if os.environ.get("SHARDING_MODE") == "pp":
         return pipeline_report()
     cfg = load_config(
-        REPO / "recipes/gpt/configs/tiny.yaml",
+        REPO / "scaletrain/recipes/gpt/configs/tiny.yaml",
         ["--parallel.dp_shard", "4", "--train.steps", "1", "--train.warmup_steps", "0"],
     )
     dims = validate_config(cfg, 4)

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from scaletrain.config import ConfigError, load_config, validate_config
 from scaletrain.parallel.dims import ParallelDims
 
-TINY = "recipes/gpt/configs/tiny.yaml"
+TINY = "scaletrain/recipes/gpt/configs/tiny.yaml"
 
 
 @pytest.fixture(autouse=True)
@@ -134,7 +134,7 @@ def test_data_file_missing():
 
 
 def test_data_file_wrong_dtype(tmp_path):
-    from recipes.gpt import build_dataset
+    from scaletrain.recipes.gpt import build_dataset
 
     path = tmp_path / "tokens.npy"
     np.save(path, np.arange(1000, dtype=np.float32))

@@ -13,9 +13,9 @@ import pytest
 import torch
 from st_common import REPO, TINY
 
-from recipes.gpt.model import GPT
 from scaletrain.config import load_config
 from scaletrain.parallel import init_model
+from scaletrain.recipes.gpt.model import GPT
 
 STYLES = {
     "llama": [],

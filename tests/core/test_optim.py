@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from recipes.gpt.model import GPT
 from scaletrain.config import load_config
 from scaletrain.config.schema import TrainSection
 from scaletrain.optim import build_optimizer, lr_multiplier
+from scaletrain.recipes.gpt.model import GPT
 
 
 def _train(**kw) -> TrainSection:
@@ -41,7 +41,7 @@ def test_linear_and_constant():
 
 
 def test_norms_and_biases_are_not_decayed():
-    cfg = load_config("recipes/gpt/configs/tiny.yaml", ["--model.bias", "true"])
+    cfg = load_config("scaletrain/recipes/gpt/configs/tiny.yaml", ["--model.bias", "true"])
     model = GPT(cfg.model)
     optimizer = build_optimizer(model, cfg.train, "cpu")
     decay, no_decay = optimizer.param_groups

@@ -51,7 +51,9 @@ def test_golden_loss_curve(tmp_path):
     losses = [h["loss"] for h in history]
     if os.environ.get("SCALETRAIN_UPDATE_GOLDEN"):
         GOLDEN.write_text(
-            json.dumps({"config": "recipes/gpt/configs/tiny.yaml --train.steps 20", "loss": losses}, indent=1)
+            json.dumps(
+                {"config": "scaletrain/recipes/gpt/configs/tiny.yaml --train.steps 20", "loss": losses}, indent=1
+            )
         )
     golden = json.loads(GOLDEN.read_text())["loss"]
     assert len(losses) == len(golden) == 20
@@ -88,9 +90,9 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_config_show_counts_70b_on_cpu(capsys):
-    assert cli_main(["config", "show", str(REPO / "recipes/gpt/configs/llama-70b.yaml")]) == 0
+    assert cli_main(["config", "show", str(REPO / "scaletrain/recipes/gpt/configs/llama-70b.yaml")]) == 0
     out = capsys.readouterr().out
-    m = load_config(str(REPO / "recipes/gpt/configs/llama-70b.yaml"), []).model
+    m = load_config(str(REPO / "scaletrain/recipes/gpt/configs/llama-70b.yaml"), []).model
     kv = m.kv_heads * m.head_dim
     per_layer = m.dim * m.dim * 2 + 2 * m.dim * kv + 3 * m.dim * m.hidden_dim + 2 * m.dim
     expected = 2 * m.vocab_size * m.dim + m.n_layers * per_layer + m.dim

@@ -16,7 +16,7 @@ def test_bench_reports_sampling_images_per_second(tmp_path):
     small = ["--model.image_size", "16", "--model.dim", "32", "--model.depth", "1", "--model.n_heads", "2",
              "--train.global_batch_size", "4", "--eval.num_samples", "6", "--model.eval_steps", "3",
              "--model.eval_guidance", "2.0", "--job.run_dir", str(tmp_path)]  # fmt: skip
-    cfg = load_config(str(ROOT / "recipes/diffusion/configs/dit-tiny.yaml"), small)
+    cfg = load_config(str(ROOT / "scaletrain/recipes/diffusion/configs/dit-tiny.yaml"), small)
     result = bench(cfg, steps=1, warmup=1, rounds=1)
     assert result.unit == "samples" and result.scaletrain_rate > 0
     (what, rate, unit), *rest = result.recipe_rows

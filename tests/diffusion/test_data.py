@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from recipes.diffusion.data import (
+from scaletrain.data import ShardedLoader
+from scaletrain.recipes.diffusion.data import (
     SHAPES,
     DiffusionItems,
     ImageFolderDataset,
@@ -15,8 +16,7 @@ from recipes.diffusion.data import (
     auto_repeats,
     render_shape,
 )
-from recipes.diffusion.process import Process
-from scaletrain.data import ShardedLoader
+from scaletrain.recipes.diffusion.process import Process
 
 
 def test_shapes_are_pure_functions_of_seed_and_index():

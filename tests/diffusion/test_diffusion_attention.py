@@ -14,18 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes.diffusion.config import DiTConfig, UNetConfig
-from recipes.diffusion.dit import DiT
-from recipes.diffusion.parallelize import resolve_attention
-from recipes.diffusion.unet import UNet
 from scaletrain.config import load_config, validate_config
 from scaletrain.parallel import init_model
+from scaletrain.recipes.diffusion.config import DiTConfig, UNetConfig
+from scaletrain.recipes.diffusion.dit import DiT
+from scaletrain.recipes.diffusion.parallelize import resolve_attention
+from scaletrain.recipes.diffusion.unet import UNet
 
 ATOL = 1e-5
 DIT = DiTConfig(image_size=8, patch_size=2, dim=64, depth=1, n_heads=2, num_classes=3)
 UNET = UNetConfig(image_size=8, channels=32, channel_mult=[1], blocks_per_level=1, attention_levels=[0], groups=8)
 MODELS = {"dit": (DiT, DIT), "unet": (UNet, UNET)}
-CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "diffusion" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "scaletrain" / "recipes" / "diffusion" / "configs"
 
 
 def _outputs_and_grads(name: str, impl: str, backward: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

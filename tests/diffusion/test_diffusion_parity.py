@@ -20,7 +20,7 @@ import pytest
 
 from scaletrain.parity import compare, run_layout
 
-CONFIG = str(Path(__file__).resolve().parents[2] / "recipes/diffusion/configs/dit-tiny.yaml")
+CONFIG = str(Path(__file__).resolve().parents[2] / "scaletrain/recipes/diffusion/configs/dit-tiny.yaml")
 # Small enough for 4 CPU processes; 4 heads / MLP 128 so tp=2 divides them.
 COMMON = [
     "--model.image_size",
@@ -108,11 +108,11 @@ def test_dit_bf16_trains_close_to_fp32(layout, reference, tmp_path):
 ROOT = Path(__file__).resolve().parents[2]
 CONV_MODELS = {
     "unet": (
-        str(ROOT / "recipes/diffusion/configs/unet-tiny.yaml"),
+        str(ROOT / "scaletrain/recipes/diffusion/configs/unet-tiny.yaml"),
         ["--model.image_size", "8", "--model.channels", "16", "--model.channel_mult", "1,2", "--model.groups", "4"],
     ),
     "vae": (
-        str(ROOT / "recipes/diffusion/configs/vae-tiny.yaml"),
+        str(ROOT / "scaletrain/recipes/diffusion/configs/vae-tiny.yaml"),
         ["--model.image_size", "8", "--model.channels", "8", "--model.channel_mult", "1,2", "--model.groups", "4"],
     ),
 }

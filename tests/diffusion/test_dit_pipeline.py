@@ -14,7 +14,7 @@ import pytest
 from scaletrain.config import load_config, validate_config
 from scaletrain.parity import compare, run_layout
 
-CONFIG = str(Path(__file__).resolve().parents[2] / "recipes/diffusion/configs/dit-tiny.yaml")
+CONFIG = str(Path(__file__).resolve().parents[2] / "scaletrain/recipes/diffusion/configs/dit-tiny.yaml")
 COMMON = ["--model.image_size", "16", "--model.patch_size", "4", "--model.dim", "64", "--model.depth", "4",
           "--model.n_heads", "4", "--train.steps", "4", "--train.warmup_steps", "1", "--train.global_batch_size", "8",
           "--train.ema_decay", "0", "--eval.interval", "0", "--metrics.console", "false",

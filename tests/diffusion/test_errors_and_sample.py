@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from recipes.diffusion.sample_cli import make_sample_command
 from scaletrain.config import load_config, validate_config
+from scaletrain.recipes.diffusion.sample_cli import make_sample_command
 
 ROOT = Path(__file__).resolve().parents[2]
-DIT = str(ROOT / "recipes/diffusion/configs/dit-tiny.yaml")
-UNET = str(ROOT / "recipes/diffusion/configs/unet-tiny.yaml")
+DIT = str(ROOT / "scaletrain/recipes/diffusion/configs/dit-tiny.yaml")
+UNET = str(ROOT / "scaletrain/recipes/diffusion/configs/unet-tiny.yaml")
 
 
 def _validate(config: str, *overrides: str, world_size: int = 1) -> None:
@@ -45,7 +45,8 @@ def test_unet_image_size_not_divisible_by_downsampling_and_no_tp():
 def test_fused_cross_entropy_is_refused_without_a_cross_entropy(config):  # noqa: ANN001
     # The switch exists in every job config; a family with no cross-entropy must say it does nothing there.
     with pytest.raises(ValueError, match=r"train.fused_cross_entropy: recipe '\w+' has no cross-entropy"):
-        _validate(str(ROOT / f"recipes/diffusion/configs/{config}.yaml"), "--train.fused_cross_entropy", "true")
+        config_path = str(ROOT / f"scaletrain/recipes/diffusion/configs/{config}.yaml")
+        _validate(config_path, "--train.fused_cross_entropy", "true")
 
 
 def test_tp_must_divide_heads():

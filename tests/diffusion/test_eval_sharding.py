@@ -18,7 +18,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-DIT = str(ROOT / "recipes/diffusion/configs/dit-tiny.yaml")
+DIT = str(ROOT / "scaletrain/recipes/diffusion/configs/dit-tiny.yaml")
 WORKER = str(Path(__file__).with_name("eval_shard_worker.py"))
 N, STEPS = 5, 3
 SMALL = ["--model.image_size", "16", "--model.patch_size", "4", "--model.dim", "64", "--model.depth", "2",

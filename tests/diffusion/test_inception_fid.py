@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from recipes.diffusion.inception import FID_CLASSES, InceptionV3Features, inception_features
-from recipes.diffusion.metrics import feature_labels, inception_extractor, real_images, sample_metrics
 from scaletrain.config import load_config, validate_config
+from scaletrain.recipes.diffusion.inception import FID_CLASSES, InceptionV3Features, inception_features
+from scaletrain.recipes.diffusion.metrics import feature_labels, inception_extractor, real_images, sample_metrics
 
 N = 8  # images per set: Inception at 299 px costs ~0.1 s per image on 2 CPU cores
 
@@ -103,7 +103,7 @@ def test_missing_file_fails_before_training():
 
 
 def test_wrong_keys_and_shapes_are_named(tmp_path):
-    from recipes.diffusion.inception import load_inception
+    from scaletrain.recipes.diffusion.inception import load_inception
 
     state = _random_state()
     del state["Mixed_6b.branch7x7_1.conv.weight"]

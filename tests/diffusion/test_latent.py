@@ -16,8 +16,8 @@ from PIL import Image
 from scaletrain.config import load_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[2]
-VAE = str(ROOT / "recipes/diffusion/configs/vae-tiny.yaml")
-LDIT = str(ROOT / "recipes/diffusion/configs/latent-dit-tiny.yaml")
+VAE = str(ROOT / "scaletrain/recipes/diffusion/configs/vae-tiny.yaml")
+LDIT = str(ROOT / "scaletrain/recipes/diffusion/configs/latent-dit-tiny.yaml")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 # 16 px images -> 8 x 8 x 4 latents.
 SMALL_VAE = ["--model.image_size", "16", "--model.channels", "16", "--model.channel_mult", "1,2", "--model.groups", "4"]
@@ -52,12 +52,13 @@ def test_vae_to_cache_to_latent_dit_to_png(tmp_path):
     vae_ckpt = tmp_path / "vae" / "checkpoints" / "step-00000020"
     cache = tmp_path / "latents"
     # Two ranks encode two halves of 40 images.
-    _run([py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "recipes.diffusion.latents",
+    _run([py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+          "-m", "scaletrain.recipes.diffusion.latents",
           str(vae_ckpt), "--config", VAE, *SMALL_VAE, "--data.num_samples", "40", "--out", str(cache)])  # fmt: skip
     index = json.loads((cache / "index.json").read_text())
     assert [s["count"] for s in index["shards"]] == [20, 20] and index["latent_shape"] == [4, 8, 8]
 
-    from recipes.diffusion.latents import LatentDataset
+    from scaletrain.recipes.diffusion.latents import LatentDataset
 
     ds = LatentDataset(cache, seed=0)
     assert len(ds) == 40 and ds[25]["latent"].shape == (4, 8, 8)

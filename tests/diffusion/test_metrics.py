@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from recipes.diffusion.metrics import fid, frechet_distance, gaussian_stats, kid
+from scaletrain.recipes.diffusion.metrics import fid, frechet_distance, gaussian_stats, kid
 
 
 def _random_spd(rng: np.random.Generator, d: int) -> np.ndarray:
@@ -74,8 +74,8 @@ def test_shipped_shapes_classifier_labels_held_out_shapes():
     """The feature extractor FID/KID-shapes use; also the judge of the learning test."""
     import torch
 
-    from recipes.diffusion.data import ShapesDataset
-    from recipes.diffusion.metrics import ASSETS, extract, shapes_classifier
+    from scaletrain.recipes.diffusion.data import ShapesDataset
+    from scaletrain.recipes.diffusion.metrics import ASSETS, extract, shapes_classifier
 
     assert (ASSETS / "shapes_classifier_32px_6c.pt").is_file()
     model = shapes_classifier(32, 6)
@@ -97,9 +97,9 @@ def test_eval_metrics_separate_real_shapes_from_noise():
     """The numbers `evaluate` logs: real shapes score near-perfect accuracy and a small FID, noise does not."""
     import torch
 
-    from recipes.diffusion.data import ShapesDataset
-    from recipes.diffusion.metrics import sample_metrics
     from scaletrain.config import load_config
+    from scaletrain.recipes.diffusion.data import ShapesDataset
+    from scaletrain.recipes.diffusion.metrics import sample_metrics
 
     cfg = load_config(None, {"recipe": "dit", "model": {"num_classes": 6}})
     data = ShapesDataset(60, 32, 6, seed=42)

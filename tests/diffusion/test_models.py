@@ -7,10 +7,10 @@ import itertools
 import pytest
 import torch
 
-from recipes.diffusion.config import DiTConfig, UNetConfig
-from recipes.diffusion.dit import DiT
-from recipes.diffusion.unet import UNet
 from scaletrain.parallel import init_model
+from scaletrain.recipes.diffusion.config import DiTConfig, UNetConfig
+from scaletrain.recipes.diffusion.dit import DiT
+from scaletrain.recipes.diffusion.unet import UNet
 
 DIT = DiTConfig(image_size=16, patch_size=4, dim=64, depth=2, n_heads=4, num_classes=3)
 UNET = UNetConfig(
@@ -83,14 +83,14 @@ DIT_SIZES = {"s": (33e6, 6.06e9), "b": (130e6, 23.01e9), "l": (458e6, 80.71e9), 
 
 @pytest.mark.parametrize("size", sorted(DIT_SIZES))
 def test_dit_configs_match_the_paper_on_the_meta_device(size):
-    """`scaletrain config show` of recipes/diffusion/configs/dit-<size>-2.yaml: parameters and
+    """`scaletrain config show` of scaletrain/recipes/diffusion/configs/dit-<size>-2.yaml: parameters and
     FLOPs as published (DiT-XL/2: 675M, 118.6 GMACs per forward)."""
     from pathlib import Path
 
     from scaletrain.cli import model_summary
     from scaletrain.config import load_config
 
-    config = Path(__file__).resolve().parents[2] / f"recipes/diffusion/configs/dit-{size}-2.yaml"
+    config = Path(__file__).resolve().parents[2] / f"scaletrain/recipes/diffusion/configs/dit-{size}-2.yaml"
     summary = model_summary(load_config(config))
     params, macs = DIT_SIZES[size]
     assert summary["parameters"] == pytest.approx(params, rel=0.01)

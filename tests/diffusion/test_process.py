@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from recipes.diffusion.process import Process, cosine_betas, ddim_step, linear_betas, sample
+from scaletrain.recipes.diffusion.process import Process, cosine_betas, ddim_step, linear_betas, sample
 
 
 def test_linear_schedule_endpoints_and_alpha_bar_product():

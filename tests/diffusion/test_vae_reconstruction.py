@@ -25,7 +25,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-VAE = str(ROOT / "recipes/diffusion/configs/vae-tiny.yaml")
+VAE = str(ROOT / "scaletrain/recipes/diffusion/configs/vae-tiny.yaml")
 HELD_OUT_SEED = 12345  # training uses data.shapes_seed 0 (and the eval's held-out 1)
 
 
@@ -41,10 +41,10 @@ def _train(tmp_path: Path, steps: int, *overrides: str) -> Path:
 
 
 def _reconstruction_mse(ckpt: Path, n: int = 256) -> dict[str, float]:
-    from recipes.diffusion.data import ShapesDataset
-    from recipes.diffusion.sample_cli import load_job_config, load_model
     from scaletrain.distributed import destroy_distributed, init_distributed
     from scaletrain.parallel import init_model
+    from scaletrain.recipes.diffusion.data import ShapesDataset
+    from scaletrain.recipes.diffusion.sample_cli import load_job_config, load_model
     from scaletrain.registry import get_recipe
 
     cfg = load_job_config(ckpt, "vae", None, [])  # the config the trainer stored

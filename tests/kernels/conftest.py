@@ -13,8 +13,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels._triton import use_triton  # noqa: E402
+from scaletrain import kernels  # noqa: E402
+from scaletrain.kernels._triton import use_triton  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

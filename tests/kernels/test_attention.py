@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.reference import attention_mask, attention_reference
+from scaletrain import kernels
+from scaletrain.kernels.reference import attention_mask, attention_reference
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -165,7 +165,7 @@ def test_rejects_bad_shapes(device):  # noqa: ANN001
 
 
 # -- launch configs: autotune space, pruning, fixed fallback ------------------------------------------------
-attention_module = importlib.import_module("kernels.attention")  # ``kernels.attention`` is the function
+attention_module = importlib.import_module("scaletrain.kernels.attention")  # ``kernels.attention`` is the function
 
 
 @pytest.mark.parametrize("bm,bn", [(32, 64), (64, 32), (128, 32), (32, 128)])

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from kernels import bench
+from scaletrain.kernels import bench
 
 
 def _wall_clock(step, dev, grads=None):  # noqa: ANN001

@@ -9,8 +9,8 @@ Odd sizes (37 rows, 100/300 features, 3 heads) exercise the masked tails.
 import pytest
 import torch
 
-import kernels
-from kernels import reference
+from scaletrain import kernels
+from scaletrain.kernels import reference
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),

@@ -15,7 +15,7 @@ def test_imports_and_runs_without_triton():
         import sys
         sys.modules["triton"] = None  # makes `import triton` raise ImportError
         import torch
-        import kernels
+        from scaletrain import kernels
         assert kernels.TRITON_AVAILABLE is False
         q = torch.randn(1, 2, 9, 16, requires_grad=True)
         out, lse = kernels.attention(q, q, q, causal=True, window=3, return_lse=True)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import kernels
-from kernels.reference import fused_linear_cross_entropy_reference
+from scaletrain import kernels
+from scaletrain.kernels.reference import fused_linear_cross_entropy_reference
 
 N, D, V = 61, 32, 100
 

@@ -126,27 +126,35 @@ def _calls(case: str):  # noqa: ANN202
             m.attention_fwd(q, kv, kv, 0.1, causal, window)
             m.attention_bwd(q, q, kv, kv, q, lse, lse, 0.1, causal, window)
 
-        return "kernels.attention", attn
+        return "scaletrain.kernels.attention", attn
     x = torch.empty(64, 4096, dtype=torch.bfloat16)
     if case == "rms_norm":
         rstd = torch.empty(64)
-        return "kernels.rms_norm", lambda m: (m.rms_norm_fwd(x, x[0], 1e-6), m.rms_norm_bwd(x, x, x[0], rstd))
+        return "scaletrain.kernels.rms_norm", lambda m: (
+            m.rms_norm_fwd(x, x[0], 1e-6),
+            m.rms_norm_bwd(x, x, x[0], rstd),
+        )
     if case == "swiglu":
-        return "kernels.swiglu", lambda m: (m.swiglu_fwd(x, x), m.swiglu_bwd(x, x, x))
+        return "scaletrain.kernels.swiglu", lambda m: (m.swiglu_fwd(x, x), m.swiglu_bwd(x, x, x))
     if case in ("rope", "rope_"):
         q, angles = torch.empty(2, 16, 32, 128, dtype=torch.bfloat16), torch.empty(16, 64)
         if case == "rope_":
-            return "kernels.rope", lambda m: (m.rope_(q, angles, angles, False), m.rope_(q, angles, angles, True))
-        return "kernels.rope", lambda m: m.rope(q, q[:, :, :8], angles, angles, False)
+            return "scaletrain.kernels.rope", lambda m: (
+                m.rope_(q, angles, angles, False),
+                m.rope_(q, angles, angles, True),
+            )
+        return "scaletrain.kernels.rope", lambda m: m.rope(q, q[:, :, :8], angles, angles, False)
     logits, targets = torch.empty(8, 32000, dtype=torch.bfloat16), torch.zeros(8, dtype=torch.int64)
     if case == "ce_shard_stats":
-        return "kernels.fused_linear_ce", lambda m: m.cross_entropy_shard_stats(logits, targets, 16000)
+        return "scaletrain.kernels.fused_linear_ce", lambda m: m.cross_entropy_shard_stats(logits, targets, 16000)
     if case == "ce_shard_grad_":
         lse = torch.empty(8)
-        return "kernels.fused_linear_ce", lambda m: m.cross_entropy_shard_grad_(
+        return "scaletrain.kernels.fused_linear_ce", lambda m: m.cross_entropy_shard_grad_(
             logits, targets, lse, torch.ones(1), 16000, -100, 1e-4
         )
-    return "kernels.fused_linear_ce", lambda m: m.cross_entropy_chunk_(logits, targets, torch.ones(1), -100, 1e-4, True)
+    return "scaletrain.kernels.fused_linear_ce", lambda m: m.cross_entropy_chunk_(
+        logits, targets, torch.ones(1), -100, 1e-4, True
+    )
 
 
 def _config_kwargs(config) -> dict:  # noqa: ANN001
@@ -162,7 +170,7 @@ def _tuned_jobs(case: str) -> tuple[list, dict]:
     """Compile jobs for every surviving autotune config (and every one pruned for shared memory)."""
     import torch
 
-    module = importlib.import_module("kernels.attention")
+    module = importlib.import_module("scaletrain.kernels.attention")
     dtype_name, d, _, _ = ATTENTION_CASES[case]
     elem = getattr(torch, dtype_name).itemsize
     names = {id(module.autotuned_kernel(k)): k for k in TUNED_KERNELS}

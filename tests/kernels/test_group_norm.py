@@ -1,4 +1,5 @@
-"""GroupNorm (+ fused SiLU) kernels (kernels/group_norm.py) vs the plain-torch reference and F.group_norm (+ F.silu):
+"""GroupNorm (+ fused SiLU) kernels (scaletrain/kernels/group_norm.py) vs the plain-torch reference and F.group_norm
+(+ F.silu):
 the output and the gradient of every input (x, weight, bias), with and without the SiLU.
 
 Tolerances: rtol = atol = 1e-5 on fp32 outputs and rtol 1e-5 / atol 4e-5 on fp32 gradients (the weight / bias
@@ -22,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from st_common import KernelOps
 
-import kernels
-from kernels import reference
+from scaletrain import kernels
+from scaletrain.kernels import reference
 
-gn = importlib.import_module("kernels.group_norm")  # the package attribute is the function, not the module
+gn = importlib.import_module("scaletrain.kernels.group_norm")  # the package attribute is the function, not the module
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
@@ -239,7 +240,7 @@ def test_bench_rows_and_goal_line(monkeypatch, device):  # noqa: ANN001
     is what is tested."""
     import time
 
-    from kernels import bench
+    from scaletrain.kernels import bench
 
     def wall_clock(step, dev, grads=None):  # noqa: ANN001
         start = time.perf_counter()

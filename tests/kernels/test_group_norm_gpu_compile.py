@@ -1,4 +1,4 @@
-"""Compile the GroupNorm kernels for an H100 (sm_90) exactly as kernels/group_norm.py launches them on CUDA,
+"""Compile the GroupNorm kernels for an H100 (sm_90) exactly as scaletrain/kernels/group_norm.py launches them on CUDA,
 without a GPU, through test_gpu_compile.py's recorder and Triton's NVIDIA backend (down to a cubin).
 
 The interpreter checks the math but not what only the compiler sees: the loop-carried fp32 scalars of the
@@ -51,7 +51,7 @@ def _calls(case: str):  # noqa: ANN202
         m.group_norm_fwd(x, w, b, groups, 1e-5, silu)
         m.group_norm_bwd(x, x, w, b, stats, stats, groups, silu)
 
-    return "kernels.group_norm", run
+    return "scaletrain.kernels.group_norm", run
 
 
 def _main() -> None:

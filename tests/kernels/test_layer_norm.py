@@ -1,4 +1,4 @@
-"""LayerNorm and LayerNorm + adaLN modulate kernels (kernels/layer_norm.py) vs their plain-torch references:
+"""LayerNorm and LayerNorm + adaLN modulate kernels (scaletrain/kernels/layer_norm.py) vs their plain-torch references:
 the output and the gradient of every input (x, weight, bias, shift, scale).
 
 Tolerances: rtol = atol = 1e-5 on fp32 outputs and rtol 1e-5 / atol 4e-5 on fp32 gradients (weight / bias /
@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from st_common import KernelOps
 
-import kernels
-from kernels import reference
-from kernels.layer_norm import layer_norm_bwd
+from scaletrain import kernels
+from scaletrain.kernels import reference
+from scaletrain.kernels.layer_norm import layer_norm_bwd
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
@@ -103,7 +103,8 @@ def test_modulate_backward_loops_over_several_tiles(device):  # noqa: ANN001
 
 
 def test_modulate_is_dits_formula_with_4d_input_and_mixed_dtypes(device):  # noqa: ANN001
-    """DiT's own expression (recipes/diffusion/dit.py: modulate(norm(x), shift, scale)) on x [B, H, W, N] — the
+    """DiT's own expression (scaletrain/recipes/diffusion/dit.py: modulate(norm(x), shift, scale)) on x [B, H, W, N] —
+    the
     broadcast goes over every middle dim — with bf16 shift / scale (autocast's adaLN Linear) and fp32 x: the
     output is fp32 like x and each gradient comes back in its input's dtype. (The kernel reads shift / scale
     into fp32; eager DiT would round 1 + scale to bf16 first, an error of up to 2^-8, so the expression here
@@ -183,7 +184,8 @@ def test_layer_norm_ops_under_torch_compile(device):  # noqa: ANN001
 def test_fallback_without_triton_is_the_reference(monkeypatch):  # noqa: ANN001
     import importlib
 
-    mod = importlib.import_module("kernels.layer_norm")  # the package attribute is the function, not the module
+    # The package attribute is the function, not the module.
+    mod = importlib.import_module("scaletrain.kernels.layer_norm")
     monkeypatch.setattr(mod, "use_triton", lambda *t: False)
     x, shift, scale = torch.randn(2, 5, 16), torch.randn(2, 16), torch.randn(2, 16)
     with KernelOps() as ops_seen:
@@ -198,7 +200,7 @@ def test_bench_rows_and_goal_line(monkeypatch, device):  # noqa: ANN001
     CUDA timers are replaced by the wall clock here, so the numbers mean nothing; the flow is what is tested."""
     import time
 
-    from kernels import bench
+    from scaletrain.kernels import bench
 
     def wall_clock(step, dev, grads=None):  # noqa: ANN001
         start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Compile the LayerNorm kernels for an H100 (sm_90) exactly as kernels/layer_norm.py launches them on CUDA,
+"""Compile the LayerNorm kernels for an H100 (sm_90) exactly as scaletrain/kernels/layer_norm.py launches them on CUDA,
 without a GPU, through test_gpu_compile.py's recorder and Triton's NVIDIA backend (down to a cubin).
 
 The interpreter checks the math but not what only the compiler sees: constexpr branches that define names used
@@ -35,7 +35,7 @@ def _calls(case: str):  # noqa: ANN202
         m.layer_norm_fwd(x, w, b, shift, scale, 1e-6)
         m.layer_norm_bwd(x, x, w, b, scale, stats, stats)
 
-    return "kernels.layer_norm", run
+    return "scaletrain.kernels.layer_norm", run
 
 
 def _main() -> None:

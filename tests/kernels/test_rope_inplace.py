@@ -11,9 +11,8 @@ import pytest
 import torch
 from st_common import KernelOps
 
-import kernels
-from kernels import reference
-from scaletrain import ops
+from scaletrain import kernels, ops
+from scaletrain.kernels import reference
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from st_common import TINY
 
-from recipes.gpt import attention_choice
 from scaletrain import ops
 from scaletrain.config import load_config, validate_config
+from scaletrain.recipes.gpt import attention_choice
 from scaletrain.registry import get_recipe
 
 H100 = lambda: (9, 0)  # noqa: E731 - fake torch.cuda.get_device_capability

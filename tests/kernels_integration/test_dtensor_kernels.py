@@ -1,4 +1,4 @@
-"""The kernels' DTensor sharding rules (kernels/sharding.py): each op on DTensor inputs, 2 processes (gloo),
+"""The kernels' DTensor sharding rules (scaletrain/kernels/sharding.py): each op on DTensor inputs, 2 processes (gloo),
 matches the plain-torch reference on the full tensors — output and every input gradient, fp32,
 atol = rtol = 1e-5 — and really runs the ``scaletrain_kernels`` op.
 
@@ -28,8 +28,8 @@ def _worker() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from ki_common import KernelOps
 
-    import kernels
-    from kernels import reference
+    from scaletrain import kernels
+    from scaletrain.kernels import reference
 
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (2,))

@@ -1,4 +1,5 @@
-"""The LayerNorm kernel's DTensor sharding rule (kernels/sharding.py: layer_norm_fwd / layer_norm_bwd), 2 processes
+"""The LayerNorm kernel's DTensor sharding rule (scaletrain/kernels/sharding.py: layer_norm_fwd / layer_norm_bwd),
+2 processes
 (gloo): on DTensor inputs it matches the plain-torch reference on the full tensors — output and every input
 gradient, fp32, atol = rtol = 1e-5 — and really runs the ``scaletrain_kernels`` ops.
 
@@ -29,8 +30,8 @@ def _worker() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from ki_common import KernelOps
 
-    import kernels
-    from kernels import reference
+    from scaletrain import kernels
+    from scaletrain.kernels import reference
 
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (2,))

@@ -53,7 +53,7 @@ def test_fused_cross_entropy_is_valid_under_pipeline_parallel():
 
 
 def test_fused_norm_accepts_layernorm():
-    # GPT-2 style: LayerNorm with biases runs the fused LayerNorm kernel (kernels/layer_norm.py).
+    # GPT-2 style: LayerNorm with biases runs the fused LayerNorm kernel (scaletrain/kernels/layer_norm.py).
     _validate(1, "--model.fused_norm", "true", "--model.norm", "layernorm", "--model.bias", "true")
 
 

@@ -26,11 +26,11 @@ import torch
 from ki_common import KernelOps
 from st_common import TINY
 
-from recipes.gpt import loss as gpt_loss
-from recipes.gpt import model_inputs
-from recipes.gpt.model import GPT, GPTConfig
 from scaletrain import ops
 from scaletrain.parity import compare, run_layout
+from scaletrain.recipes.gpt import loss as gpt_loss
+from scaletrain.recipes.gpt import model_inputs
+from scaletrain.recipes.gpt.model import GPT, GPTConfig
 
 SMALL = [
     "--model.n_layers", "2", "--model.dim", "64", "--data.seq_len", "16",
@@ -130,7 +130,7 @@ def test_fused_training_under_fsdp2_matches_unfused(unfused_run, tmp_path):  # n
 
 def test_fused_training_under_tensor_parallel_matches_unfused(unfused_run, tmp_path):  # noqa: ANN001
     # Sequence parallel hands the norms DTensors sharded over the sequence: the fused RMSNorm runs on them
-    # through its sharding rule (kernels/sharding.py), its weight gradient a partial sum over the tp ranks.
+    # through its sharding rule (scaletrain/kernels/sharding.py), its weight gradient a partial sum over the tp ranks.
     # RoPE, SwiGLU and attention see each rank's local heads / hidden units. Fused cross-entropy runs on
     # each rank's vocabulary shard of the head and all-gathers two floats per row.
     tp = ["--parallel.tp", "2", "--parallel.dp_shard", "1"]

@@ -1,8 +1,9 @@
 """model.fused_norm with GroupNorm: the diffusion U-Net and the KL-VAE train the same with the fused
-kernels/group_norm.py kernels (GroupNorm + SiLU in the residual blocks and before the output convolutions, plain
+scaletrain/kernels/group_norm.py kernels (GroupNorm + SiLU in the residual blocks and before the output convolutions,
+plain
 GroupNorm in the U-Net's attention blocks) as without them.
 
-Both models are built from the recipes' configs (recipes/diffusion/configs/unet-tiny.yaml and vae-tiny.yaml,
+Both models are built from the recipes' configs (scaletrain/recipes/diffusion/configs/unet-tiny.yaml and vae-tiny.yaml,
 shrunk: 8x8 images, channels 16 / 8 in two levels, 4 groups; the U-Net with an attention block at its second
 level), initialized by name (so fused and unfused start from the same weights), and trained 3 AdamW steps in this
 process on one fixed batch, fp32; the U-Net's parameters are perturbed first, since its zero-initialized output
@@ -26,15 +27,15 @@ import torch
 import torch.nn.functional as F
 from ki_common import KernelOps
 
-from recipes.diffusion.unet import GroupNorm, UNet
-from recipes.diffusion.vae import KLAutoencoder, vae_loss
 from scaletrain import ops
 from scaletrain.config import load_config, validate_config
 from scaletrain.parallel import init_model
 from scaletrain.parity import compare, run_layout
+from scaletrain.recipes.diffusion.unet import GroupNorm, UNet
+from scaletrain.recipes.diffusion.vae import KLAutoencoder, vae_loss
 from scaletrain.registry import get_recipe
 
-CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "diffusion" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "scaletrain" / "recipes" / "diffusion" / "configs"
 UNET_TINY, VAE_TINY = str(CONFIGS / "unet-tiny.yaml"), str(CONFIGS / "vae-tiny.yaml")
 SMALL = ["--model.image_size", "8", "--model.channel_mult", "1,2", "--model.groups", "4"]
 UNET_SMALL = SMALL + ["--model.channels", "16", "--model.attention_levels", "1"]

@@ -1,9 +1,11 @@
 """model.fused_norm with LayerNorm: a GPT-2-style GPT (norm=layernorm, learned positions, GELU, biases) and a DiT
-(adaLN-Zero: LayerNorm without affine + modulate) train the same with the fused kernels/layer_norm.py kernel as
+(adaLN-Zero: LayerNorm without affine + modulate) train the same with the fused scaletrain/kernels/layer_norm.py kernel
+as
 without it.
 
-Both models are built from the recipes' configs (the GPT from recipes/gpt/configs/tiny.yaml, the DiT from
-recipes/diffusion/configs/dit-tiny.yaml, shrunk), initialized by name (layout-independent, so fused and unfused
+Both models are built from the recipes' configs (the GPT from scaletrain/recipes/gpt/configs/tiny.yaml, the DiT from
+scaletrain/recipes/diffusion/configs/dit-tiny.yaml, shrunk), initialized by name (layout-independent, so fused and
+unfused
 start from the same weights), and trained 4 AdamW steps in this process on the same fixed batches, fp32; the
 DiT's parameters are perturbed first so the adaLN shift / scale are not zero from the start. Tolerances, per
 step: loss 1e-5 relative, and at step 0 every parameter gradient atol 1e-5 / rtol 1e-4 (the kernels do the same
@@ -29,17 +31,17 @@ import torch.nn.functional as F
 from ki_common import KernelOps
 from st_common import TINY
 
-from recipes.diffusion.dit import DiT, modulate
-from recipes.diffusion.parallelize import resolve_attention
-from recipes.gpt import hf, model_inputs
-from recipes.gpt import loss as gpt_loss
-from recipes.gpt.model import GPT, LayerNorm
 from scaletrain import ops
 from scaletrain.config import load_config, validate_config
 from scaletrain.parallel import init_model
 from scaletrain.parity import compare, run_layout
+from scaletrain.recipes.diffusion.dit import DiT, modulate
+from scaletrain.recipes.diffusion.parallelize import resolve_attention
+from scaletrain.recipes.gpt import hf, model_inputs
+from scaletrain.recipes.gpt import loss as gpt_loss
+from scaletrain.recipes.gpt.model import GPT, LayerNorm
 
-CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "diffusion" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "scaletrain" / "recipes" / "diffusion" / "configs"
 DIT_TINY = str(CONFIGS / "dit-tiny.yaml")
 GPT2 = ["--model.norm", "layernorm", "--model.pos", "learned", "--model.mlp", "gelu", "--model.bias", "true"]
 GPT_SMALL = ["--model.n_layers", "2", "--model.dim", "64", "--data.seq_len", "16", "--train.global_batch_size", "2"]

@@ -17,9 +17,9 @@ import pytest
 import torch
 from st_common import TINY
 
-from kernels.reference import attention_reference
 from scaletrain import ops
 from scaletrain.config import load_config, validate_config
+from scaletrain.kernels.reference import attention_reference
 from scaletrain.parity import compare, run_layout
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -37,10 +37,9 @@ def _worker() -> None:  # noqa: C901 - one linear script of checks
     sys.path.insert(0, str(Path(__file__).parent))
     from ki_common import KernelOps
 
-    import kernels
-    import kernels.fused_linear_ce as flce
-    from kernels.reference import fused_linear_cross_entropy_reference
-    from scaletrain import ops
+    import scaletrain.kernels.fused_linear_ce as flce
+    from scaletrain import kernels, ops
+    from scaletrain.kernels.reference import fused_linear_cross_entropy_reference
 
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (2,))

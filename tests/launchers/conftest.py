@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-TINY_CONFIG = str(REPO / "recipes" / "gpt" / "configs" / "tiny.yaml")
+TINY_CONFIG = str(REPO / "scaletrain" / "recipes" / "gpt" / "configs" / "tiny.yaml")
 SETUP_SLURM = Path(__file__).resolve().parent / "setup_slurm.sh"
 
 # The smallest run that still trains through every piece (3 optimizer steps, 2 data-parallel ranks).

@@ -6,12 +6,12 @@ import argparse
 
 import pytest
 
-from launchers import cli
-from launchers.argv import split_overrides
-from launchers.checks import LaunchError, check_launch, parse_endpoint, ranks_needed
-from launchers.sbatch import render
-from launchers.slurm_env import first_host, torch_env_from_slurm
-from launchers.torchrun import TorchrunLaunch, build_command
+from scaletrain.launchers import cli
+from scaletrain.launchers.argv import split_overrides
+from scaletrain.launchers.checks import LaunchError, check_launch, parse_endpoint, ranks_needed
+from scaletrain.launchers.sbatch import render
+from scaletrain.launchers.slurm_env import first_host, torch_env_from_slurm
+from scaletrain.launchers.torchrun import TorchrunLaunch, build_command
 from tests.launchers.conftest import TINY_CONFIG
 
 

@@ -14,7 +14,7 @@ from tests.launchers.conftest import REPO, TINY_CONFIG, TINY_RUN, logged_losses,
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason='Ray is not installed: pip install "ray[train]"')
 def test_two_cpu_workers(tmp_path):
     # A child process, so Ray's local instance (raylet, GCS, workers) starts and stops with it.
-    cmd = [sys.executable, "-m", "launchers.cli", "ray", TINY_CONFIG, "--nproc-per-node", "2",
+    cmd = [sys.executable, "-m", "scaletrain.launchers.cli", "ray", TINY_CONFIG, "--nproc-per-node", "2",
            *TINY_RUN, "--job.run_dir", str(tmp_path)]
     env = subprocess_env(RAY_USAGE_STATS_ENABLED="0")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=90)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from launchers import cli
-from launchers.sbatch import job_fields, wait_for_job
 from scaletrain.checkpoint import complete_checkpoints
+from scaletrain.launchers import cli
+from scaletrain.launchers.sbatch import job_fields, wait_for_job
 from tests.launchers.conftest import TINY_CONFIG, TINY_RUN, logged_losses, logged_steps
 
 JOB_TIMEOUT_S = 150

@@ -15,7 +15,7 @@ from tests.launchers.conftest import REPO, TINY_CONFIG, TINY_RUN, logged_steps, 
 
 
 def test_one_node_two_processes(tmp_path):
-    cmd = [sys.executable, "-m", "launchers.cli", "torchrun", TINY_CONFIG, "--nproc-per-node", "2",
+    cmd = [sys.executable, "-m", "scaletrain.launchers.cli", "torchrun", TINY_CONFIG, "--nproc-per-node", "2",
            *TINY_RUN, "--job.run_dir", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -71,7 +71,8 @@ def test_two_nodes_over_network_namespaces(tmp_path):
     with two_hosts() as hosts:
         procs = []
         for host, link in hosts:
-            cmd = ["ip", "netns", "exec", host, sys.executable, "-m", "launchers.cli", "torchrun", TINY_CONFIG,
+            cmd = ["ip", "netns", "exec", host, sys.executable, "-m", "scaletrain.launchers.cli", "torchrun",
+                   TINY_CONFIG,
                    "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", "10.77.0.1:29500",
                    "--rdzv-id", "netns-test", *TINY_RUN, "--job.run_dir", str(tmp_path),
                    "--parallel.timeout_s", "60"]

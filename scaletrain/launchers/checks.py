@@ -1,0 +1,121 @@
+"""Checks every launcher runs before it starts or submits anything.
+
+A job that waits an hour in a Slurm queue and then dies on "world size 6 does not fit
+tp=4" wastes the hour, so each launcher calls `check_launch` first; it loads the config
+exactly as the trainer will (file < `--section.field` overrides) and checks the process
+count against `cfg.parallel.degrees` for the world size the launch will produce.
+
+    from scaletrain.launchers.checks import check_launch
+    tiny = "scaletrain/recipes/gpt/configs/tiny.yaml"
+    cfg = check_launch(tiny, ["--parallel.tp", "2"], num_nodes=1, nproc_per_node=2)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import socket
+from pathlib import Path
+
+from scaletrain.config import JobConfig, load_config, validate_config
+
+_HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.\-]*[A-Za-z0-9])?$")
+
+
+class LaunchError(ValueError):
+    """A launch request that cannot work; the message names the value and the fix."""
+
+
+def require(condition: bool, message: str) -> None:
+    # Not `assert`: `python -O` strips asserts, and these are user errors.
+    if not condition:
+        raise LaunchError(message)
+
+
+def check_counts(num_nodes: int, nproc_per_node: int) -> None:
+    require(num_nodes >= 1, f"--nodes/--nnodes: {num_nodes} is not allowed; use >= 1")
+    require(nproc_per_node >= 1, f"--nproc-per-node: {nproc_per_node} is not allowed; use >= 1")
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """'host:port' -> (host, port); IPv6 as '[::1]:29500'. Raises LaunchError on anything else."""
+    hint = "expected HOST:PORT such as 10.0.0.1:29500 or node001:29500 (IPv6 as [::1]:29500)"
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]\s]+):(\d+)", endpoint.strip())
+    require(match is not None, f"--rdzv-endpoint: {endpoint!r} is not a valid endpoint; {hint}")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    require(match.group(1) is not None or bool(_HOST_RE.match(host)), f"--rdzv-endpoint: bad host {host!r}; {hint}")
+    require(1 <= port <= 65535, f"--rdzv-endpoint: port {port} is outside 1..65535; {hint}")
+    return host, port
+
+
+def ranks_needed(degrees: dict[str, int]) -> tuple[int, bool]:
+    """(product of the fixed degrees, whether dp_shard=-1 fills the rest of the world)."""
+    fills = degrees["dp_shard"] == -1
+    fixed = math.prod(v for axis, v in degrees.items() if not (axis == "dp_shard" and fills))
+    return fixed, fills
+
+
+def check_world(cfg: JobConfig, num_nodes: int, nproc_per_node: int) -> None:
+    world = num_nodes * nproc_per_node
+    degrees = cfg.parallel.degrees
+    fixed, fills = ranks_needed(degrees)
+    shown = " x ".join(f"{axis}={value}" for axis, value in degrees.items() if not (axis == "dp_shard" and fills))
+    layout = f"{num_nodes} node(s) x {nproc_per_node} process(es) = world size {world}"
+    if fills:
+        require(
+            world % fixed == 0,
+            f"{layout} is not a multiple of the parallel degrees {shown} = {fixed} (dp_shard=-1 fills the rest); "
+            f"launch a multiple of {fixed} processes, or change the degrees with --parallel.<axis> overrides",
+        )
+    else:
+        require(
+            world == fixed,
+            f"{layout} does not equal the parallel degrees {shown} = {fixed}; launch exactly {fixed} processes, "
+            "or set --parallel.dp_shard -1 so data parallelism fills the rest",
+        )
+
+
+def load_checked_config(config: str | Path, overrides: list[str]) -> JobConfig:
+    path = Path(config)
+    require(path.is_file(), f"config file not found: {str(path)!r} (cwd {Path.cwd()}); pass a YAML file path")
+    try:
+        return load_config(str(path), list(overrides))
+    except ValueError as exc:
+        raise LaunchError(f"config {str(path)!r}: {exc}") from exc
+
+
+def check_launch(config: str | Path, overrides: list[str], num_nodes: int, nproc_per_node: int) -> JobConfig:
+    """Load the config and check it for `num_nodes * nproc_per_node` ranks; returns the config."""
+    check_counts(num_nodes, nproc_per_node)
+    cfg = load_checked_config(config, overrides)
+    check_world(cfg, num_nodes, nproc_per_node)
+    try:
+        # The trainer's own cross-field checks (batch divisibility, recipe rules) for this world size.
+        validate_config(cfg, num_nodes * nproc_per_node)
+    except ValueError as exc:
+        raise LaunchError(f"config {str(config)!r} at world size {num_nodes * nproc_per_node}: {exc}") from exc
+    return cfg
+
+
+def local_address_towards(host: str, port: int) -> str:
+    """The address this machine uses to reach `host` (a UDP connect picks the route; nothing is sent)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((host, port))
+        return sock.getsockname()[0]
+
+
+def is_local_address(host: str) -> bool:
+    """True when `host` resolves to an address of this machine (binding to it succeeds)."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    for family, _, _, _, sockaddr in infos:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((sockaddr[0], 0))
+                return True
+            except OSError:
+                continue
+    return False

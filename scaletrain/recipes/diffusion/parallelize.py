@@ -1,0 +1,126 @@
+"""How the diffusion models are parallelized: TP -> activation checkpointing -> compile -> FSDP2/DDP.
+
+DiT tensor parallel follows the GPT's Megatron split inside each block: q/k/v and fc1
+column-wise (each rank owns n_heads/tp heads and F/tp hidden units), wo and fc2 row-wise
+(one all-reduce per branch). The adaLN regressor (6*D outputs per block, a third of
+DiT-XL's weights) is split column-wise and all-gathered, so its weights are sharded too.
+Sequence parallel is not used (tokens are few: 256 for DiT-XL/2 at 256 px).
+
+Every other parameter (patch embedding, timestep/class embedders, final layer) is
+replicated over tp as a DTensor, so that all parameters live on the tp mesh and FSDP and
+the gradient norm see one layout (as in scaletrain/recipes/gpt/parallelize.py).
+
+The U-Net and the VAE are data parallel only (DDP or FSDP2 per residual/attention block).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, distribute_module
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from scaletrain import ops
+from scaletrain.config.schema import JobConfig
+from scaletrain.parallel import (
+    ParallelDims,
+    apply_activation_checkpointing,
+    apply_compile,
+    apply_data_parallel,
+)
+from scaletrain.parallel.data_parallel import DTYPES
+from scaletrain.recipes.diffusion.dit import DiT
+
+
+def _replicate_on(module: nn.Module, mesh) -> None:
+    """Make `module`'s parameters tp-replicated DTensors; its inputs/outputs stay plain tensors."""
+    distribute_module(
+        module,
+        mesh,
+        input_fn=lambda mod, inputs, m: tuple(
+            DTensor.from_local(x, m, [Replicate()], run_check=False) if hasattr(x, "dim") else x for x in inputs
+        ),
+        output_fn=lambda mod, out, m: out.to_local(),
+    )
+
+
+def apply_tensor_parallel(model: DiT, dims: ParallelDims) -> None:
+    tp_mesh = dims.axis("tp")
+    for block in model.blocks.values():
+        plan = {
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(),
+            "mlp.fc1": ColwiseParallel(),
+            "mlp.fc2": RowwiseParallel(),
+            # Gathered back to the full 6*D: the chunk into shift/scale/gate needs all of it.
+            "adaln": ColwiseParallel(output_layouts=Replicate()),
+        }
+        parallelize_module(block, tp_mesh, plan)
+    # Pipeline stages hold only some of these (the embedders on the first, the final layer on the last).
+    replicated = []
+    if model.patch_embed is not None:
+        replicated += [model.patch_embed, model.t_embedder.fc1, model.t_embedder.fc2, model.y_embedder]
+    if model.final is not None:
+        replicated += [model.final.adaln, model.final.linear]
+    for module in replicated:
+        if module is not None:  # no class embedder when unconditional
+            _replicate_on(module, tp_mesh)
+
+
+def resolve_attention(model: nn.Module, cfg: JobConfig, tokens: int | None) -> None:
+    """Resolve model.attention (e.g. auto) once for this device and install it in every attention
+    module (those with an `attention_fn` and a `head_dim`), so all blocks and ranks run the same
+    implementation; noted in the start-up output."""
+    choices = {}
+    for module in model.modules():
+        if hasattr(module, "attention_fn"):
+            choice = ops.resolve_attention(
+                cfg.model.attention,
+                device_type="cuda" if torch.cuda.is_available() else "cpu",
+                dtype=DTYPES[cfg.train.dtype],
+                head_dim=module.head_dim,
+                seq_len=tokens,
+            )
+            module.attention_fn = ops.attention_fn(choice.impl, causal=False)
+            choices[choice.describe(cfg.model.attention)] = None
+    set_kernel_notes(model, cfg, [f"attention {', '.join(choices)}"] if choices else [])
+
+
+def set_kernel_notes(model: nn.Module, cfg: JobConfig, parts: list[str]) -> None:
+    """The start-up "kernels:" line: the given parts, then `fused: norm (<backend>)` when model.fused_norm is on
+    (the DiT's LayerNorm + modulate, the U-Net's and the VAE's GroupNorm + SiLU kernels); none if both are empty."""
+    if getattr(cfg.model, "fused_norm", False):
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        parts = [*parts, f"fused: norm ({ops.fused_backend(torch.empty(0, device=device))})"]
+    if parts:
+        model.startup_notes = [f"kernels: {' | '.join(parts)}"]
+
+
+def parallelize_dit(model: DiT, dims: ParallelDims, cfg: JobConfig) -> DiT:
+    resolve_attention(model, cfg, tokens=(cfg.model.image_size // cfg.model.patch_size) ** 2)
+    blocks = list(model.blocks.values())
+    if dims.tp_enabled:
+        apply_tensor_parallel(model, dims)
+    apply_activation_checkpointing(blocks, cfg.activation_checkpoint)
+    if cfg.train.compile:
+        apply_compile(blocks)
+    apply_data_parallel(model, blocks, dims, cfg.train, cfg.parallel)
+    return model
+
+
+def parallelize_blocks(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> nn.Module:
+    """Data-parallel-only plan for models that list their repeated blocks in `model.fsdp_blocks()`."""
+    if dims.tp_enabled:
+        raise ValueError(f"parallel.tp: {type(model).__name__} has no tensor-parallel plan; use tp=1")
+    if hasattr(cfg.model, "attention"):
+        resolve_attention(model, cfg, tokens=None)  # U-Net: attention at several resolutions
+    else:  # the VAE: no attention, only its norms to report
+        set_kernel_notes(model, cfg, [])
+    blocks = list(model.fsdp_blocks())
+    apply_activation_checkpointing(blocks, cfg.activation_checkpoint)
+    if cfg.train.compile:
+        apply_compile(blocks)
+    apply_data_parallel(model, blocks, dims, cfg.train, cfg.parallel)
+    return model

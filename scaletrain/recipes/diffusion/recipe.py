@@ -1,0 +1,366 @@
+"""What the diffusion recipes give the core: datasets, inputs, loss, checks, eval grids.
+
+The batch is built entirely in the data set (see data.py): {x_t, t, y, target}. The model
+maps (x_t, t, y) to its prediction and the loss is the plain mean-squared error against
+`target` — DDPM's "simple" loss for eps/x0/v prediction, and the rectified-flow loss.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from scaletrain import ops
+from scaletrain.config.schema import JobConfig
+from scaletrain.parallel.dims import ParallelDims
+from scaletrain.parallel.pipeline import num_stages, split_layers
+from scaletrain.recipes.diffusion.data import (
+    SHAPES,
+    DiffusionItems,
+    ImageFolderDataset,
+    ShapesDataset,
+    _generator,
+    auto_repeats,
+)
+from scaletrain.recipes.diffusion.metrics import to_classifier_size  # noqa: F401 - re-exported for callers of this module
+from scaletrain.recipes.diffusion.process import Process, sample
+
+
+def make_process(model_cfg: Any) -> Process:
+    return Process(model_cfg.schedule, model_cfg.prediction, model_cfg.timesteps)
+
+
+def image_dataset(cfg: JobConfig) -> Any:
+    """The clean images {image, label} that the denoiser (or the VAE) trains on."""
+    m, d = cfg.model, cfg.data
+    num_classes = getattr(m, "num_classes", 0)  # the VAE has no classes
+    if d.source == "shapes":
+        return ShapesDataset(d.num_samples, m.image_size, num_classes or len(SHAPES), seed=d.shapes_seed)
+    if d.source == "folder":
+        if not d.path:
+            raise ValueError("data.path: data.source=folder needs data.path (a folder of PNG/JPEG images)")
+        dataset = ImageFolderDataset(d.path, m.image_size, m.in_channels)
+        if num_classes > 0 and not dataset.labelled:
+            raise ValueError(
+                f"model.num_classes: class conditioning ({num_classes} classes) needs labelled data, but "
+                f"{d.path!r} has no class sub-folders (root/<class>/*.png); set model.num_classes=0 to train "
+                "unconditionally"
+            )
+        if num_classes > 0 and dataset.num_classes > num_classes:
+            raise ValueError(
+                f"model.num_classes: {d.path!r} has {dataset.num_classes} class folders but model.num_classes="
+                f"{num_classes}"
+            )
+        return dataset
+    raise ValueError(f"data.source: {d.source!r} is not supported by recipe {cfg.recipe!r}")
+
+
+def build_dataset(cfg: JobConfig) -> DiffusionItems:
+    m, d = cfg.model, cfg.data
+    if d.source == "latents":
+        from scaletrain.recipes.diffusion.latents import LatentDataset
+
+        base, key = LatentDataset(d.path, seed=cfg.job.seed), "latent"
+    else:
+        base, key = image_dataset(cfg), "image"
+    repeats = 1 if d.source == "shapes" else auto_repeats(len(base), d.noise_draws)
+    return DiffusionItems(base, make_process(m), cfg.job.seed, m.num_classes, m.class_dropout, repeats, key=key)
+
+
+def example_batch(cfg: JobConfig, batch_size: int) -> dict[str, torch.Tensor]:
+    """A meta-device batch shaped like the data (FLOP counting without reading any data)."""
+    m = cfg.model
+    image = (batch_size, m.in_channels, m.image_size, m.image_size)
+    return {
+        "x_t": torch.empty(image, device="meta"),
+        "t": torch.empty(batch_size, device="meta"),
+        "y": torch.zeros(batch_size, dtype=torch.int64, device="meta"),
+        "target": torch.empty(image, device="meta"),
+    }
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return batch["x_t"], batch["t"], batch["y"]
+
+
+def loss(out_BCHW: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    # fp32 reduction: bf16 squared errors summed over a batch lose the small residuals.
+    return F.mse_loss(out_BCHW.float(), batch["target"].float())
+
+
+def validate_common(cfg: JobConfig, dims: ParallelDims) -> None:
+    m, d = cfg.model, cfg.data
+    make_process(m)  # raises on a bad schedule/prediction pair
+    checks = [
+        (m.image_size >= 1, f"model.image_size: {m.image_size} is not allowed; use >= 1"),
+        (m.in_channels >= 1, f"model.in_channels: {m.in_channels} is not allowed; use >= 1"),
+        (m.num_classes >= 0, f"model.num_classes: {m.num_classes} is not allowed; use >= 0"),
+        (0 <= m.class_dropout < 1, f"model.class_dropout: {m.class_dropout} is not allowed; use a value in [0, 1)"),
+        (m.eval_steps >= 1, f"model.eval_steps: {m.eval_steps} is not allowed; use >= 1"),
+        (d.num_samples >= 1, f"data.num_samples: {d.num_samples} is not allowed; use >= 1"),
+        (d.noise_draws >= 0, f"data.noise_draws: {d.noise_draws} is not allowed; use >= 0 (0 = automatic)"),
+        (d.num_workers >= 0, f"data.num_workers: {d.num_workers} is not allowed; use >= 0"),
+        (cfg.eval.num_samples >= 1, f"eval.num_samples: {cfg.eval.num_samples} is not allowed; use >= 1"),
+    ]
+    if d.source == "shapes":
+        checks += [
+            (m.in_channels == 3, f"model.in_channels: the shapes data set is RGB; use 3, not {m.in_channels}"),
+            (
+                m.num_classes <= len(SHAPES),
+                f"model.num_classes: the shapes data set has {len(SHAPES)} classes, got {m.num_classes}",
+            ),
+        ]
+    if d.source == "latents":
+        checks += [
+            (bool(d.path), "data.path: data.source=latents needs the latent cache folder in data.path"),
+            (not m.clip_x0, "model.clip_x0: latents are not confined to [-1, 1]; set model.clip_x0=false"),
+        ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    if d.source == "folder":
+        image_dataset(cfg)  # empty / missing / unlabelled folders fail before any process starts
+    if m.eval_inception_weights:
+        from scaletrain.recipes.diffusion.inception import check_weights_file
+
+        check_weights_file(m.eval_inception_weights)
+    if d.source == "latents":
+        from scaletrain.recipes.diffusion.latents import check_latent_config
+
+        check_latent_config(cfg)
+
+
+def validate_dit(cfg: JobConfig, dims: ParallelDims) -> None:
+    validate_common(cfg, dims)
+    m = cfg.model
+    checks = [
+        (
+            m.image_size % m.patch_size == 0,
+            f"model.image_size: {m.image_size} is not divisible by model.patch_size={m.patch_size}",
+        ),
+        (m.dim % m.n_heads == 0, f"model.dim: {m.dim} is not divisible by model.n_heads={m.n_heads}"),
+        (m.depth >= 1, f"model.depth: {m.depth} is not allowed; use >= 1"),
+        (
+            m.attention != "triton" or ops.triton_attention_supports(m.dim // m.n_heads),
+            f"model.attention: triton needs a head dim that is a power of two in [16, 128]; "
+            f"model.dim/model.n_heads = {m.dim // max(m.n_heads, 1)}",
+        ),
+    ]
+    if dims.pp > 1:  # raises naming parallel.pp / pp_layer_boundaries when the blocks do not split
+        p = cfg.parallel
+        split_layers(m.depth, num_stages(dims.pp, p.stages_per_rank), p.pp_layer_boundaries or None)
+    tp = dims.tp
+    if tp > 1:
+        checks += [
+            (m.n_heads % tp == 0, f"parallel.tp: {tp} does not divide model.n_heads={m.n_heads}"),
+            (m.hidden_dim % tp == 0, f"parallel.tp: {tp} does not divide the MLP hidden width {m.hidden_dim}"),
+        ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def validate_unet(cfg: JobConfig, dims: ParallelDims) -> None:
+    validate_common(cfg, dims)
+    m = cfg.model
+    if dims.tp > 1:
+        raise ValueError(
+            f"parallel.tp: {dims.tp} is not supported by the U-Net (data parallel only); use tp=1 or the DiT"
+        )
+    factor = 2 ** (len(m.channel_mult) - 1)
+    checks = [
+        (len(m.channel_mult) >= 1, "model.channel_mult: give at least one level"),
+        (
+            m.image_size % factor == 0,
+            f"model.image_size: {m.image_size} is not divisible by {factor}, the U-Net's "
+            f"downsampling (2^(len(model.channel_mult)-1))",
+        ),
+        (m.blocks_per_level >= 1, f"model.blocks_per_level: {m.blocks_per_level} is not allowed; use >= 1"),
+        (0 <= m.dropout < 1, f"model.dropout: {m.dropout} is not allowed; use a value in [0, 1)"),
+    ]
+    for mult in m.channel_mult:
+        c = m.channels * mult
+        checks.append((c % min(m.groups, c) == 0, f"model.groups: {m.groups} does not divide {c} channels"))
+        checks.append((c % max(1, c // 32) == 0, f"model.channels: {c} channels do not split into heads of ~32"))
+        if m.attention == "triton":
+            head_dim = c // max(1, c // 32)
+            checks.append(
+                (
+                    ops.triton_attention_supports(head_dim),
+                    f"model.attention: triton needs a head dim that is a power of two in [16, 128]; "
+                    f"{c} channels give heads of {head_dim}",
+                )
+            )
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+# -- sampling --------------------------------------------------------------------------------------
+def class_labels(num_classes: int, n: int, requested: int | None) -> torch.Tensor:
+    """Labels for a grid: the requested class everywhere, or every class in turn."""
+    if num_classes == 0:
+        if requested is not None:
+            raise ValueError("--class: the model is unconditional (model.num_classes=0)")
+        return torch.zeros(n, dtype=torch.int64)
+    if requested is not None:
+        if not 0 <= requested < num_classes:
+            raise ValueError(f"--class: {requested} is not a class of this model (0..{num_classes - 1})")
+        return torch.full((n,), requested, dtype=torch.int64)
+    return torch.arange(n, dtype=torch.int64) % num_classes
+
+
+def generate(
+    model: nn.Module,
+    model_cfg: Any,
+    labels: torch.Tensor,
+    *,
+    sampler: str,
+    steps: int,
+    eta: float = 0.0,
+    guidance: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    decode: Any = None,
+    first_index: int = 0,
+) -> torch.Tensor:
+    """Images x_BCHW in [-1, 1] from a denoiser, in chunks of `batch_size`.
+
+    Image k is a function of (seed, first_index + k, labels[k]) only — its noise comes from its
+    own generator — so a grid is the same whatever the batch size or the split across ranks.
+    """
+    process = make_process(model_cfg)
+    device = next(model.parameters()).device
+    null = model_cfg.num_classes if model_cfg.num_classes > 0 else None
+    shape = (model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
+    chunks = []
+    for start in range(0, len(labels), batch_size):
+        part = labels[start : start + batch_size]
+        generators = [_generator("sample", seed, first_index + start + k) for k in range(len(part))]
+        x = sample(
+            lambda x, t, y: model(x, t, y).float(),
+            process,
+            (len(part), *shape),
+            part,
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            guidance=guidance,
+            null_label=null,
+            clip_x0=model_cfg.clip_x0,
+            generator=generators,
+            device=device,
+        )
+        chunks.append(decode(x) if decode is not None else x)
+    return torch.cat(chunks).clamp(-1, 1)
+
+
+def eval_shard(cfg: JobConfig) -> tuple[int, int, int]:
+    """(dp_rank, dp_size, cp*tp) of this process, from the global rank and the configured degrees.
+
+    Mesh axes are (pp, dp_replicate, dp_shard, cp, tp), outermost first (scaletrain/parallel/dims.py),
+    so the cp*tp ranks of one data-parallel index are neighbours and hold the same samples.
+    """
+    if not dist.is_initialized():
+        return 0, 1, 1
+    world = dist.get_world_size()
+    dims = ParallelDims.resolve(cfg.parallel.degrees, world)
+    inner = dims.cp * dims.tp
+    return (dist.get_rank() // inner) % dims.dp_size, dims.dp_size, inner
+
+
+def generate_sharded(model: nn.Module, cfg: JobConfig, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor | None:
+    """`generate` with the samples split across data-parallel ranks; the whole set on rank 0, None elsewhere.
+
+    Every rank must run the same forwards (FSDP all-gathers weights inside them, TP all-reduces),
+    so each data-parallel index draws ceil(n / dp) samples — the last ones past n only as
+    padding — and ranks of one index (tp/cp peers) draw the same ones. Since image k depends on
+    (seed, k) only, the set equals a one-process `generate`.
+    """
+    dp_rank, dp_size, inner = eval_shard(cfg)
+    n = len(labels)
+    if dp_size == 1:
+        images = generate(model, cfg.model, labels, **kwargs)
+        return images if not dist.is_initialized() or dist.get_rank() == 0 else None
+    per = math.ceil(n / dp_size)
+    padded = torch.cat([labels, labels.new_zeros(per * dp_size - n)])
+    mine = padded[dp_rank * per : (dp_rank + 1) * per]
+    images = generate(model, cfg.model, mine, first_index=dp_rank * per, **kwargs)
+    # Gather on the device the backend serves (NCCL: CUDA), then keep one copy per data index.
+    device = next(model.parameters()).device
+    local = images.to(device).contiguous()
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())] if dist.get_rank() == 0 else None
+    dist.gather(local, gathered, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    return torch.cat([gathered[d * inner].cpu() for d in range(dp_size)])[:n]
+
+
+def image_grid(x_BCHW: torch.Tensor, ncol: int | None = None, pad: int = 2) -> torch.Tensor:
+    """Tile images in [-1, 1] into one CHW grid in [0, 1] (row-major, `ncol` per row)."""
+    B, C, H, W = x_BCHW.shape
+    ncol = ncol or math.ceil(math.sqrt(B))
+    nrow = math.ceil(B / ncol)
+    grid = torch.ones(C, nrow * (H + pad) + pad, ncol * (W + pad) + pad)
+    for i in range(B):
+        r, c = divmod(i, ncol)
+        top, left = pad + r * (H + pad), pad + c * (W + pad)
+        grid[:, top : top + H, left : left + W] = (x_BCHW[i].float().cpu() + 1) / 2
+    return grid.clamp(0, 1)
+
+
+def save_png(grid_CHW: torch.Tensor, path: str) -> None:
+    from PIL import Image
+
+    array = (grid_CHW.permute(1, 2, 0) * 255).round().byte().numpy()
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
+
+
+_ANNOUNCED: set[str] = set()
+
+
+def evaluate(model: nn.Module, cfg: JobConfig, step: int, logger: Any) -> dict[str, float]:
+    """Every eval.interval steps: eval.num_samples samples (every class in turn), generated in
+    shards across the data-parallel ranks and gathered on rank 0, which writes the grid to
+    TensorBoard and computes FID/KID (scaletrain/recipes/diffusion/metrics.py). Other ranks return {}."""
+    m = cfg.model
+    labels = class_labels(m.num_classes, cfg.eval.num_samples, None)
+    images = generate_sharded(
+        model,
+        cfg,
+        labels,
+        sampler=m.eval_sampler,
+        steps=m.eval_steps,
+        guidance=m.eval_guidance,
+        seed=cfg.job.seed,
+        decode=_eval_decoder(cfg),
+    )
+    if images is None:
+        return {}
+    ncol = m.num_classes if 0 < m.num_classes <= 16 else None
+    logger.log_image(step, "samples", image_grid(images, ncol))
+    from scaletrain.recipes.diffusion.metrics import feature_labels, sample_metrics
+
+    for line in feature_labels(cfg):
+        if line not in _ANNOUNCED:  # once per run: which extractor made which numbers
+            _ANNOUNCED.add(line)
+            logger.log_text(f"eval features: {line}")
+    return sample_metrics(cfg, images, labels)
+
+
+_DECODERS: dict[str, Any] = {}
+
+
+def _eval_decoder(cfg: JobConfig) -> Any:
+    if cfg.data.source != "latents":
+        return None
+    from scaletrain.recipes.diffusion.latents import load_cache_decoder
+
+    if cfg.data.path not in _DECODERS:  # loaded once per process, at the first evaluation
+        _DECODERS[cfg.data.path] = load_cache_decoder(cfg.data.path)
+    return _DECODERS[cfg.data.path]

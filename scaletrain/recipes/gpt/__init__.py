@@ -1,0 +1,212 @@
+"""GPT / Llama recipe: decoder-only language models on text or token files.
+
+Configs: scaletrain/recipes/gpt/configs/ (tiny for a CPU; gpt2-small; llama 1B, 8B, 70B for GPUs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from scaletrain import ops
+from scaletrain.config.schema import JobConfig, opt
+from scaletrain.data import TokenWindowDataset, bundled_corpus_path, load_tokenizer, load_tokens
+from scaletrain.parallel.data_parallel import DTYPES
+from scaletrain.parallel.dims import ParallelDims
+from scaletrain.parallel.pipeline import num_stages, split_layers
+from scaletrain.recipes.gpt import hf
+from scaletrain.recipes.gpt.model import GPT, GPTConfig
+from scaletrain.recipes.gpt.parallelize import parallelize_gpt
+from scaletrain.registry import PipelineSpec, Recipe, register_recipe
+
+
+@dataclass
+class TextDataConfig:
+    path: str = opt("bundled", "Text (.txt) or token-id file (.bin/.npy); 'bundled' = the shipped corpus.")
+    tokenizer: str = opt("byte", "'byte' or a path to a tokenizer .json (see `scaletrain tokenizer train`).")
+    token_dtype: Literal["uint16", "uint32"] = opt("uint16", "On-disk dtype of .bin token files.")
+    seq_len: int = opt(128, "Tokens per training sample.")
+    num_workers: int = opt(0, "Background loader processes (0 = load in the training process).")
+
+
+def _data_path(cfg: JobConfig) -> str:
+    return str(bundled_corpus_path()) if cfg.data.path == "bundled" else cfg.data.path
+
+
+def build_dataset(cfg: JobConfig) -> TokenWindowDataset:
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tokens = load_tokens(_data_path(cfg), tokenizer, cfg.data.token_dtype, seq_len=cfg.data.seq_len)
+    return TokenWindowDataset(tokens, cfg.data.seq_len)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    # The targets go in too: with train.fused_cross_entropy the model computes the loss inside its
+    # forward (the logits never exist); otherwise GPT.forward ignores them.
+    if "target" in batch:
+        return (batch["input"], batch["target"])
+    return (batch["input"],)
+
+
+def example_batch(cfg: JobConfig, batch_size: int) -> dict[str, torch.Tensor]:
+    shape = (batch_size, cfg.data.seq_len)
+    return {
+        "input": torch.zeros(shape, dtype=torch.long, device="meta"),
+        "target": torch.zeros(shape, dtype=torch.long, device="meta"),
+    }
+
+
+def loss(logits_BTV: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    if logits_BTV.dim() == 0:  # train.fused_cross_entropy: the model already returned the mean loss
+        return logits_BTV
+    # fp32 softmax: bf16 logits lose the small probabilities that cross-entropy depends on.
+    return F.cross_entropy(logits_BTV.flatten(0, 1).float(), batch["target"].flatten())
+
+
+def attention_choice(cfg: JobConfig) -> ops.AttentionChoice:
+    """model.attention resolved for this process's device (the trainer uses CUDA whenever it is present)."""
+    return ops.resolve_attention(
+        cfg.model.attention,
+        device_type="cuda" if torch.cuda.is_available() else "cpu",
+        dtype=DTYPES[cfg.train.dtype],
+        head_dim=cfg.model.head_dim,
+        seq_len=cfg.data.seq_len,
+    )
+
+
+def _kernel_notes(cfg: JobConfig, dims: ParallelDims, choice: ops.AttentionChoice) -> list[str]:
+    m = cfg.model
+    attention = choice.describe(m.attention)
+    if m.sliding_window:
+        attention += f", sliding window {m.sliding_window}"
+    if dims.cp_enabled:
+        ring_blocks = f" over {'Triton' if choice.impl == 'triton' else 'eager'} blocks"
+        attention += f", replaced by context-parallel {cfg.parallel.cp_method} attention"
+        attention += ring_blocks if cfg.parallel.cp_method == "ring" else ""
+    fused = {"norm": m.fused_norm, "rope": m.fused_rope, "swiglu": m.fused_swiglu}
+    fused["cross_entropy"] = cfg.train.fused_cross_entropy
+    on = [name for name, flag in fused.items() if flag]
+    line = f"kernels: attention {attention} | fused: {', '.join(on) or 'none'}"
+    if on or choice.impl == "triton":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        line += f" ({ops.fused_backend(torch.empty(0, device=device))})"
+    return [line]
+
+
+def parallelize(model: GPT, dims: ParallelDims, cfg: JobConfig) -> GPT:
+    model.fused_cross_entropy = cfg.train.fused_cross_entropy
+    # Resolve model.attention (e.g. auto) once, here, and install the concrete implementation, so every
+    # block and every rank runs the same one; context parallel may replace it afterwards.
+    choice = attention_choice(cfg)
+    model.attention_impl = choice.impl  # context parallel's ring reuses the Triton kernel when chosen
+    for block in model.layers.values():
+        block.attention.attention_fn = ops.attention_fn(choice.impl, causal=True, window=cfg.model.sliding_window)
+    model.startup_notes = _kernel_notes(cfg, dims, choice)  # printed by the trainer at start-up
+    return parallelize_gpt(model, dims, cfg)
+
+
+def validate(cfg: JobConfig, dims: ParallelDims) -> None:
+    m, d = cfg.model, cfg.data
+    checks = [
+        (m.dim % m.n_heads == 0, f"model.dim: {m.dim} is not divisible by model.n_heads={m.n_heads}"),
+        (m.head_dim % 2 == 0 or m.pos != "rope", f"model.dim/model.n_heads = {m.head_dim} must be even for RoPE"),
+        (m.n_heads % m.kv_heads == 0, f"model.n_kv_heads: {m.kv_heads} does not divide model.n_heads={m.n_heads}"),
+        (d.seq_len >= 1, f"data.seq_len: {d.seq_len} is not allowed; use >= 1"),
+        (d.seq_len <= m.max_seq_len, f"data.seq_len: {d.seq_len} exceeds model.max_seq_len={m.max_seq_len}"),
+        (d.num_workers >= 0, f"data.num_workers: {d.num_workers} is not allowed; use >= 0"),
+        (
+            m.attention != "triton" or ops.triton_attention_supports(m.head_dim),
+            f"model.attention: 'triton' needs a head dim (model.dim/model.n_heads = {m.head_dim}) that is a power "
+            "of two in [16, 128]; use 'sdpa'",
+        ),
+        (
+            m.attention != "flex" or ops.flex_available(),
+            f"model.attention: 'flex' needs torch.nn.attention.flex_attention (torch {torch.__version__} lacks it)",
+        ),
+        (not m.fused_rope or m.pos == "rope", f"model.fused_rope: needs model.pos=rope, not {m.pos}"),
+        (m.sliding_window >= 0, f"model.sliding_window: {m.sliding_window} is not allowed; use 0 (off) or >= 1"),
+        (not m.fused_swiglu or m.mlp == "swiglu", f"model.fused_swiglu: needs model.mlp=swiglu, not {m.mlp}"),
+    ]
+    tp = dims.tp
+    if tp > 1:
+        checks += [
+            (m.n_heads % tp == 0, f"parallel.tp: {tp} does not divide model.n_heads={m.n_heads}"),
+            (m.kv_heads % tp == 0, f"parallel.tp: {tp} does not divide the kv heads (model.n_kv_heads={m.kv_heads})"),
+            (m.hidden_dim % tp == 0, f"parallel.tp: {tp} does not divide the MLP hidden width {m.hidden_dim}"),
+            (m.vocab_size % tp == 0, f"parallel.tp: {tp} does not divide model.vocab_size={m.vocab_size}"),
+            (
+                d.seq_len % tp == 0,
+                f"data.seq_len: {d.seq_len} is not divisible by parallel.tp={tp} (sequence parallel)",
+            ),
+            (not m.tie_embeddings, "model.tie_embeddings: tied embeddings are not supported with tensor parallel"),
+        ]
+    if dims.pp > 1:
+        p = cfg.parallel
+        split_layers(m.n_layers, num_stages(dims.pp, p.stages_per_rank), p.pp_layer_boundaries or None)
+        checks.append(
+            (not m.tie_embeddings, "model.tie_embeddings: tied embeddings are not supported with pipeline parallel")
+        )
+    if dims.cp > 1:
+        local_heads = m.n_heads // tp
+        checks += [
+            (
+                not m.sliding_window,
+                f"model.sliding_window: {m.sliding_window} is not supported with context parallel (parallel.cp="
+                f"{dims.cp}): the ring and all-to-all attention are full causal; use cp=1",
+            ),
+            (
+                d.seq_len % (2 * dims.cp * tp) == 0 if tp > 1 else d.seq_len % (2 * dims.cp) == 0,
+                f"data.seq_len: {d.seq_len} is not divisible by 2*cp{'*tp' if tp > 1 else ''} = "
+                f"{2 * dims.cp * max(tp, 1)} (load-balanced context parallel)",
+            ),
+            (
+                cfg.parallel.cp_method != "alltoall" or local_heads % dims.cp == 0,
+                f"parallel.cp_method: alltoall needs the heads per tp rank ({local_heads}) divisible by cp={dims.cp}",
+            ),
+        ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    if cfg.data.path != "bundled":
+        from pathlib import Path
+
+        if not Path(cfg.data.path).is_file():
+            raise ValueError(f"data.path: {cfg.data.path!r} does not exist")
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if tokenizer.vocab_size > m.vocab_size:
+        raise ValueError(
+            f"model.vocab_size: {m.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})"
+        )
+
+
+RECIPE = register_recipe(
+    Recipe(
+        name="gpt",
+        model_config=GPTConfig,
+        data_config=TextDataConfig,
+        build_model=GPT,
+        parallelize=parallelize,
+        build_dataset=build_dataset,
+        model_inputs=model_inputs,
+        loss=loss,
+        validate=validate,
+        units_per_sample=lambda cfg: cfg.data.seq_len,
+        unit="tokens",
+        supports_loss_parallel=True,
+        supports_fused_cross_entropy=True,
+        example_batch=example_batch,
+        pipeline=PipelineSpec(
+            trunk="layers",
+            first=("tok_embeddings", "pos_embeddings"),
+            last=("norm", "output"),
+            target_key="target",
+            target_kwarg="targets",  # train.fused_cross_entropy: the last stage returns the loss
+        ),
+        context_parallel_keys=("input", "target"),
+        export_hf=hf.export_hf,
+        import_hf=hf.import_hf,
+        hf_model_types=hf.HF_MODEL_TYPES,
+    )
+)

@@ -1,0 +1,120 @@
+"""How the GPT recipe is parallelized: TP(+SP) -> activation checkpointing -> compile -> FSDP2/DDP.
+
+Tensor parallel follows Megatron's split: q/k/v and w1/w3 column-wise (each rank owns a
+slice of heads / hidden units), wo and w2 row-wise (partial sums reduced once per
+sub-block). Sequence parallel shards the norms' inputs along the sequence, so the
+all-reduce after wo/w2 becomes a reduce-scatter and the all-gather moves to the start of
+the next sub-block — same traffic, 1/tp of the norm activations. With loss parallel the
+logits stay sharded over the vocabulary and cross-entropy reduces across tp ranks, so no
+rank ever holds [B, T, V].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from scaletrain.config.schema import JobConfig
+from scaletrain.parallel import (
+    ParallelDims,
+    apply_activation_checkpointing,
+    apply_compile,
+    apply_data_parallel,
+)
+from scaletrain.parallel.context_parallel import attention_function, load_balanced_positions
+from scaletrain.recipes.gpt.model import GPT
+
+
+def apply_tensor_parallel(model: GPT, dims: ParallelDims, loss_parallel: bool) -> None:
+    tp_mesh = dims.axis("tp")
+    learned_pos = model.pos_embeddings is not None
+    root_plan = {
+        # Llama: the embedding's output goes straight to sequence-sharded. GPT-2 adds the
+        # position table first, so its sum stays replicated until the first block.
+        "tok_embeddings": RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=Replicate() if learned_pos else Shard(1)
+        ),
+        "norm": SequenceParallel(),
+        "output": ColwiseParallel(
+            input_layouts=Shard(1),
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel,
+        ),
+    }
+    parallelize_module(model, tp_mesh, root_plan)
+    if learned_pos:
+        # The position table is small: replicate it over tp (as a DTensor, so every
+        # parameter lives on the tp mesh and FSDP/grad-norm see one layout).
+        distribute_module(
+            model.pos_embeddings,
+            tp_mesh,
+            input_fn=lambda mod, inputs, mesh: tuple(DTensor.from_local(x, mesh, [Replicate()]) for x in inputs),
+            output_fn=lambda mod, out, mesh: out.to_local(),
+        )
+    for index, block in model.layers.items():
+        plan = {
+            "attention_norm": SequenceParallel(),
+            "attention": PrepareModuleInput(
+                input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)
+            ),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        }
+        if block.feed_forward.w3 is not None:
+            plan["feed_forward.w3"] = ColwiseParallel()
+        parallelize_module(block, tp_mesh, plan)
+        if learned_pos and index == "0":
+            # Turn the replicated embedding sum into the sequence shard the first norm expects.
+            parallelize_module(
+                block,
+                tp_mesh,
+                PrepareModuleInput(
+                    input_layouts=(Replicate(), None, None),
+                    desired_input_layouts=(Shard(1), None, None),
+                    use_local_output=True,
+                ),
+            )
+
+
+def apply_context_parallel(model: GPT, dims: ParallelDims, method: str) -> None:
+    """Sequence-sharded attention and the matching global positions for RoPE / position tables."""
+    cp_mesh = dims.axis("cp")
+    group, rank, cp = cp_mesh.get_group(), cp_mesh.get_local_rank(), cp_mesh.size()
+    # Ring chunk pairs run through the flash-attention kernel when the model uses it (it returns
+    # the log-sum-exp the ring merges by), else through plain ops.
+    block_impl = "triton" if getattr(model, "attention_impl", None) == "triton" else "eager"
+    attention = attention_function(method, group, block_impl)
+
+    def positions(local_len: int, device: torch.device) -> torch.Tensor:
+        return load_balanced_positions(local_len, rank, cp, device)
+
+    for block in model.layers.values():
+        block.attention.attention_fn = attention
+        block.attention.positions_fn = positions
+    model.positions = positions
+
+
+def parallelize_gpt(model: GPT, dims: ParallelDims, cfg: JobConfig) -> GPT:
+    blocks = list(model.layers.values())
+    if dims.tp_enabled:
+        apply_tensor_parallel(model, dims, loss_parallel=cfg.parallel.loss_parallel)
+    if dims.cp_enabled:
+        apply_context_parallel(model, dims, cfg.parallel.cp_method)
+    apply_activation_checkpointing(blocks, cfg.activation_checkpoint)
+    if cfg.train.compile:
+        apply_compile(blocks)
+    apply_data_parallel(model, blocks, dims, cfg.train, cfg.parallel)
+    return model
