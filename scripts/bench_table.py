@@ -3,7 +3,7 @@
     python3 scripts/bench_table.py docs/benchmarks.md runs/gpu-bench/d64 runs/gpu-bench/d128 \
         --tests runs/gpu-bench/tests/pytest.txt
 
-Each result folder comes from ``python -m kernels.bench --out DIR`` (kernels.md, optional kernels.png and
+Each result folder comes from ``python -m scaletrain.kernels.bench --out DIR`` (kernels.md, optional kernels.png and
 command.txt). Everything between the ``<!-- gpu-kernels:begin -->`` and ``<!-- gpu-kernels:end -->`` lines
 of the document is replaced: per folder, the command, its Markdown report and its plot (copied to
 docs/img/kernels-<folder>.png). Needs no GPU, so results fetched from a GPU machine are spliced anywhere.

@@ -40,12 +40,12 @@ need_gpu() {
   "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "scripts/gpu_bench.sh: no CUDA device (the table step alone needs none)")'
 }
 
-bench() {  # bench NAME ARGS...: one kernels.bench run into $BENCH_OUT/NAME
+bench() {  # bench NAME ARGS...: one scaletrain.kernels.bench run into $BENCH_OUT/NAME
   local name=$1
   shift
   mkdir -p "$BENCH_OUT/$name"
-  echo "python -m kernels.bench $* --dtype bf16 --seq $SEQ" >"$BENCH_OUT/$name/command.txt"
-  "$PYTHON" -m kernels.bench "$@" --dtype bf16 --seq "$SEQ" --out "$BENCH_OUT/$name" 2>&1 | tee "$BENCH_OUT/$name/bench.log"
+  echo "python -m scaletrain.kernels.bench $* --dtype bf16 --seq $SEQ" >"$BENCH_OUT/$name/command.txt"
+  "$PYTHON" -m scaletrain.kernels.bench "$@" --dtype bf16 --seq "$SEQ" --out "$BENCH_OUT/$name" 2>&1 | tee "$BENCH_OUT/$name/bench.log"
 }
 
 for step in "${steps[@]}"; do

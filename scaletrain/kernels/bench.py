@@ -1,8 +1,8 @@
 """Benchmark the fused kernels against the PyTorch alternatives, all measured in the same run.
 
     scaletrain bench kernels --seq 1024,2048,4096,8192 --heads 16 --head-dim 128 --dtype bf16 --out runs/kbench
-    python -m kernels.bench ...                      # the same, without the scaletrain CLI
-    python -m kernels.bench --from-csv runs/kbench/kernels.csv --out runs/kbench   # redo table + plot
+    python -m scaletrain.kernels.bench ...                      # the same, without the scaletrain CLI
+    python -m scaletrain.kernels.bench --from-csv runs/kbench/kernels.csv --out runs/kbench   # redo table + plot
 
 ``run(...)`` returns one dict per (kernel, implementation, pass, shape) with: kernel, impl, pass, shape, dtype,
 device, backend, ms, tflops, gbps, peak_mem_mb, max_err, error and, on the Triton row, ``vs_<impl>`` = that
@@ -617,7 +617,7 @@ def plot(rows: list[dict], path_png: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         print("kernels.bench.plot: matplotlib is not installed; skipping the plot (redo it elsewhere with "
-              "`python -m kernels.bench --from-csv kernels.csv --out DIR`)")  # fmt: skip
+              "`python -m scaletrain.kernels.bench --from-csv kernels.csv --out DIR`)")  # fmt: skip
         return False
     timed = [r for r in rows if r.get("ms") is not None]
     if not timed:

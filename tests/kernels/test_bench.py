@@ -191,13 +191,13 @@ def test_bench_table_splices_results_between_the_markers(monkeypatch, tmp_path):
                  **({"vs_eager": 2.0} if impl == "triton" else {}))
             for seq in (16, 32) for impl, ms in (("triton", 1.0), ("eager", 2.0))]  # fmt: skip
     bench.write_outputs(rows, str(tmp_path / "d64"), {"device": "Fake GPU"})
-    (tmp_path / "d64" / "command.txt").write_text("python -m kernels.bench --heads 32\n")
+    (tmp_path / "d64" / "command.txt").write_text("python -m scaletrain.kernels.bench --heads 32\n")
     (tmp_path / "pytest.txt").write_text("....\n======= 40 passed, 2 skipped in 31.20s =======\n")
     argv = [str(doc), str(tmp_path / "d64"), "--tests", str(tmp_path / "pytest.txt")]
     bench_table.main(argv)
     text = doc.read_text()
     assert text.startswith("# B\n\nbefore\n") and text.endswith(f"{bench_table.END}\nafter\n") and "Pending" not in text
-    assert "40 passed, 2 skipped in 31.20s" in text and "python -m kernels.bench --heads 32" in text
+    assert "40 passed, 2 skipped in 31.20s" in text and "python -m scaletrain.kernels.bench --heads 32" in text
     assert "| swiglu | fwd | N32 |" in text and "NOT MET: rms_norm / rope / swiglu >= 1.5x eager" not in text
     assert "MET: rms_norm / rope / swiglu >= 1.5x eager — lowest 2.00x" in text
     if (tmp_path / "d64" / "kernels.png").exists():  # matplotlib installed

@@ -1,8 +1,8 @@
 """Latent cache for latent diffusion: encode a data set with a trained VAE once, sharded across ranks.
 
-  torchrun --nproc-per-node 8 -m recipes.diffusion.latents runs/vae-tiny/checkpoints/step-00002000 \
+  torchrun --nproc-per-node 8 -m scaletrain.recipes.diffusion.latents runs/vae-tiny/checkpoints/step-00002000 \
       --config scaletrain/recipes/diffusion/configs/vae-tiny.yaml --out runs/vae-tiny/latents
-  (one process: python -m recipes.diffusion.latents ...)
+  (one process: python -m scaletrain.recipes.diffusion.latents ...)
 
 Rank r of W encodes the contiguous index range [r*N/W, (r+1)*N/W) of the VAE's training data
 set (data section of --config; overrides like --data.source folder --data.path DIR work) and
@@ -101,7 +101,7 @@ def read_index(path: str | Path) -> dict:
     if not index_path.is_file():
         raise ValueError(
             f"data.path: {str(path)!r} is not a latent cache (no {INDEX}); build one with "
-            "`python -m recipes.diffusion.latents VAE_CHECKPOINT --config VAE_YAML --out DIR`"
+            "`python -m scaletrain.recipes.diffusion.latents VAE_CHECKPOINT --config VAE_YAML --out DIR`"
         )
     return json.loads(index_path.read_text())
 
@@ -190,7 +190,9 @@ def load_cache_decoder(path: str | Path):
 def main(argv: list[str] | None = None) -> None:
     from scaletrain.distributed import destroy_distributed, init_distributed
 
-    p = argparse.ArgumentParser(prog="python -m recipes.diffusion.latents", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m scaletrain.recipes.diffusion.latents", description=__doc__.split("\n")[0]
+    )
     p.add_argument("checkpoint", help="VAE checkpoint folder")
     p.add_argument("--config", default=None, help="the VAE's training YAML (when the checkpoint has no config)")
     p.add_argument("--out", required=True, help="cache folder to write")

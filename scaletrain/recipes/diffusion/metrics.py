@@ -279,7 +279,7 @@ def _distances(suffix: str, real: np.ndarray, fake: np.ndarray) -> dict[str, flo
 
 
 if __name__ == "__main__":
-    # Regenerate the shipped weights: python -m recipes.diffusion.metrics [image_size] [num_classes]
+    # Regenerate the shipped weights: python -m scaletrain.recipes.diffusion.metrics [image_size] [num_classes]
     import sys
 
     args = [int(a) for a in sys.argv[1:3]]

@@ -1,7 +1,7 @@
 """The "vae" recipe: trains the KL autoencoder of latent diffusion on images (shapes or a folder).
 
   scaletrain train scaletrain/recipes/diffusion/configs/vae-tiny.yaml
-  python -m recipes.diffusion.latents runs/vae-tiny/checkpoints/step-00001000 \
+  python -m scaletrain.recipes.diffusion.latents runs/vae-tiny/checkpoints/step-00001000 \
       --config scaletrain/recipes/diffusion/configs/vae-tiny.yaml --out runs/vae-tiny/latents
 
 Items are {image, noise}: the reparameterisation noise is drawn per global sample (seeded by
