@@ -54,6 +54,8 @@ LAYOUTS = {
     "hsdp2x2": (["--parallel.dp_replicate", "2", "--parallel.dp_shard", "2"], 4),
     "tp2_fsdp2": (["--parallel.dp_shard", "2", "--parallel.tp", "2"], 4),
     "ac_full": (["--activation_checkpoint.mode", "full"], 1),
+    "ac_op_fsdp2": (["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective", "op"]
+                    + ["--parallel.dp_shard", "2"], 2),
 }
 # Slow: inductor compiles each block on CPU (~45 s).
 SLOW_LAYOUTS = {"compile": (["--train.compile", "true"], 1)}
