@@ -12,7 +12,6 @@ to users who add a recipe or a layout:
 from __future__ import annotations
 
 import json
-import math
 import os
 import shlex
 import shutil
@@ -22,16 +21,34 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from scaletrain.config import load_config
+from scaletrain.config import load_config, validate_config
+from scaletrain.parallel.dims import implied_world_size
 
-# Overrides that make a run a pure numerics check: fp32, no checkpoints or TensorBoard.
-PARITY_OVERRIDES = ["--checkpoint.enable", "false", "--metrics.tensorboard", "false", "--checkpoint.resume", "false"]
+# Overrides that make a run a pure numerics check: no checkpoints, TensorBoard or evaluation.
+PARITY_OVERRIDES = [
+    "--checkpoint.enable",
+    "false",
+    "--metrics.tensorboard",
+    "false",
+    "--checkpoint.resume",
+    "false",
+    "--eval.interval",
+    "0",
+]
 
 
 def processes_for(config: str | None, overrides: list[str]) -> int:
     """World size a layout needs: the product of its degrees (dp_shard=-1 counts as 1)."""
-    degrees = load_config(config, overrides).parallel.degrees
-    return math.prod(max(1, v) for v in degrees.values())
+    return implied_world_size(load_config(config, overrides).parallel.degrees)
+
+
+def check_layout(config: str | None, overrides: list[str]) -> int:
+    """Load and validate the layout's config for the world size it needs, as the trainer will; that size.
+
+    Raises ValueError naming the field, so a bad layout fails before any process starts."""
+    nproc = processes_for(config, overrides)
+    validate_config(load_config(config, overrides + PARITY_OVERRIDES), nproc)
+    return nproc
 
 
 def run_layout(
@@ -95,6 +112,8 @@ class ParityReport:
 
 
 def compare(rows_a: list[dict], rows_b: list[dict]) -> ParityReport:
+    # Training rows only: metrics.jsonl also holds evaluation rows (eval/...), which have no loss.
+    rows_a, rows_b = ([r for r in rows if "loss" in r] for rows in (rows_a, rows_b))
     if [r["step"] for r in rows_a] != [r["step"] for r in rows_b]:
         raise ValueError("the two runs logged different steps; use the same train.steps and train.log_interval")
     return ParityReport(
@@ -114,10 +133,11 @@ def parity(
     run_dir: Path | None = None,
 ) -> ParityReport:
     common = list(common or [])
+    nproc_a, nproc_b = (check_layout(config, common + overrides) for overrides in (overrides_a, overrides_b))
     with tempfile.TemporaryDirectory(prefix="scaletrain-parity-") as tmp:
         root = Path(run_dir or tmp)
-        rows_a = run_layout(config, common + overrides_a, root, "a")
-        rows_b = run_layout(config, common + overrides_b, root, "b")
+        rows_a = run_layout(config, common + overrides_a, root, "a", nproc=nproc_a)
+        rows_b = run_layout(config, common + overrides_b, root, "b", nproc=nproc_b)
     return compare(rows_a, rows_b)
 
 
