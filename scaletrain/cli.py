@@ -30,8 +30,10 @@ import torch
 import yaml
 
 from scaletrain.checkpoint.commands import cmd_ckpt, cmd_export, cmd_import
-from scaletrain.config import config_to_dict, field_help, load_config, validate_config
+from scaletrain.checkpoint.format import CheckpointError
+from scaletrain.config import MissingDataError, config_to_dict, field_help, load_config, validate_config
 from scaletrain.config.schema import JobConfig
+from scaletrain.parallel.dims import implied_world_size
 from scaletrain.registry import get_recipe, known_recipes
 
 
@@ -104,9 +106,15 @@ def cmd_config(argv: list[str]) -> int:
     options, rest = _take_options(argv[1:], {"world-size": int})
     path, overrides = _split_config(rest)
     cfg = load_config(path, overrides)
-    if "world-size" in options:
-        validate_config(cfg, int(options["world-size"]))
+    # Every check the trainer makes; without --world-size, for the processes the degrees name (dp_shard=-1 -> 1).
+    world_size = int(options.get("world-size", implied_world_size(cfg.parallel.degrees)))
+    checked = f"# checked for a world size of {world_size}"
+    try:
+        validate_config(cfg, world_size)
+    except MissingDataError as exc:  # data on another machine: recipes check it last, so all else passed
+        checked += f", all but the data, which is not on this machine: {exc}"
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
+    print(checked)
     summary = model_summary(cfg)
     print("# model")
     for key, value in summary.items():
@@ -187,6 +195,42 @@ def cmd_sample(argv: list[str]) -> int:
     return 0
 
 
+# `scaletrain COMMAND --help` for the commands that parse their own arguments (export and import use argparse).
+USAGE = {
+    "train": """usage: scaletrain train CONFIG [--section.field VALUE ...]
+Train CONFIG (a YAML file) with dotted overrides; resumes from the run folder's newest checkpoint.
+Every field, with its help and default: scaletrain config help [--recipe NAME].
+Many processes: torchrun --nproc-per-node N -m scaletrain.train CONFIG [overrides], or scaletrain launch.""",
+    "config": """usage: scaletrain config show CONFIG [--world-size N] [--section.field VALUE ...]
+       scaletrain config help [--recipe NAME]
+show: the resolved config, checked as the trainer checks it, with parameter and FLOP counts.
+help: every field with its help text and default.""",
+    "recipes": """usage: scaletrain recipes
+List the registered model families (bundled and from installed packages).""",
+    "parity": """usage: scaletrain parity CONFIG --a "OVERRIDES" --b "OVERRIDES" [--rtol R] [--section.field VALUE ...]
+Train CONFIG under two layouts (torchrun, as many processes as each needs) and print the per-step loss and
+grad-norm differences; exit 0 when the losses agree within --rtol (default 1e-5). Both layouts are checked
+before anything starts. Shared overrides go after the options.""",
+    "bench": """usage: scaletrain bench CONFIG [--bench-steps N] [--bench-warmup N] [--bench-rounds N] [overrides]
+       scaletrain bench kernels [--help]
+Throughput of CONFIG's training step against plain PyTorch baselines measured in the same run (ratios,
+median of rounds), and MFU where the device has a peak-FLOPs entry.""",
+    "sample": """usage: scaletrain sample CHECKPOINT [recipe options]
+Sample from a checkpoint with its recipe's sampler; scaletrain sample CHECKPOINT --help lists its options.""",
+    "ckpt": """usage: scaletrain ckpt info DIR
+Step, layout, parameters, size and integrity of a checkpoint, a checkpoints folder or a run folder.""",
+}
+
+
+def _wants_help(command: str, argv: list[str]) -> bool:
+    """True when `--help` is for the command itself rather than a sub-tool that prints its own."""
+    if not any(a in ("-h", "--help") for a in argv) or command not in USAGE:
+        return False
+    if command == "bench" and argv[:1] == ["kernels"]:
+        return False  # the kernel benchmark's argparse help
+    return not (command == "sample" and argv and not argv[0].startswith("-"))  # the recipe sampler's
+
+
 COMMANDS = {
     "train": cmd_train,
     "config": cmd_config,
@@ -200,6 +244,10 @@ COMMANDS = {
 }
 
 
+# What bad input raises: config and argument errors (ValueError), unusable checkpoints, paths that are not there.
+USER_ERRORS = (ValueError, CheckpointError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
 def _plugins() -> dict[str, object]:
     return {ep.name: ep for ep in entry_points(group="scaletrain.commands")}
 
@@ -211,12 +259,16 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     command, rest = argv[0], argv[1:]
+    if _wants_help(command, rest):
+        print(USAGE[command])
+        return 0
     try:
         if command in COMMANDS:
             return COMMANDS[command](rest)
         if command in plugins:
             return int(plugins[command].load()(rest) or 0)
-    except ValueError as exc:
+    except USER_ERRORS as exc:
+        # A user error is one line naming the field or path; anything else is a bug and keeps its traceback.
         print(f"scaletrain {command}: error: {exc}", file=sys.stderr)
         return 2
     parser = argparse.ArgumentParser(prog="scaletrain")

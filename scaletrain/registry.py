@@ -77,6 +77,10 @@ class Recipe:
     validate: Callable[[JobConfig, ParallelDims], None] | None = None
     units_per_sample: Callable[[JobConfig], int] = lambda cfg: 1
     unit: Literal["tokens", "samples"] = "samples"
+    # Capabilities: the core refuses a layout that needs one the recipe does not declare, before any
+    # process starts (a recipe without a TP plan once ran tp=2 as the same work on every rank).
+    # Tensor parallel: its parallelize shards the model over the "tp" mesh axis.
+    supports_tensor_parallel: bool = False
     # For families with vocab-sized outputs: TP may compute the loss on sharded logits.
     supports_loss_parallel: bool = False
     # For families whose loss is a cross-entropy over an output projection: train.fused_cross_entropy

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from scaletrain.checkpoint import Checkpointer, CheckpointError
+from scaletrain.checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError
 from scaletrain.checkpoint.faults import Preemption, StepWatchdog
 from scaletrain.config import (
     JobConfig,
@@ -205,8 +205,19 @@ class Trainer:
             self.checkpointer.check_writable()
         folder, notes = self.checkpointer.find_resumable() if ckpt.resume else (None, [])
         if folder is not None:
-            notes += self._load(folder, with_optimizer=True)
+            try:
+                notes += self._load(folder, with_optimizer=True)
+            except CheckpointMismatchError as exc:
+                raise CheckpointMismatchError(
+                    f"{exc}. This run folder holds an earlier run of another model: to start a new run, give it "
+                    f"another name (--job.name NAME) or skip resuming (--checkpoint.resume false)"
+                ) from exc
             notes.append(f"resumed from {folder} (step {self.step})")
+            if self.step >= self.cfg.train.steps:
+                notes.append(
+                    f"nothing to train: step {self.step} >= train.steps {self.cfg.train.steps}. Raise train.steps "
+                    "to continue this run, or start a new one with --job.name NAME or --checkpoint.resume false"
+                )
         elif ckpt.load_path:
             _, load_notes = self.checkpointer.load(Path(ckpt.load_path), self.model, None)
             notes += load_notes + [f"loaded initial weights from {ckpt.load_path}"]

@@ -10,7 +10,14 @@
 See docs/checkpoints.md for the user's view.
 """
 
-from scaletrain.checkpoint.format import FORMAT_VERSION, CheckpointError, complete_checkpoints
+from scaletrain.checkpoint.format import FORMAT_VERSION, CheckpointError, CheckpointMismatchError, complete_checkpoints
 from scaletrain.checkpoint.store import Checkpointer, load_checkpoint
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "Checkpointer", "complete_checkpoints", "load_checkpoint"]
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "Checkpointer",
+    "complete_checkpoints",
+    "load_checkpoint",
+]

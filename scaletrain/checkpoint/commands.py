@@ -109,6 +109,8 @@ def cmd_export(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output file (safetensors) or folder (hf)")
     parser.add_argument("--weights", choices=("model", "ema"), default="model", help="which weights to export")
     args = parser.parse_args(argv)
+    if not args.checkpoint.is_dir():
+        raise ValueError(f"{args.checkpoint}: no such checkpoint folder")
     if args.format == "safetensors":
         out = export_safetensors(
             args.checkpoint, args.out or args.checkpoint / f"{args.weights}.safetensors", args.weights

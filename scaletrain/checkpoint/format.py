@@ -38,6 +38,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file and the fix."""
 
 
+class CheckpointMismatchError(CheckpointError):
+    """An intact checkpoint whose tensors do not fit the model being trained (another shape or model)."""
+
+
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:08d}"
 

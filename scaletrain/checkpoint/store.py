@@ -52,6 +52,7 @@ from scaletrain.checkpoint.format import (
     PARTIAL_SUFFIX,
     TRAINER_STATE,
     CheckpointError,
+    CheckpointMismatchError,
     check_file,
     checkpoint_dirs,
     file_entry,
@@ -214,7 +215,7 @@ def check_shapes(folder: Path, state: dict[str, Any]) -> None:
             parts.append(f"missing in the checkpoint: {missing[:12]}" + (" ..." if len(missing) > 12 else ""))
         if unexpected:
             parts.append(f"not in the model: {unexpected[:12]}" + (" ..." if len(unexpected) > 12 else ""))
-        raise CheckpointError(
+        raise CheckpointMismatchError(
             f"{folder / '.metadata'}: the checkpoint does not fit this model ({len(mismatched)} mismatched, "
             f"{len(missing)} missing, {len(unexpected)} unexpected) — " + " | ".join(parts)
         )

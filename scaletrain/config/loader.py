@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -25,6 +26,11 @@ _RECIPE_SECTIONS = ("model", "data")
 
 class ConfigError(ValueError):
     """A config problem, reported with the dotted field name."""
+
+
+class MissingDataError(ConfigError):
+    """A data file or folder the config names is not on this machine. Recipes check their data last, so
+    `scaletrain config show` can report everything else about a config whose data lives elsewhere."""
 
 
 def parse_overrides(args: list[str]) -> dict[str, str]:
@@ -125,14 +131,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 pass
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # inf / nan would only surface later as a NaN loss
+            raise ConfigError(f"{where}: {value!r} is not allowed; use a finite number")
+        return number
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{where}: expected a string, got {value!r}")

@@ -42,6 +42,11 @@ def validate_config(cfg: JobConfig, world_size: int) -> ParallelDims:
         0 <= t.warmup_steps <= t.steps, f"train.warmup_steps: {t.warmup_steps} must be in [0, train.steps={t.steps}]"
     )
     _check(0 < t.wsd_decay_fraction <= 1, f"train.wsd_decay_fraction: {t.wsd_decay_fraction} must be in (0, 1]")
+    _check(0 <= t.beta1 < 1, f"train.beta1: {t.beta1} is not allowed; use a value in [0, 1)")
+    _check(0 <= t.beta2 < 1, f"train.beta2: {t.beta2} is not allowed; use a value in [0, 1)")
+    _check(t.eps > 0, f"train.eps: {t.eps} is not allowed; use > 0")
+    _check(t.weight_decay >= 0, f"train.weight_decay: {t.weight_decay} is not allowed; use >= 0")
+    _check(0 <= t.ema_decay < 1, f"train.ema_decay: {t.ema_decay} is not allowed; use 0 (off) or a value in (0, 1)")
     _check(t.grad_clip >= 0, f"train.grad_clip: {t.grad_clip} is not allowed; use >= 0 (0 disables clipping)")
     _check(t.log_interval >= 1, f"train.log_interval: {t.log_interval} is not allowed; use >= 1")
 
@@ -82,6 +87,11 @@ def validate_config(cfg: JobConfig, world_size: int) -> ParallelDims:
         "(e.g. dp_replicate=1, dp_shard=N for FSDP) — DDP does not compose with tensor, context or pipeline parallel",
     )
     recipe = get_recipe(cfg.recipe)
+    _check(
+        dims.tp == 1 or recipe.supports_tensor_parallel,
+        f"parallel.tp: recipe {cfg.recipe!r} has no tensor-parallel plan (Recipe.supports_tensor_parallel); "
+        "use tp=1 and scale with data parallel (dp_shard / dp_replicate)",
+    )
     if dims.pp > 1:
         _check(recipe.pipeline is not None, f"parallel.pp: recipe {cfg.recipe!r} does not support pipeline parallel")
         validate_pipeline(

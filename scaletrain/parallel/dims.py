@@ -10,6 +10,7 @@ least data. Flattened axes used by the core:
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -17,6 +18,11 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+def implied_world_size(degrees: dict[str, int]) -> int:
+    """The processes a layout names: the product of its degrees, with dp_shard=-1 (auto) counted as 1."""
+    return math.prod(max(1, degrees[axis]) for axis in AXES)
 
 
 @dataclass

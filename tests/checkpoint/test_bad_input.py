@@ -86,6 +86,18 @@ def test_missing_manifest_is_named(run_dir):
     assert str(manifest) in str(err.value)
 
 
+def test_export_of_a_garbage_manifest_is_one_line(run_dir, tmp_path, capsys):
+    from scaletrain import cli
+
+    manifest = _newest(run_dir) / "manifest.json"
+    manifest.write_text("{not json")
+    code = cli.main(["export", str(_newest(run_dir)), "--format", "safetensors", "--out", str(tmp_path / "w.st")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("scaletrain export: error: ") and err.count("\n") == 1, err
+    assert str(manifest) in err and "Traceback" not in err
+
+
 def test_different_model_shape_names_keys_before_reading_tensors(run_dir, monkeypatch):
     def no_read(*args, **kwargs):
         raise AssertionError("dcp.load was called before the shape check")
@@ -97,6 +109,15 @@ def test_different_model_shape_names_keys_before_reading_tensors(run_dir, monkey
     assert ".metadata" in text
     assert "model.tok_embeddings.weight: checkpoint [264, 128] vs model [264, 64]" in text
     assert "model.layers.2.attention.wq.weight" in text  # the extra layer is missing in the checkpoint
+    assert "--job.name NAME" in text and "--checkpoint.resume false" in text  # how to start a new run instead
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(run_dir, capsys):
+    history = _run(run_dir, "--train.steps", "2", "--metrics.console", "true")
+    assert history == []
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "step-00000004 (step 4)" in out
+    assert "nothing to train: step 4 >= train.steps 2" in out and "--job.name NAME" in out
 
 
 def test_incompatible_format_version_is_named(run_dir):

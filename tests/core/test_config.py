@@ -154,3 +154,18 @@ def test_pp_and_cp_dims_exist_and_validate():
 def test_warmup_longer_than_run():
     with pytest.raises(ValueError, match=r"train\.warmup_steps: 50 must be in \[0, train\.steps=10\]"):
         validate_config(_load("--train.steps", "10", "--train.warmup_steps", "50"), 1)
+
+
+def test_tensor_parallel_needs_a_recipe_that_declares_it(monkeypatch):
+    """A family without a TP plan (here: GPT's spec re-registered without the flag, as an outside recipe
+    would be) is refused at tp=2 instead of running the same work on every rank."""
+    import dataclasses
+
+    from scaletrain import registry
+
+    plain = dataclasses.replace(registry.get_recipe("gpt"), name="gpt-no-tp", supports_tensor_parallel=False)
+    monkeypatch.setitem(registry._RECIPES, plain.name, plain)
+    cfg = _load("--recipe", "gpt-no-tp", "--parallel.tp", "2", "--parallel.dp_shard", "1")
+    with pytest.raises(ValueError, match=r"parallel\.tp: recipe 'gpt-no-tp' has no tensor-parallel plan"):
+        validate_config(cfg, 2)
+    validate_config(_load("--recipe", "gpt-no-tp", "--parallel.dp_shard", "2"), 2)  # data parallel is fine

@@ -37,7 +37,7 @@ def test_image_size_not_divisible_by_patch_size():
 def test_unet_image_size_not_divisible_by_downsampling_and_no_tp():
     with pytest.raises(ValueError, match=r"model.image_size: 30 is not divisible by 4"):
         _validate(UNET, "--model.image_size", "30")
-    with pytest.raises(ValueError, match=r"parallel.tp: 2 is not supported by the U-Net"):
+    with pytest.raises(ValueError, match=r"parallel.tp: recipe 'unet' has no tensor-parallel plan"):
         _validate(UNET, "--parallel.tp", "2", world_size=2)
 
 

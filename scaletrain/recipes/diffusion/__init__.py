@@ -42,6 +42,7 @@ DIT = register_recipe(
         parallelize=parallelize_dit,
         validate=_r.validate_dit,
         sample=make_sample_command("dit"),
+        supports_tensor_parallel=True,
         # Stages pass (tokens, conditioning vector) along; see DiT.forward.
         pipeline=PipelineSpec(trunk="blocks", first=("patch_embed", "t_embedder", "y_embedder"), last=("final",)),
         **_DENOISER,

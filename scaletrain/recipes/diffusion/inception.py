@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scaletrain.config import MissingDataError
+
 FID_CLASSES = 1008  # pytorch-fid's TF port has 1008 logits; torchvision's ImageNet weights 1000
 INPUT_SIZE = 299
 
@@ -190,7 +192,7 @@ def check_weights_file(path: str | Path) -> Path:
     """Config-time check (no loading): the file exists."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(
+        raise MissingDataError(
             f"model.eval_inception_weights: {str(path)!r} does not exist; give a local Inception-v3 state dict "
             "(e.g. pytorch-fid's pt_inception-2015-12-05-6726825d.pth; nothing is downloaded)"
         )

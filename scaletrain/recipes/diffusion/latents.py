@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from scaletrain.config import MissingDataError
+
 INDEX = "index.json"
 
 
@@ -99,7 +101,7 @@ def _asdict(section: Any) -> dict:
 def read_index(path: str | Path) -> dict:
     index_path = Path(path) / INDEX
     if not index_path.is_file():
-        raise ValueError(
+        raise MissingDataError(
             f"data.path: {str(path)!r} is not a latent cache (no {INDEX}); build one with "
             "`python -m scaletrain.recipes.diffusion.latents VAE_CHECKPOINT --config VAE_YAML --out DIR`"
         )

@@ -123,6 +123,12 @@ def validate_common(cfg: JobConfig, dims: ParallelDims) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+
+
+def check_data_files(cfg: JobConfig) -> None:
+    """The checks that read files (image folder, latent cache, Inception weights): each validator runs them
+    last, so a config whose data lives elsewhere is otherwise fully checked (MissingDataError)."""
+    m, d = cfg.model, cfg.data
     if d.source == "folder":
         image_dataset(cfg)  # empty / missing / unlabelled folders fail before any process starts
     if m.eval_inception_weights:
@@ -163,15 +169,12 @@ def validate_dit(cfg: JobConfig, dims: ParallelDims) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    check_data_files(cfg)
 
 
 def validate_unet(cfg: JobConfig, dims: ParallelDims) -> None:
     validate_common(cfg, dims)
     m = cfg.model
-    if dims.tp > 1:
-        raise ValueError(
-            f"parallel.tp: {dims.tp} is not supported by the U-Net (data parallel only); use tp=1 or the DiT"
-        )
     factor = 2 ** (len(m.channel_mult) - 1)
     checks = [
         (len(m.channel_mult) >= 1, "model.channel_mult: give at least one level"),
@@ -199,6 +202,7 @@ def validate_unet(cfg: JobConfig, dims: ParallelDims) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    check_data_files(cfg)
 
 
 # -- sampling --------------------------------------------------------------------------------------

@@ -60,7 +60,6 @@ def example_batch(cfg: JobConfig, batch_size: int) -> dict[str, torch.Tensor]:
 def validate(cfg: JobConfig, dims: ParallelDims) -> None:
     m, d = cfg.model, cfg.data
     checks = [
-        (dims.tp == 1, f"parallel.tp: {dims.tp} is not supported by the VAE (data parallel only); use tp=1"),
         (d.source != "latents", "data.source: the VAE trains on images; use shapes or folder"),
         (len(m.channel_mult) >= 1, "model.channel_mult: give at least one level"),
         (
@@ -78,7 +77,7 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    if d.source == "folder":
+    if d.source == "folder":  # last: it reads the folder (see recipe.check_data_files)
         image_dataset(cfg)
 
 

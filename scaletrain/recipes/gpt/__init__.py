@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from scaletrain import ops
+from scaletrain.config import MissingDataError
 from scaletrain.config.schema import JobConfig, opt
 from scaletrain.data import TokenWindowDataset, bundled_corpus_path, load_tokenizer, load_tokens
 from scaletrain.parallel.data_parallel import DTYPES
@@ -109,6 +110,15 @@ def parallelize(model: GPT, dims: ParallelDims, cfg: JobConfig) -> GPT:
 
 def validate(cfg: JobConfig, dims: ParallelDims) -> None:
     m, d = cfg.model, cfg.data
+    # Sizes first: the checks below divide by them.
+    for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "multiple_of"):
+        if getattr(m, name) < 1:
+            raise ValueError(f"model.{name}: {getattr(m, name)} is not allowed; use >= 1")
+    for name in ("n_kv_heads", "ffn_hidden"):
+        if getattr(m, name) < 0:
+            raise ValueError(f"model.{name}: {getattr(m, name)} is not allowed; use 0 (automatic) or >= 1")
+    if m.ffn_multiplier <= 0:
+        raise ValueError(f"model.ffn_multiplier: {m.ffn_multiplier} is not allowed; use > 0")
     checks = [
         (m.dim % m.n_heads == 0, f"model.dim: {m.dim} is not divisible by model.n_heads={m.n_heads}"),
         (m.head_dim % 2 == 0 or m.pos != "rope", f"model.dim/model.n_heads = {m.head_dim} must be even for RoPE"),
@@ -169,16 +179,22 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    if cfg.data.path != "bundled":
-        from pathlib import Path
-
-        if not Path(cfg.data.path).is_file():
-            raise ValueError(f"data.path: {cfg.data.path!r} does not exist")
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > m.vocab_size:
         raise ValueError(
             f"model.vocab_size: {m.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})"
         )
+    # Last: the data file may live on the cluster only (see MissingDataError).
+    if cfg.data.path != "bundled":
+        from pathlib import Path
+
+        path = Path(cfg.data.path)
+        if path.is_dir():
+            raise ValueError(
+                f"data.path: {cfg.data.path!r} is a folder; give a text file (.txt) or a token-id file (.bin/.npy)"
+            )
+        if not path.is_file():
+            raise MissingDataError(f"data.path: {cfg.data.path!r} does not exist")
 
 
 RECIPE = register_recipe(
@@ -194,6 +210,7 @@ RECIPE = register_recipe(
         validate=validate,
         units_per_sample=lambda cfg: cfg.data.seq_len,
         unit="tokens",
+        supports_tensor_parallel=True,
         supports_loss_parallel=True,
         supports_fused_cross_entropy=True,
         example_batch=example_batch,
