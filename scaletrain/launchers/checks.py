@@ -85,6 +85,30 @@ def load_checked_config(config: str | Path, overrides: list[str]) -> JobConfig:
         raise LaunchError(f"config {str(path)!r}: {exc}") from exc
 
 
+# CPU cores asked for each GPU rank when --cpus-per-task is not given: its data-loader workers and host-side
+# work want several (8 x 8 GPUs = 64 of a GPU node's cores). A CPU rank gets one; its threads are the compute.
+CPUS_PER_GPU_RANK = 8
+
+
+def slurm_resources(
+    cfg: JobConfig, nproc_per_node: int, gpus_per_node: int | None, cpus_per_rank: int | None
+) -> tuple[int, int]:
+    """(GPUs per node, CPU cores per rank), checked, with the defaults filled in: one GPU per rank unless the
+    config runs on CPU (parallel.backend=gloo); cores per rank as CPUS_PER_GPU_RANK above."""
+    if gpus_per_node is None:
+        gpus_per_node = 0 if cfg.parallel.backend == "gloo" else nproc_per_node
+    if cpus_per_rank is None:
+        cpus_per_rank = CPUS_PER_GPU_RANK if gpus_per_node else 1
+    require(gpus_per_node >= 0, f"--gpus-per-node: {gpus_per_node} is not allowed; use >= 0")
+    require(cpus_per_rank >= 1, f"--cpus-per-task: {cpus_per_rank} is not allowed; use >= 1")
+    require(
+        gpus_per_node == 0 or gpus_per_node == nproc_per_node,
+        f"--gpus-per-node {gpus_per_node} with --nproc-per-node {nproc_per_node}: one rank drives one GPU, "
+        "so use the same number (or 0 for CPU ranks)",
+    )
+    return gpus_per_node, cpus_per_rank
+
+
 def check_launch(config: str | Path, overrides: list[str], num_nodes: int, nproc_per_node: int) -> JobConfig:
     """Load the config and check it for `num_nodes * nproc_per_node` ranks; returns the config."""
     check_counts(num_nodes, nproc_per_node)

@@ -8,7 +8,7 @@ Runbook:
   scaletrain launch sbatch scaletrain/recipes/gpt/configs/tiny.yaml --nodes 2 --nproc-per-node 8 --gpus-per-node 8 \
       --requeue
   # submit and block until the job ends (exit code = the job's)
-  scaletrain launch sbatch scaletrain/recipes/gpt/configs/tiny.yaml --nproc-per-node 2 --wait
+  scaletrain launch sbatch scaletrain/recipes/gpt/configs/tiny.yaml --nproc-per-node 2 --gpus-per-node 0 --wait
 
 The rendered script is kept next to the job's log in <run_dir>/<name>/slurm/, so what
 ran can always be read back. Templates use {{FIELD}} placeholders (not $VAR, which the
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from scaletrain.launchers import SOURCE_ROOT
 from scaletrain.launchers.argv import run_launcher
-from scaletrain.launchers.checks import LaunchError, check_launch, require
+from scaletrain.launchers.checks import CPUS_PER_GPU_RANK, LaunchError, check_launch, require, slurm_resources
 from scaletrain.launchers.inprocess import absolute_job, run_dir_of
 
 TEMPLATES = {False: SOURCE_ROOT / "slurm" / "train.sbatch", True: SOURCE_ROOT / "slurm" / "train_requeue.sbatch"}
@@ -39,11 +39,26 @@ _FIELD = re.compile(r"\{\{([A-Z_]+)\}\}")
 
 
 def render(template: str, values: dict[str, str]) -> str:
-    """Fill every {{FIELD}}; a field without a value (or a value without a field) raises LaunchError."""
+    """Fill every {{FIELD}}; a field without a value (or a value without a field) raises LaunchError.
+
+    The script should read as if written by hand: `##` lines (notes about the template) are dropped, and so
+    is a line holding only a field whose value is empty."""
     fields = set(_FIELD.findall(template))
     require(not fields - values.keys(), f"template fields without a value: {sorted(fields - values.keys())}")
     require(not values.keys() - fields, f"values for fields the template lacks: {sorted(values.keys() - fields)}")
-    return _FIELD.sub(lambda m: values[m.group(1)], template)
+    lines = []
+    for line in template.splitlines():
+        alone = _FIELD.fullmatch(line.strip())
+        if line.startswith("##") or (alone and not values[alone.group(1)]):
+            continue
+        lines.append(_FIELD.sub(lambda m: values[m.group(1)], line))
+    return "\n".join(lines) + ("\n" if template.endswith("\n") else "")
+
+
+# The template's {{RESTART_STORE}} when torchrun may restart (docs/checkpoints.md), else nothing.
+RESTART_STORE = """# With restarts, a fresh torchrun store per rendezvous round: a shared one keeps the dead
+# group's keys and a restarted group can fail to connect.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"""
 
 
 def extra_sbatch_lines(gpus_per_node: int, partition: str | None, mem_gb: float) -> str:
@@ -59,16 +74,16 @@ def extra_sbatch_lines(gpus_per_node: int, partition: str | None, mem_gb: float)
 
 def build_script(ns: argparse.Namespace, overrides: list[str]) -> tuple[str, Path]:
     """Check everything, then return (script text, log folder)."""
-    require(ns.gpus_per_node >= 0, f"--gpus-per-node: {ns.gpus_per_node} is not allowed; use >= 0")
-    require(ns.cpus_per_task >= 1, f"--cpus-per-task: {ns.cpus_per_task} is not allowed; use >= 1")
     require(ns.time_min >= 1, f"--time-min: {ns.time_min} is not allowed; use >= 1 (minutes)")
     require(ns.max_restarts >= 0, f"--max-restarts: {ns.max_restarts} is not allowed; use >= 0")
     require(
-        ns.gpus_per_node == 0 or ns.gpus_per_node == ns.nproc_per_node,
-        f"--gpus-per-node {ns.gpus_per_node} with --nproc-per-node {ns.nproc_per_node}: one rank drives one GPU, "
-        "so use the same number (or 0 for CPU ranks)",
+        ns.cpus_per_task is None or ns.cpus_per_task >= 1,
+        f"--cpus-per-task: {ns.cpus_per_task} is not allowed; use >= 1",
     )
     cfg = check_launch(ns.config, overrides, ns.nodes, ns.nproc_per_node)
+    # One task per node runs torchrun, so the task's cores are all its ranks' cores.
+    gpus, cpus_per_rank = slurm_resources(cfg, ns.nproc_per_node, ns.gpus_per_node, None)
+    cpus_per_task = ns.cpus_per_task or ns.nproc_per_node * cpus_per_rank
     job = absolute_job(ns.config, overrides, cfg)
     log_dir = run_dir_of(cfg) / "slurm"
     template = Path(ns.template) if ns.template else TEMPLATES[ns.requeue]
@@ -77,13 +92,14 @@ def build_script(ns: argparse.Namespace, overrides: list[str]) -> tuple[str, Pat
         "JOB_NAME": f"scaletrain-{cfg.job.name}",
         "NODES": str(ns.nodes),
         "NPROC_PER_NODE": str(ns.nproc_per_node),
-        "CPUS_PER_TASK": str(ns.cpus_per_task),
+        "CPUS_PER_TASK": str(cpus_per_task),
         "TIME_MIN": str(ns.time_min),
         "LOG_DIR": str(log_dir),
-        "EXTRA_SBATCH": extra_sbatch_lines(ns.gpus_per_node, ns.partition, ns.mem_gb),
+        "EXTRA_SBATCH": extra_sbatch_lines(gpus, ns.partition, ns.mem_gb),
         "REPO": shlex.quote(str(SOURCE_ROOT)),
         "PYTHON": shlex.quote(ns.python or sys.executable),
         "MAX_RESTARTS": str(ns.max_restarts),
+        "RESTART_STORE": RESTART_STORE if ns.max_restarts else "",
         "TRAIN_ARGS": shlex.join(job.argv()),
     }
     return render(template.read_text(), values), log_dir
@@ -134,8 +150,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("--nodes", "--nnodes", dest="nodes", type=int, default=1, help="number of nodes")
     parser.add_argument("--nproc-per-node", type=int, default=1, help="ranks (GPUs) per node")
-    parser.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (0 = CPU ranks)")
-    parser.add_argument("--cpus-per-task", type=int, default=1, help="CPU cores for each node's task")
+    parser.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="GPUs per node: --nproc-per-node (default) or 0 for CPU ranks (the default with parallel.backend=gloo)",
+    )
+    parser.add_argument(
+        "--cpus-per-task",
+        type=int,
+        default=None,
+        help=f"CPU cores for each node's task (default: {CPUS_PER_GPU_RANK} per GPU rank, 1 per CPU rank)",
+    )
     parser.add_argument("--mem-gb", type=float, default=0.0, help="memory per node in GB (0 = cluster default)")
     parser.add_argument("--time-min", type=int, default=60, help="time limit in minutes")
     parser.add_argument("--partition", default=None, help="Slurm partition")

@@ -2,7 +2,7 @@
 
 Runbook (`pip install submitit`):
   # 1 node, 2 CPU ranks, wait for the result
-  scaletrain launch slurm scaletrain/recipes/gpt/configs/tiny.yaml --nodes 1 --nproc-per-node 2 --wait
+  scaletrain launch slurm scaletrain/recipes/gpt/configs/tiny.yaml --nodes 1 --nproc-per-node 2 --gpus-per-node 0 --wait
   # 4 nodes x 8 GPUs on partition "gpu", 2 hours
   scaletrain launch slurm scaletrain/recipes/gpt/configs/tiny.yaml --nodes 4 --nproc-per-node 8 \
       --gpus-per-node 8 --cpus-per-task 10 --partition gpu --time-min 120 --train.steps 5000
@@ -25,7 +25,7 @@ from typing import Any
 
 from scaletrain.launchers import SOURCE_ROOT
 from scaletrain.launchers.argv import run_launcher
-from scaletrain.launchers.checks import LaunchError, check_launch, require
+from scaletrain.launchers.checks import CPUS_PER_GPU_RANK, LaunchError, check_launch, require, slurm_resources
 from scaletrain.launchers.inprocess import TrainJob, absolute_job, run_dir_of, train_in_process
 from scaletrain.launchers.slurm_env import torch_env_from_slurm
 
@@ -54,23 +54,21 @@ class SlurmLaunch:
     overrides: list[str]
     nodes: int = 1
     nproc_per_node: int = 1
-    gpus_per_node: int = 0
-    cpus_per_task: int = 1
+    gpus_per_node: int | None = None  # None: one per rank, or 0 when the config runs on gloo
+    cpus_per_task: int | None = None  # per rank; None: CPUS_PER_GPU_RANK for GPU ranks, 1 for CPU ranks
     mem_gb: float = 0.0
     time_min: int = 60
     partition: str | None = None
     log_dir: str | None = None
 
     def check(self) -> Any:
-        require(self.gpus_per_node >= 0, f"--gpus-per-node: {self.gpus_per_node} is not allowed; use >= 0")
-        require(self.cpus_per_task >= 1, f"--cpus-per-task: {self.cpus_per_task} is not allowed; use >= 1")
+        """Check everything and fill in the GPU and CPU defaults; returns the config."""
         require(self.time_min >= 1, f"--time-min: {self.time_min} is not allowed; use >= 1 (minutes)")
-        require(
-            self.gpus_per_node == 0 or self.gpus_per_node == self.nproc_per_node,
-            f"--gpus-per-node {self.gpus_per_node} with --nproc-per-node {self.nproc_per_node}: "
-            "one rank drives one GPU, so use the same number (or 0 for CPU ranks)",
+        cfg = check_launch(self.config, self.overrides, self.nodes, self.nproc_per_node)
+        self.gpus_per_node, self.cpus_per_task = slurm_resources(
+            cfg, self.nproc_per_node, self.gpus_per_node, self.cpus_per_task
         )
-        return check_launch(self.config, self.overrides, self.nodes, self.nproc_per_node)
+        return cfg
 
 
 def make_executor(launch: SlurmLaunch, folder: Path) -> Any:
@@ -120,8 +118,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("--nodes", "--nnodes", dest="nodes", type=int, default=1, help="number of nodes")
     parser.add_argument("--nproc-per-node", type=int, default=1, help="ranks (Slurm tasks) per node")
-    parser.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (0 = CPU ranks)")
-    parser.add_argument("--cpus-per-task", type=int, default=1, help="CPU cores per rank")
+    parser.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="GPUs per node: --nproc-per-node (default) or 0 for CPU ranks (the default with parallel.backend=gloo)",
+    )
+    parser.add_argument(
+        "--cpus-per-task",
+        type=int,
+        default=None,
+        help=f"CPU cores per rank (default: {CPUS_PER_GPU_RANK} for a GPU rank, 1 for a CPU rank)",
+    )
     parser.add_argument("--mem-gb", type=float, default=0.0, help="memory per node in GB (0 = cluster default)")
     parser.add_argument("--time-min", type=int, default=60, help="time limit in minutes")
     parser.add_argument("--partition", default=None, help="Slurm partition")

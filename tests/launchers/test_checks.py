@@ -8,7 +8,7 @@ import pytest
 
 from scaletrain.launchers import cli
 from scaletrain.launchers.argv import split_overrides
-from scaletrain.launchers.checks import LaunchError, check_launch, parse_endpoint, ranks_needed
+from scaletrain.launchers.checks import CPUS_PER_GPU_RANK, LaunchError, check_launch, parse_endpoint, ranks_needed
 from scaletrain.launchers.sbatch import render
 from scaletrain.launchers.slurm_env import first_host, torch_env_from_slurm
 from scaletrain.launchers.torchrun import TorchrunLaunch, build_command
@@ -169,3 +169,41 @@ def test_sbatch_dry_run_renders_the_request(capsys, tmp_path):
         assert line in script
     assert "--train.steps 70" in script and f"--job.run_dir {tmp_path}" in script
     assert not (tmp_path / "gpt-tiny").exists()  # a dry run writes nothing
+
+
+def _dry_run(capsys, tmp_path, *flags: str) -> str:
+    code = cli.main(["sbatch", TINY_CONFIG, "--nodes", "2", "--nproc-per-node", "4", "--dry-run",
+                     "--job.run_dir", str(tmp_path), *flags])
+    script = capsys.readouterr().out
+    assert code == 0
+    # Reads like a hand-written script: no template fields, notes or dead conditionals left over.
+    for leftover in ("{{", "##", "double-braced", "if ((", "\n\n\n"):
+        assert leftover not in script, leftover
+    return script
+
+
+def test_sbatch_asks_for_gpus_and_their_cores_by_default(capsys, tmp_path):
+    script = _dry_run(capsys, tmp_path)
+    assert "#SBATCH --gpus-per-node=4" in script
+    assert f"#SBATCH --cpus-per-task={4 * CPUS_PER_GPU_RANK}" in script
+    assert f"srun --kill-on-bad-exit=1 --cpus-per-task={4 * CPUS_PER_GPU_RANK} " in script
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in script  # only with torchrun restarts
+
+
+def test_sbatch_for_a_gloo_config_asks_for_cpu_ranks(capsys, tmp_path):
+    script = _dry_run(capsys, tmp_path, "--parallel.backend", "gloo", "--max-restarts", "2")
+    assert "--gpus-per-node" not in script and "#SBATCH --cpus-per-task=4" in script
+    assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in script and "--max-restarts=2" in script
+
+
+def test_slurm_launcher_fills_the_same_defaults():
+    from scaletrain.launchers.slurm import SlurmLaunch
+
+    gpu = SlurmLaunch(TINY_CONFIG, [], nproc_per_node=2)
+    gpu.check()
+    assert (gpu.gpus_per_node, gpu.cpus_per_task) == (2, CPUS_PER_GPU_RANK)
+    cpu = SlurmLaunch(TINY_CONFIG, ["--parallel.backend", "gloo"], nproc_per_node=2)
+    cpu.check()
+    assert (cpu.gpus_per_node, cpu.cpus_per_task) == (0, 1)
+    with pytest.raises(LaunchError, match="--gpus-per-node 3 with --nproc-per-node 2"):
+        SlurmLaunch(TINY_CONFIG, [], nproc_per_node=2, gpus_per_node=3).check()

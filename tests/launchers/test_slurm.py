@@ -26,7 +26,7 @@ def _submitted_job_id(out: str) -> str:
 
 def test_sbatch_template_runs_torchrun_per_node(slurm_cluster, tmp_path, capsys):
     code = cli.main(["sbatch", TINY_CONFIG, "--nodes", "1", "--nproc-per-node", "2", "--cpus-per-task", "2",
-                     "--time-min", "5", *TINY_RUN, "--job.run_dir", str(tmp_path)])
+                     "--gpus-per-node", "0", "--time-min", "5", *TINY_RUN, "--job.run_dir", str(tmp_path)])
     assert code == 0
     job_id = _submitted_job_id(capsys.readouterr().out)
     try:
@@ -41,7 +41,8 @@ def test_sbatch_template_runs_torchrun_per_node(slurm_cluster, tmp_path, capsys)
 
 
 def test_submitit_runs_one_task_per_rank(slurm_cluster, tmp_path):
-    code = cli.main(["slurm", TINY_CONFIG, "--nodes", "1", "--nproc-per-node", "2", "--time-min", "5", "--wait",
+    code = cli.main(["slurm", TINY_CONFIG, "--nodes", "1", "--nproc-per-node", "2", "--gpus-per-node", "0",
+                     "--time-min", "5", "--wait",
                      *TINY_RUN, "--job.run_dir", str(tmp_path)])
     logs = "\n".join(p.read_text() for p in sorted((tmp_path / "gpt-tiny" / "slurm").glob("*_log.*")))
     assert code == 0, logs[-3000:]
@@ -57,7 +58,7 @@ def test_requeue_on_usr1_resumes_from_checkpoint(slurm_cluster, tmp_path, capsys
            "--train.global_batch_size", "4", "--checkpoint.interval", "20", "--metrics.tensorboard", "false",
            "--job.run_dir", str(tmp_path)]
     code = cli.main(["sbatch", TINY_CONFIG, "--requeue", "--nproc-per-node", "2", "--cpus-per-task", "2",
-                     "--time-min", "5", *run])
+                     "--gpus-per-node", "0", "--time-min", "5", *run])
     assert code == 0
     job_id = _submitted_job_id(capsys.readouterr().out)
     run_dir = tmp_path / "gpt-tiny"
