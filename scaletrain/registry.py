@@ -95,7 +95,8 @@ class Recipe:
     context_parallel_keys: tuple[str, ...] = ()
     example_batch: Callable[[JobConfig, int], dict[str, torch.Tensor]] | None = None
     # Hugging Face interop (`scaletrain export --format hf`, `scaletrain import hf`), optional:
-    # export_hf(model config, full state dict, out dir) writes config.json + model.safetensors;
+    # export_hf(job config, full state dict, out dir) writes config.json + model.safetensors (+ the tokenizer
+    # of job config.data; data is None for imported weights, whose tokenizer scaletrain never saw);
     # import_hf(hf dir) -> (model config overrides, full state dict); hf_model_types are the
     # config.json `model_type` values import_hf reads (how `import hf` picks the recipe).
     export_hf: Callable[[Any, dict[str, torch.Tensor], Path], None] | None = None

@@ -35,6 +35,7 @@ from scaletrain.checkpoint.format import (
     write_manifest,
 )
 from scaletrain.checkpoint.safe_io import SafeFileSystemReader, SafeLoadPlanner, read_metadata
+from scaletrain.config import load_config
 from scaletrain.registry import Recipe, get_recipe, known_recipes
 
 
@@ -92,15 +93,32 @@ def export_safetensors(folder: Path, out_file: Path, section: str = "model") -> 
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_file), meta)
+    _readable_by_all(out_file)
     return out_file
 
 
 def export_hf(folder: Path, out_dir: Path, section: str = "model") -> Path:
-    recipe, model_cfg = _recipe_and_model_config(Path(folder))
+    recipe, _ = _recipe_and_model_config(Path(folder))
     if recipe.export_hf is None:
         raise ValueError(f"recipe {recipe.name!r} has no Hugging Face export; use --format safetensors")
-    recipe.export_hf(model_cfg, consolidated_tensors(Path(folder), section), Path(out_dir))
-    return Path(out_dir)
+    saved = trainer_state(folder)["config"]
+    cfg = load_config(None, {**saved, "recipe": recipe.name})
+    if "data" not in saved:
+        cfg.data = None  # imported weights: the tokenizer they were trained with is not ours to write
+    out_dir = Path(out_dir)
+    recipe.export_hf(cfg, consolidated_tensors(Path(folder), section), out_dir)
+    _readable_by_all(out_dir)
+    return out_dir
+
+
+def _readable_by_all(written: Path) -> None:
+    """Give the written file (or every file in the written folder) the mode of any file this process creates:
+    safetensors writes 0600, which keeps an exported model from being shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [written] if written.is_file() else written.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def import_hf(hf_dir: Path, out_root: Path) -> tuple[Path, dict[str, Any]]:

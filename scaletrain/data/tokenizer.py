@@ -11,6 +11,7 @@ with one tokenizer is never read back with another.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -157,6 +158,48 @@ def train_bpe(files: list[str], vocab_size: int, out_path: str) -> BPETokenizer:
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     hf.save(str(out_path))
     return BPETokenizer(hf, source=str(out_path))
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte, the alphabet of HF's ByteLevel pre-tokenizer and decoder."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b if b in printable else next(extra)) for b in range(256)}
+
+
+def hf_tokenizer(tokenizer: Tokenizer):
+    """The same text <-> ids mapping as a `tokenizers.Tokenizer` (what transformers' fast tokenizers wrap).
+
+    The byte tokenizer becomes a byte-level BPE with no merges: byte b -> id b, eos -> 256."""
+    if isinstance(tokenizer, BPETokenizer):
+        return tokenizer._tok
+    if not isinstance(tokenizer, ByteTokenizer):
+        raise ValueError(f"{tokenizer!r} has no Hugging Face equivalent")
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    vocab = {char: byte for byte, char in _byte_to_unicode().items()}
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([EOS_TOKEN])
+    assert hf.token_to_id(EOS_TOKEN) == tokenizer.eos_id
+    return hf
+
+
+def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: Path, model_max_length: int) -> None:
+    """tokenizer.json + tokenizer_config.json in `out_dir`, so `AutoTokenizer.from_pretrained(out_dir)` loads
+    the tokenizer the model was trained with (eos doubles as bos: the data pipeline places only eos)."""
+    out_dir = Path(out_dir)
+    hf_tokenizer(tokenizer).save(str(out_dir / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": EOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
 def load_tokenizer(spec: str) -> Tokenizer:

@@ -10,6 +10,7 @@ back must give exactly the exported state.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,7 @@ def test_hf_export_matches_logits_and_imports_back(style, tmp_path):
         ours = _our_logits(cfg, state, tokens)
         theirs = hf_model(tokens).logits
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    _check_tokenizer_and_files(hf_dir, config, hf_model)
 
     out = tmp_path / "imported"
     assert cli_main(["import", "hf", str(hf_dir), "--out", str(out)]) == 0
@@ -75,11 +77,30 @@ def test_hf_export_matches_logits_and_imports_back(style, tmp_path):
         assert torch.equal(back[key], state[key]), key
 
 
+def _check_tokenizer_and_files(hf_dir: Path, config: dict, hf_model) -> None:
+    """The folder is usable as a whole: its tokenizer (the run's byte tokenizer) loads in AutoTokenizer and
+    drives generate(), its special-token ids exist in the vocabulary, and every file is readable by others."""
+    assert config["bos_token_id"] == config["eos_token_id"] == 256 < config["vocab_size"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    prompt = tokenizer("def main():", return_tensors="pt")
+    assert prompt["input_ids"][0].tolist() == list(b"def main():")
+    generated = hf_model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert 0 < generated.shape[1] - prompt["input_ids"].shape[1] <= 8
+    assert isinstance(tokenizer.decode(generated[0]), str)
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in hf_dir.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
 def test_imported_checkpoint_continues_pretraining_via_load_path(tmp_path):
     ckpt, _ = _checkpoint(tmp_path, "llama-gqa")
     hf_dir, out = tmp_path / "hf", tmp_path / "imported"
     assert cli_main(["export", str(ckpt), "--format", "hf", "--out", str(hf_dir)]) == 0
     assert cli_main(["import", "hf", str(hf_dir), "--out", str(out)]) == 0
+    # Re-exporting imported weights writes no tokenizer: which one they were trained with is not known.
+    assert cli_main(["export", str(out / "step-00000000"), "--format", "hf", "--out", str(tmp_path / "again")]) == 0
+    assert not (tmp_path / "again" / "tokenizer.json").exists() and (tmp_path / "again" / "config.json").exists()
     cfg = load_config(TINY, [*SMALL, *STYLES["llama-gqa"], "--job.run_dir", str(tmp_path), "--job.name", "cont"])
     cfg.checkpoint.load_path = str(out / "step-00000000")
     history = run(cfg)

@@ -138,3 +138,21 @@ def test_bpe_txt_tokens_match_encode(bpe, corpus_slice, tmp_path):
     arr = load_tokens(str(corpus_slice), tok, cache_dir=str(tmp_path))
     text = corpus_slice.read_text(encoding="utf-8")
     assert arr.tolist() == tok.encode(text) + [tok.eos_id]
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_hf_tokenizer_gives_the_same_ids_in_transformers(kind, bpe, tmp_path):
+    """What `scaletrain export --format hf` writes: transformers' AutoTokenizer encodes and decodes exactly
+    as the tokenizer the model trained with, and knows its eos."""
+    transformers = pytest.importorskip("transformers")
+    from scaletrain.data.tokenizer import save_hf_tokenizer
+
+    ours = ByteTokenizer() if kind == "byte" else bpe[0]
+    save_hf_tokenizer(ours, tmp_path, model_max_length=256)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert theirs.eos_token_id == ours.eos_id and theirs.bos_token_id == ours.eos_id
+    assert len(theirs) == ours.vocab_size
+    for text in SAMPLES:
+        ids = ours.encode(text)
+        assert theirs(text, add_special_tokens=False)["input_ids"] == ids, text
+        assert theirs.decode(ids + [ours.eos_id], skip_special_tokens=True) == text

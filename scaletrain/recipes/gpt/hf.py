@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from scaletrain.config.schema import JobConfig
+from scaletrain.data.tokenizer import load_tokenizer, save_hf_tokenizer
 from scaletrain.recipes.gpt.model import GPTConfig
 
 _LLAMA_LAYER = {
@@ -143,8 +145,10 @@ def _gpt2_tensors(cfg: GPTConfig, sd: dict[str, torch.Tensor]) -> dict[str, torc
     return out
 
 
-def export_hf(cfg: GPTConfig, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
-    """Write a Hugging Face model folder (config.json + model.safetensors) for `transformers`."""
+def export_hf(job: JobConfig, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+    """Write a Hugging Face model folder for `transformers`: config.json + model.safetensors, and the
+    tokenizer the run trained with (AutoTokenizer loads it) unless the weights were imported."""
+    cfg = job.model
     arch = hf_architecture(cfg)
     config, tensors = (
         (_llama_config(cfg), _llama_tensors(cfg, state_dict))
@@ -152,6 +156,12 @@ def export_hf(cfg: GPTConfig, state_dict: dict[str, torch.Tensor], out_dir: Path
         else (_gpt2_config(cfg), _gpt2_tensors(cfg, state_dict))
     )
     out_dir.mkdir(parents=True, exist_ok=True)
+    if job.data is not None:
+        tokenizer = load_tokenizer(job.data.tokenizer)
+        save_hf_tokenizer(tokenizer, out_dir, cfg.max_seq_len)
+        # Ids that exist in this vocabulary (transformers' defaults, e.g. GPT-2's 50256, may not); the data
+        # pipeline separates documents with eos only, so it serves as bos too.
+        config.update(bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / "model.safetensors"), {"format": "pt"})
 
