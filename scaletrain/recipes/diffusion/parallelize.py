@@ -111,9 +111,8 @@ def parallelize_dit(model: DiT, dims: ParallelDims, cfg: JobConfig) -> DiT:
 
 
 def parallelize_blocks(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> nn.Module:
-    """Data-parallel-only plan for models that list their repeated blocks in `model.fsdp_blocks()`."""
-    if dims.tp_enabled:
-        raise ValueError(f"parallel.tp: {type(model).__name__} has no tensor-parallel plan; use tp=1")
+    """Data-parallel-only plan for models that list their repeated blocks in `model.fsdp_blocks()` (tp > 1 is
+    refused before this runs: the U-Net and the VAE do not declare Recipe.supports_tensor_parallel)."""
     if hasattr(cfg.model, "attention"):
         resolve_attention(model, cfg, tokens=None)  # U-Net: attention at several resolutions
     else:  # the VAE: no attention, only its norms to report
