@@ -1,10 +1,13 @@
-"""`scaletrain bench`: scaletrain's step vs a plain hand-written PyTorch loop, in one run.
+"""`scaletrain bench`: scaletrain's step vs plain hand-written PyTorch loops, in one run.
 
-Both loops train the same model (same recipe module, same init, same batches, same
-optimizer settings) in the same process, so the ratio isolates scaletrain's overhead —
-config plumbing, the DTensor/mesh machinery, metrics — from the model's own cost. The two
-are timed in alternating rounds and each side reports its median round, so drift in
-machine load (thermal, other processes) hits both equally.
+The baselines, each trained by the same plain loop (AdamW, autocast, clip, step) on the same batches:
+- "plain loop, scaletrain's model": the recipe's own model module, so the ratio isolates the framework's
+  overhead (config plumbing, DTensor/mesh machinery, metrics) from the model's cost;
+- the recipe's independent baselines (`Recipe.bench_baselines`): models that share no code with the
+  recipe's (the GPT recipe: a hand-written Llama and transformers' model of the same shape), so a slow
+  model file shows too.
+All loops are timed in alternating rounds and each reports its median round, so drift in machine load
+(thermal, other processes) hits them equally.
 
   scaletrain bench scaletrain/recipes/gpt/configs/tiny.yaml --bench-steps 20 --bench-rounds 3
 
@@ -18,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -32,6 +37,7 @@ from scaletrain.bench_pipeline import (
     measured_bubble,
     theoretical_bubble,
 )
+from scaletrain.checkpoint import Checkpointer
 from scaletrain.config import JobConfig, validate_config
 from scaletrain.config.validate import pipeline_microbatches
 from scaletrain.data import ShardedLoader
@@ -42,35 +48,50 @@ from scaletrain.parallel.data_parallel import DTYPES
 from scaletrain.registry import get_recipe
 from scaletrain.train import Trainer
 
+PLAIN = "plain loop, scaletrain's model"
+
 
 @dataclass
 class BenchResult:
     unit: str
     scaletrain_rate: float
-    baseline_rate: float
     scaletrain_mfu: float | None
-    baseline_mfu: float | None
+    # Every baseline loop: name -> (rate, mfu); PLAIN first.
+    baselines: dict[str, tuple[float, float | None]]
     peak_note: str
     steps: int
     rounds: int
     # The recipe's own measurements (e.g. sampling): (what, rate, unit) rows.
     recipe_rows: list[tuple[str, float, str]] = field(default_factory=list)
+    # With checkpointing on: scaletrain's rate after a checkpoint save, and its ratio to the plain loop then.
+    after_save: tuple[float, float] | None = None
 
     @property
-    def ratio(self) -> float:
-        return self.scaletrain_rate / self.baseline_rate
+    def baseline_rate(self) -> float:
+        return self.baselines[PLAIN][0]
+
+    def ratio(self, baseline: str = PLAIN) -> float:
+        return self.scaletrain_rate / self.baselines[baseline][0]
 
     def report(self) -> str:
         def fmt_mfu(value: float | None) -> str:
             return "n/a" if value is None else f"{100 * value:.1f}%"
 
+        width = max(len(name) for name in [*self.baselines, "scaletrain"])
+        rows = [f"{'loop':<{width}} {self.unit + '/s':>14} {'mfu':>8} {'scaletrain / loop':>18}"]
+        rows.append(f"{'scaletrain':<{width}} {self.scaletrain_rate:>14.1f} {fmt_mfu(self.scaletrain_mfu):>8}")
+        for name, (rate, value) in self.baselines.items():
+            rows.append(f"{name:<{width}} {rate:>14.1f} {fmt_mfu(value):>8} {self.ratio(name):>18.3f}")
+        if self.after_save is not None:
+            rate, ratio = self.after_save
+            rows.append(
+                f"{'scaletrain after a save':<{width}} {rate:>14.1f} {'':>8} {ratio:>18.3f} (vs the plain loop, "
+                f"timed again; before the save {self.ratio():.3f})"
+            )
         return "\n".join(
             [
-                f"{'loop':<22} {self.unit + '/s':>14} {'mfu':>8}",
-                f"{'plain pytorch':<22} {self.baseline_rate:>14.1f} {fmt_mfu(self.baseline_mfu):>8}",
-                f"{'scaletrain':<22} {self.scaletrain_rate:>14.1f} {fmt_mfu(self.scaletrain_mfu):>8}",
-                f"ratio scaletrain / plain: {self.ratio:.3f} (overhead {100 * (1 - self.ratio):+.1f}%), "
-                f"median of {self.rounds} rounds x {self.steps} steps",
+                *rows,
+                f"median of {self.rounds} rounds x {self.steps} steps; a ratio below 1 means scaletrain is slower",
                 f"mfu: {self.peak_note}",
                 *(f"{what}: {rate:.2f} {unit}/s" for what, rate, unit in self.recipe_rows),
             ]
@@ -83,13 +104,19 @@ def _sync(device: torch.device) -> None:
 
 
 class PlainLoop:
-    """What a user would write by hand: model, AdamW, autocast, clip, step."""
+    """What a user would write by hand: model, AdamW, autocast, clip, step.
 
-    def __init__(self, trainer: Trainer):
+    `model` is the recipe's own module (loss from the recipe), or an independent baseline whose
+    forward(batch) returns the loss itself."""
+
+    def __init__(self, trainer: Trainer, model: torch.nn.Module | None = None):
         cfg, recipe = trainer.cfg, trainer.recipe
         self.cfg, self.recipe, self.device = cfg, recipe, trainer.device
-        self.model = recipe.build_model(cfg.model).to(trainer.device)
-        init_model(self.model, trainer.device, cfg.job.seed)
+        self.own_loss = model is not None
+        if model is None:
+            model = recipe.build_model(cfg.model).to(trainer.device)
+            init_model(model, trainer.device, cfg.job.seed)
+        self.model = model.to(trainer.device)
         fused = cfg.train.fused_optimizer and trainer.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
@@ -118,8 +145,11 @@ class PlainLoop:
         for batch in micro_batches:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self.autocast():
-                out = self.model(*self.recipe.model_inputs(batch))
-            loss = self.recipe.loss(out, batch) / len(micro_batches)
+                if self.own_loss:
+                    loss = self.model(batch)
+                else:
+                    loss = self.recipe.loss(self.model(*self.recipe.model_inputs(batch)), batch)
+            loss = loss / len(micro_batches)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip or float("inf"))
         self.optimizer.step()
@@ -136,11 +166,15 @@ def _timed(step_fn, steps: int, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _bench_config(cfg: JobConfig, total_steps: int) -> None:
+def _bench_config(cfg: JobConfig, total_steps: int) -> bool:
+    """Bench settings in place; returns whether checkpointing was on (then the bench also times steps after a
+    save, which it writes to a temporary folder: the run folder is never touched)."""
+    with_save = cfg.checkpoint.enable
     cfg.checkpoint.enable = False
     cfg.checkpoint.resume = False
     cfg.metrics.tensorboard = False
     cfg.train.steps = max(cfg.train.steps, total_steps * 2)
+    return with_save
 
 
 def bench_pipeline(cfg: JobConfig, steps: int = 5, warmup: int = 2) -> PipelineBenchResult:
@@ -195,35 +229,53 @@ def bench(cfg: JobConfig, steps: int = 10, warmup: int = 3, rounds: int = 3) -> 
             "scaletrain bench compares against a one-process loop; run it without torchrun "
             "(under torchrun it measures pipeline bubbles, with parallel.pp > 1)"
         )
-    _bench_config(cfg, warmup + steps * rounds)
+    with_save = _bench_config(cfg, warmup + steps * rounds * 2)
     dims = validate_config(cfg, 1)
     recipe = get_recipe(cfg.recipe)
     dataset = recipe.build_dataset(cfg)
     info = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
     try:
         trainer = Trainer(cfg, dims, dataset, info.device)
-        plain = PlainLoop(trainer)
+        loops = {PLAIN: PlainLoop(trainer)}
+        for name, build in (recipe.bench_baselines(cfg) if recipe.bench_baselines else {}).items():
+            torch.manual_seed(cfg.job.seed)
+            loops[name] = PlainLoop(trainer, build())
         for _ in range(warmup):
             trainer.train_step()
-            plain.train_step()
-        times_st, times_plain = [], []
+            for loop in loops.values():
+                loop.train_step()
+        times: dict[str, list[float]] = {name: [] for name in ["scaletrain", *loops]}
         for _ in range(rounds):
-            times_plain.append(_timed(plain.train_step, steps, info.device))
-            times_st.append(_timed(trainer.train_step, steps, info.device))
+            for name, loop in loops.items():
+                times[name].append(_timed(loop.train_step, steps, info.device))
+            times["scaletrain"].append(_timed(trainer.train_step, steps, info.device))
         units = trainer.units_per_step * steps
-        st_s, plain_s = statistics.median(times_st), statistics.median(times_plain)
-        rows = recipe_benchmarks(trainer, rounds)
         flops = trainer.flops_per_sample * cfg.train.global_batch_size * steps
+        seconds = {name: statistics.median(t) for name, t in times.items()}
+        rows = recipe_benchmarks(trainer, rounds)
+        after_save = None
+        if with_save:
+            # Steps must not slow down once a checkpoint was written (tests/checkpoint/test_save_step_time.py).
+            with tempfile.TemporaryDirectory(prefix="scaletrain-bench-") as tmp:
+                trainer.save(Checkpointer(Path(tmp), keep=1))
+            # Timed against the plain loop again, so drift in machine load does not read as a slowdown.
+            after, plain_after = [], []
+            for _ in range(rounds):
+                plain_after.append(_timed(loops[PLAIN].train_step, steps, info.device))
+                after.append(_timed(trainer.train_step, steps, info.device))
+            after_s = statistics.median(after)
+            after_save = (units / after_s, statistics.median(plain_after) / after_s)
+        st_s = seconds.pop("scaletrain")
         return BenchResult(
             unit=recipe.unit,
             scaletrain_rate=units / st_s,
-            baseline_rate=units / plain_s,
             scaletrain_mfu=mfu(flops, st_s, 1, trainer.peak),
-            baseline_mfu=mfu(flops, plain_s, 1, trainer.peak),
+            baselines={name: (units / s, mfu(flops, s, 1, trainer.peak)) for name, s in seconds.items()},
             peak_note=trainer.peak_note,
             steps=steps,
             rounds=rounds,
             recipe_rows=rows,
+            after_save=after_save,
         )
     finally:
         destroy_distributed()

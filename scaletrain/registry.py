@@ -102,6 +102,9 @@ class Recipe:
     export_hf: Callable[[Any, dict[str, torch.Tensor], Path], None] | None = None
     import_hf: Callable[[Path], tuple[dict[str, Any], dict[str, torch.Tensor]]] | None = None
     hf_model_types: tuple[str, ...] = ()
+    # `scaletrain bench`'s independent baselines: job config -> {name: factory of a module whose forward(batch)
+    # returns the mean loss}. Models that share no code with the recipe's, so a slow model file shows.
+    bench_baselines: Callable[[JobConfig], dict[str, Callable[[], nn.Module]]] | None = None
 
 
 # The bundled families are the sub-packages of this package; the core scans it and never names one.

@@ -243,8 +243,9 @@ class Trainer:
     def _extra_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         return {"ema": self.ema.state_dict()} if self.ema is not None else {}
 
-    def save(self) -> Path:
-        """Collective: checkpoint the current step (published now, or at the next save when async)."""
+    def save(self, checkpointer: Checkpointer | None = None) -> Path:
+        """Collective: checkpoint the current step (published now, or at the next save when async), with
+        the run's checkpointer unless given another (`scaletrain bench` saves into a temporary folder)."""
         trainer_state = {
             "step": self.step,
             "data": self.loader.state_dict(),
@@ -254,7 +255,7 @@ class Trainer:
             "config": config_to_dict(self.cfg),  # export and `ckpt info` rebuild the model from it
         }
         self.watchdog.arm(f"the checkpoint save of step {self.step}")
-        folder = self.checkpointer.save(
+        folder = (checkpointer or self.checkpointer).save(
             self.step,
             self.model,
             self.optimizer,

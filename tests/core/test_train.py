@@ -105,7 +105,13 @@ def test_bench_reports_ratio_against_plain_loop(tmp_path):
     cfg = load_config(TINY, [*FAST, "--job.run_dir", str(tmp_path)])
     result = bench(cfg, steps=2, warmup=1, rounds=1)
     assert result.scaletrain_rate > 0 and result.baseline_rate > 0
-    assert "ratio scaletrain / plain" in result.report()
+    assert set(result.baselines) == {"plain loop, scaletrain's model", "independent plain llama", "transformers llama"}
+    assert all(rate > 0 for rate, _ in result.baselines.values())
+    assert "scaletrain / loop" in result.report() and "transformers llama" in result.report()
+    assert result.after_save is not None and result.after_save[0] > 0  # checkpointing on: steps after a save
+    assert "scaletrain after a save" in result.report()
+    saved = tmp_path / "gpt-tiny" / "checkpoints"
+    assert not saved.exists() or not any(saved.iterdir())  # the bench's save went to a temporary folder
 
 
 def test_parity_command_passes_for_equal_layouts_and_fails_for_different_models(capsys):
@@ -124,3 +130,14 @@ def test_compiled_blocks_match_eager(tmp_path):
     )
     for a, b in zip(eager, compiled, strict=True):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
+
+
+def test_independent_bench_baselines_have_the_models_shape():
+    """A fair comparison: the hand-written Llama and transformers' model hold exactly scaletrain's parameters."""
+    from scaletrain.recipes.gpt.bench_baselines import bench_baselines
+    from scaletrain.registry import get_recipe
+
+    cfg = load_config(TINY, ["--model.n_kv_heads", "2"])
+    ours = sum(p.numel() for p in get_recipe("gpt").build_model(cfg.model).parameters())
+    for name, build in bench_baselines(cfg).items():
+        assert sum(p.numel() for p in build().parameters()) == ours, name

@@ -19,6 +19,7 @@ from scaletrain.parallel.data_parallel import DTYPES
 from scaletrain.parallel.dims import ParallelDims
 from scaletrain.parallel.pipeline import num_stages, split_layers
 from scaletrain.recipes.gpt import hf
+from scaletrain.recipes.gpt.bench_baselines import bench_baselines
 from scaletrain.recipes.gpt.model import GPT, GPTConfig
 from scaletrain.recipes.gpt.parallelize import parallelize_gpt
 from scaletrain.registry import PipelineSpec, Recipe, register_recipe
@@ -223,6 +224,7 @@ RECIPE = register_recipe(
         ),
         context_parallel_keys=("input", "target"),
         export_hf=hf.export_hf,
+        bench_baselines=bench_baselines,
         import_hf=hf.import_hf,
         hf_model_types=hf.HF_MODEL_TYPES,
     )
