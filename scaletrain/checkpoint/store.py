@@ -82,7 +82,8 @@ def one_thread_for_new_threads() -> Iterator[None]:
     libgomp manages more threads than there are cores, it stops spinning between parallel regions. DCP's
     object collectives copy large buffers on gloo's worker threads, and after the first save every training
     step ran 20-35% slower (tiny GPT on 2 cores: voluntary context switches per step went from ~10 to ~1,200).
-    The checkpoint work itself is I/O and copies, which one thread does at the same speed.
+    The checkpoint work itself is I/O and copies, which one thread does at the same speed. Only for work that
+    has finished when the block ends (sync saves, loads): torch.set_num_threads also sets MKL's global count.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -325,8 +326,9 @@ class Checkpointer:
         writer = dcp.FileSystemWriter(str(partial))
         extra = {"layout": layout, "world_size": world, "step": step}
         if self.async_mode == "async":
-            with one_thread_for_new_threads():  # the save's own thread starts here
-                response = dcp.async_save(state, storage_writer=writer, process_group=self._group())
+            # Not under one_thread_for_new_threads: training goes on while the save's threads start, and a
+            # thread that picked up the temporary 1 could set MKL's global thread count after it is restored.
+            response = dcp.async_save(state, storage_writer=writer, process_group=self._group())
             # torch >= 2.9 may return an AsyncSaveResponse; its upload future is what we wait on.
             upload = getattr(response, "upload_completion", response)
             self._pending = _Pending(step, partial, final, upload, extra)
