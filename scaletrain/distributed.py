@@ -69,11 +69,17 @@ def _elastic_store(world_size: int, timeout: timedelta) -> dist.Store | None:
     return dist.PrefixStore(f"scaletrain/attempt-{attempt}", store)
 
 
+def training_device_type() -> str:
+    """The device type a run trains on: CUDA whenever it is present, else the CPU (recipes resolve attention
+    and kernel choices for it before the process group exists)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     world_size = world_size_from_env()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    if training_device_type() == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:

@@ -97,12 +97,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in get_args(tp):
                 return None
-        errors = []
         for option in options:
             try:
                 return _coerce(value, option, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                continue  # the next option may take it; the error below names them all
         raise ConfigError(f"{where}: {value!r} matches none of {[_describe(o) for o in options]}")
     if origin is list:
         (item_tp,) = get_args(tp) or (Any,)

@@ -39,7 +39,9 @@ class TrainSection:
         "cosine", "LR schedule after warmup; wsd = warmup-stable-decay."
     )
     wsd_decay_fraction: float = opt(0.2, "WSD: fraction of steps spent in the final decay.")
-    weight_decay: float = opt(0.1, "AdamW weight decay (not applied to norms, biases, embeddings' positions).")
+    weight_decay: float = opt(
+        0.1, "AdamW weight decay on every matrix (embedding and position tables included); none on norms and biases."
+    )
     beta1: float = opt(0.9, "AdamW beta1.")
     beta2: float = opt(0.95, "AdamW beta2.")
     eps: float = opt(1e-8, "AdamW epsilon.")

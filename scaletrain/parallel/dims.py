@@ -63,10 +63,6 @@ class ParallelDims:
 
     # Which strategies are on.
     @property
-    def dp_enabled(self) -> bool:
-        return self.dp_replicate * self.dp_shard > 1
-
-    @property
     def fsdp_enabled(self) -> bool:
         return self.dp_shard > 1 or (self.cp > 1 and not self.ddp_enabled)
 

@@ -40,8 +40,12 @@ def init_model(model: nn.Module, device: torch.device | str, seed: int) -> nn.Mo
         model.to_empty(device=device)
     for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
         full = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+        if full.is_floating_point():
+            full.fill_(float("nan"))  # what init_tensor leaves unfilled stays NaN, and is caught below
         generator = torch.Generator(device=device).manual_seed(_name_seed(seed, name))
         model.init_tensor(name, full, generator)
+        if full.is_floating_point() and full.isnan().any():
+            raise RuntimeError(f"{type(model).__name__}.init_tensor left (part of) {name!r} unset")
         if isinstance(tensor, DTensor):
             tensor.to_local().copy_(_local_slice(full, tensor))
         else:

@@ -43,17 +43,30 @@ def test_meta_init_covers_everything_and_matches_plain_init(style):
     cfg = load_config(TINY, STYLES[style]).model
     with torch.device("meta"):
         meta_model = GPT(cfg)
-    meta_model.to_empty(device="cpu")
-    with torch.no_grad():
-        for t in _tensors(meta_model).values():
-            t.fill_(float("nan"))  # anything init_tensor misses stays NaN
-    init_model(meta_model, "cpu", seed=3)
+    init_model(meta_model, "cpu", seed=3)  # raises if init_tensor leaves any element unset (NaN sentinel)
     plain = init_model(GPT(cfg), "cpu", seed=3)
     meta_tensors, plain_tensors = _tensors(meta_model), _tensors(plain)
     assert meta_tensors.keys() == plain_tensors.keys()
     for name, tensor in meta_tensors.items():
         assert torch.isfinite(tensor).all(), f"{name} was not initialized"
         assert torch.equal(tensor, plain_tensors[name]), name
+
+
+def test_a_tensor_init_tensor_does_not_fill_is_caught(monkeypatch):
+    """init_model fills each tensor with NaN before init_tensor, so one it skips (or fills only in part) fails."""
+    cfg = load_config(TINY, []).model
+    fill = GPT.init_tensor
+
+    def skip_one(self, name, tensor, generator):  # noqa: ANN001, ANN202
+        if name == "layers.1.attention.wk.weight":
+            return
+        fill(self, name, tensor, generator)
+
+    monkeypatch.setattr(GPT, "init_tensor", skip_one)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    with pytest.raises(RuntimeError, match="GPT.init_tensor left .* 'layers.1.attention.wk.weight' unset"):
+        init_model(model, "cpu", seed=3)
 
 
 def test_seed_changes_weights_but_not_structure():

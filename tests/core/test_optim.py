@@ -41,12 +41,21 @@ def test_linear_and_constant():
 
 
 def test_norms_and_biases_are_not_decayed():
-    cfg = load_config("scaletrain/recipes/gpt/configs/tiny.yaml", ["--model.bias", "true"])
+    """What train.weight_decay's help says, by name: every matrix decays (the position table included), norm
+    gains and biases do not."""
+    gpt2 = ["--model.norm", "layernorm", "--model.pos", "learned", "--model.mlp", "gelu", "--model.bias", "true"]
+    cfg = load_config("scaletrain/recipes/gpt/configs/tiny.yaml", gpt2)
     model = GPT(cfg.model)
     optimizer = build_optimizer(model, cfg.train, "cpu")
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == cfg.train.weight_decay and no_decay["weight_decay"] == 0.0
-    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    names = {id(p): name for name, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    matrices = {"tok_embeddings.weight", "pos_embeddings.weight", "output.weight", "layers.0.attention.wq.weight"}
+    assert matrices <= decayed
+    assert all(name.endswith(".bias") or "norm" in name for name in kept) and "layers.0.attention_norm.weight" in kept
+    assert not any(name.endswith(".bias") or "norm" in name for name in decayed)
     assert math.isclose(
         sum(p.numel() for g in optimizer.param_groups for p in g["params"]), sum(p.numel() for p in model.parameters())
     )

@@ -67,9 +67,15 @@ def test_explicit_choice_overrides_auto():
         ops.resolve_attention("fastest", device_type="cpu", dtype=torch.float32, head_dim=16)
 
 
-def test_measured_table_entries_are_well_formed():
-    for (major, minor), min_len in ops.TRITON_ATTENTION_FASTER.items():
-        assert isinstance(major, int) and isinstance(minor, int) and min_len >= 1
+def test_auto_reads_the_shipped_table(monkeypatch):
+    """Without `table=`, auto reads ops.TRITON_ATTENTION_FASTER (filled by a GPU benchmark run): an entry for the
+    card turns auto into triton from its length on; without one, sdpa."""
+    monkeypatch.setattr(ops, "TRITON_ATTENTION_FASTER", {})
+    assert _resolve(seq_len=4096).impl == "sdpa"
+    monkeypatch.setattr(ops, "TRITON_ATTENTION_FASTER", {(9, 0): 2048})
+    assert _resolve(seq_len=4096).impl == "triton"
+    assert _resolve(seq_len=1024).impl == "sdpa"
+    assert _resolve(seq_len=4096, capability=lambda: (8, 0)).impl == "sdpa"  # another card
 
 
 def test_auto_at_call_time_runs_the_resolved_implementation():

@@ -22,6 +22,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from scaletrain import ops
 from scaletrain.config.schema import JobConfig
+from scaletrain.distributed import training_device_type
 from scaletrain.parallel import (
     ParallelDims,
     apply_activation_checkpointing,
@@ -78,7 +79,7 @@ def resolve_attention(model: nn.Module, cfg: JobConfig, tokens: int | None) -> N
         if hasattr(module, "attention_fn"):
             choice = ops.resolve_attention(
                 cfg.model.attention,
-                device_type="cuda" if torch.cuda.is_available() else "cpu",
+                device_type=training_device_type(),
                 dtype=DTYPES[cfg.train.dtype],
                 head_dim=module.head_dim,
                 seq_len=tokens,
@@ -92,7 +93,7 @@ def set_kernel_notes(model: nn.Module, cfg: JobConfig, parts: list[str]) -> None
     """The start-up "kernels:" line: the given parts, then `fused: norm (<backend>)` when model.fused_norm is on
     (the DiT's LayerNorm + modulate, the U-Net's and the VAE's GroupNorm + SiLU kernels); none if both are empty."""
     if getattr(cfg.model, "fused_norm", False):
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(training_device_type())
         parts = [*parts, f"fused: norm ({ops.fused_backend(torch.empty(0, device=device))})"]
     if parts:
         model.startup_notes = [f"kernels: {' | '.join(parts)}"]

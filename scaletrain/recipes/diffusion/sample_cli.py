@@ -22,7 +22,7 @@ import torch
 
 from scaletrain.config import load_config
 from scaletrain.config.schema import JobConfig
-from scaletrain.distributed import destroy_distributed, init_distributed
+from scaletrain.distributed import destroy_distributed, init_distributed, training_device_type
 from scaletrain.parallel import init_model
 from scaletrain.registry import get_recipe
 
@@ -94,7 +94,7 @@ def load_model(folder: Path, recipe_name: str, cfg: JobConfig, ema: str = "auto"
     from scaletrain.checkpoint import load_checkpoint
 
     recipe = get_recipe(recipe_name)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(training_device_type())
     with torch.device("meta"):
         model = recipe.build_model(cfg.model)
     init_model(model, device, cfg.job.seed)

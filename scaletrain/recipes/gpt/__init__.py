@@ -15,6 +15,7 @@ from scaletrain import ops
 from scaletrain.config import MissingDataError
 from scaletrain.config.schema import JobConfig, opt
 from scaletrain.data import TokenWindowDataset, bundled_corpus_path, load_tokenizer, load_tokens
+from scaletrain.distributed import training_device_type
 from scaletrain.parallel.data_parallel import DTYPES
 from scaletrain.parallel.dims import ParallelDims
 from scaletrain.parallel.pipeline import num_stages, split_layers
@@ -71,7 +72,7 @@ def attention_choice(cfg: JobConfig) -> ops.AttentionChoice:
     """model.attention resolved for this process's device (the trainer uses CUDA whenever it is present)."""
     return ops.resolve_attention(
         cfg.model.attention,
-        device_type="cuda" if torch.cuda.is_available() else "cpu",
+        device_type=training_device_type(),
         dtype=DTYPES[cfg.train.dtype],
         head_dim=cfg.model.head_dim,
         seq_len=cfg.data.seq_len,
@@ -92,7 +93,7 @@ def _kernel_notes(cfg: JobConfig, dims: ParallelDims, choice: ops.AttentionChoic
     on = [name for name, flag in fused.items() if flag]
     line = f"kernels: attention {attention} | fused: {', '.join(on) or 'none'}"
     if on or choice.impl == "triton":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(training_device_type())
         line += f" ({ops.fused_backend(torch.empty(0, device=device))})"
     return [line]
 

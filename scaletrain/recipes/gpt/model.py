@@ -123,10 +123,6 @@ def _norm(cfg: GPTConfig) -> nn.Module:
     return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def sdpa_attention(q_BHTE: torch.Tensor, k_BKTE: torch.Tensor, v_BKTE: torch.Tensor) -> torch.Tensor:
-    return ops.attention(q_BHTE, k_BKTE, v_BKTE, causal=True, impl="sdpa")
-
-
 def arange_positions(length: int, device: torch.device) -> torch.Tensor:
     return torch.arange(length, device=device)
 
@@ -165,11 +161,6 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # B H T E
         out = self.attention_fn(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
-
-
-def eager_attention(q_BHTE: torch.Tensor, k_BKTE: torch.Tensor, v_BKTE: torch.Tensor) -> torch.Tensor:
-    """Causal attention in plain ops: the readable reference the fused paths are checked against."""
-    return ops.attention(q_BHTE, k_BKTE, v_BKTE, causal=True, impl="eager")
 
 
 class FeedForward(nn.Module):
