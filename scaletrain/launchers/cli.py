@@ -4,8 +4,8 @@ Runbook:
   scaletrain launch torchrun scaletrain/recipes/gpt/configs/tiny.yaml --nproc-per-node 2 --train.steps 5
   scaletrain launch torchrun scaletrain/recipes/gpt/configs/tiny.yaml --nodes 2 --nproc-per-node 8 \
       --rdzv-endpoint node001:29500                                  # on every node
-  scaletrain launch sbatch   scaletrain/recipes/gpt/configs/tiny.yaml --nodes 4 --nproc-per-node 8 --gpus-per-node 8
-  scaletrain launch slurm    scaletrain/recipes/gpt/configs/tiny.yaml --nodes 4 --nproc-per-node 8 --gpus-per-node 8
+  scaletrain launch sbatch   scaletrain/recipes/gpt/configs/llama-8b.yaml --nodes 4 --nproc-per-node 8 --gpus-per-node 8
+  scaletrain launch slurm    scaletrain/recipes/gpt/configs/llama-8b.yaml --nodes 4 --nproc-per-node 8 --gpus-per-node 8
   scaletrain launch ray      scaletrain/recipes/gpt/configs/tiny.yaml --nproc-per-node 2
 
 Every launcher checks the config for the world size it will start (nodes x nproc-per-node)

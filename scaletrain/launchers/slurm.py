@@ -4,7 +4,7 @@ Runbook (`pip install submitit`):
   # 1 node, 2 CPU ranks, wait for the result
   scaletrain launch slurm scaletrain/recipes/gpt/configs/tiny.yaml --nodes 1 --nproc-per-node 2 --gpus-per-node 0 --wait
   # 4 nodes x 8 GPUs on partition "gpu", 2 hours
-  scaletrain launch slurm scaletrain/recipes/gpt/configs/tiny.yaml --nodes 4 --nproc-per-node 8 \
+  scaletrain launch slurm scaletrain/recipes/gpt/configs/llama-8b.yaml --nodes 4 --nproc-per-node 8 \
       --gpus-per-node 8 --cpus-per-task 10 --partition gpu --time-min 120 --train.steps 5000
 
 How a job runs: submitit pickles a `SlurmTrainTask` and asks for nodes x nproc-per-node
