@@ -38,8 +38,7 @@ from scaletrain.bench_pipeline import (
     theoretical_bubble,
 )
 from scaletrain.checkpoint import Checkpointer
-from scaletrain.config import JobConfig, validate_config
-from scaletrain.config.validate import pipeline_microbatches
+from scaletrain.config import JobConfig
 from scaletrain.data import ShardedLoader
 from scaletrain.distributed import destroy_distributed, init_distributed, world_size_from_env
 from scaletrain.metrics import mfu
@@ -47,6 +46,7 @@ from scaletrain.parallel import init_model
 from scaletrain.parallel.data_parallel import DTYPES
 from scaletrain.registry import get_recipe
 from scaletrain.train import Trainer
+from scaletrain.validate import pipeline_microbatches, validate_config
 
 PLAIN = "plain loop, scaletrain's model"
 

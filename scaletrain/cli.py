@@ -31,10 +31,11 @@ import yaml
 
 from scaletrain.checkpoint.commands import cmd_ckpt, cmd_export, cmd_import
 from scaletrain.checkpoint.format import CheckpointError
-from scaletrain.config import MissingDataError, config_to_dict, field_help, load_config, validate_config
+from scaletrain.config import MissingDataError, config_to_dict, field_help, load_config
 from scaletrain.config.schema import JobConfig
 from scaletrain.parallel.dims import implied_world_size
 from scaletrain.registry import get_recipe, known_recipes
+from scaletrain.validate import validate_config
 
 
 def _split_config(argv: list[str]) -> tuple[str | None, list[str]]:

@@ -21,8 +21,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from scaletrain.config import load_config, validate_config
+from scaletrain.config import load_config
 from scaletrain.parallel.dims import implied_world_size
+from scaletrain.validate import validate_config
 
 # Overrides that make a run a pure numerics check: no checkpoints, TensorBoard or evaluation.
 PARITY_OVERRIDES = [

@@ -30,15 +30,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from scaletrain.checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError
 from scaletrain.checkpoint.faults import Preemption, StepWatchdog
-from scaletrain.config import (
-    JobConfig,
-    config_to_dict,
-    grad_accum_steps,
-    load_config,
-    micro_batch_size,
-    validate_config,
-)
-from scaletrain.config.validate import pipeline_microbatches
+from scaletrain.config import JobConfig, config_to_dict, load_config
 from scaletrain.data import ShardedLoader
 from scaletrain.distributed import destroy_distributed, init_distributed, run_as_worker, world_size_from_env
 from scaletrain.ema import EMA
@@ -57,6 +49,7 @@ from scaletrain.parallel.pipeline import (
     stage_union,
 )
 from scaletrain.registry import Recipe, get_recipe
+from scaletrain.validate import grad_accum_steps, micro_batch_size, pipeline_microbatches, validate_config
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -452,9 +445,11 @@ class Trainer:
             logger.log_text(line)
 
 
-def run(cfg: JobConfig) -> list[dict[str, float]]:
-    """Validate, build and train; returns the per-step metrics (on every rank)."""
-    dims = validate_config(cfg, world_size_from_env())
+def run(cfg: JobConfig, dims: ParallelDims | None = None) -> list[dict[str, float]]:
+    """Build and train (validating first unless given the layout validation returned); returns the per-step
+    metrics (on every rank)."""
+    if dims is None:
+        dims = validate_config(cfg, world_size_from_env())
     dataset = get_recipe(cfg.recipe).build_dataset(cfg)
     info = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
     finished = False
@@ -476,12 +471,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # Every config problem surfaces here, before a process group or model exists.
         cfg = load_config(path, argv)
-        validate_config(cfg, world_size_from_env())
+        dims = validate_config(cfg, world_size_from_env())
     except ValueError as exc:
         print(f"scaletrain: config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
     try:
-        run(cfg)
+        run(cfg, dims)
     except (NonFiniteLossError, CheckpointError) as exc:
         print(f"scaletrain: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from exc

@@ -1,4 +1,8 @@
-"""Typed job config: dataclasses, YAML + dotted CLI overrides, and validation."""
+"""Typed job config: dataclasses, YAML + dotted CLI overrides, and per-field checks.
+
+Plain dataclasses that every layer reads; the checks that need the parallel layout live in
+scaletrain/validate.py, above both this package and scaletrain.parallel.
+"""
 
 from scaletrain.config.loader import (
     ConfigError,
@@ -9,7 +13,6 @@ from scaletrain.config.loader import (
     parse_overrides,
 )
 from scaletrain.config.schema import JobConfig, opt
-from scaletrain.config.validate import grad_accum_steps, micro_batch_size, validate_config
 
 __all__ = [
     "ConfigError",
@@ -17,10 +20,7 @@ __all__ = [
     "JobConfig",
     "config_to_dict",
     "field_help",
-    "grad_accum_steps",
     "load_config",
-    "micro_batch_size",
     "opt",
     "parse_overrides",
-    "validate_config",
 ]

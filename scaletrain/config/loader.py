@@ -3,7 +3,7 @@
 Everything is checked here, before any process group or model exists: unknown keys (with
 the closest valid key), wrong types, values outside a Literal's choices. Cross-field
 checks (parallel degrees vs world size, batch divisibility, the recipe's own rules) live
-in `scaletrain.config.validate`.
+in `scaletrain.validate`.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ import re
 import socket
 from pathlib import Path
 
-from scaletrain.config import JobConfig, load_config, validate_config
+from scaletrain.config import JobConfig, load_config
+from scaletrain.validate import validate_config
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.\-]*[A-Za-z0-9])?$")
 

@@ -13,10 +13,11 @@ import time
 
 from ckpt_harness import TINY
 
-from scaletrain.config import load_config, validate_config
+from scaletrain.config import load_config
 from scaletrain.distributed import destroy_distributed, init_distributed
 from scaletrain.registry import get_recipe
 from scaletrain.train import Trainer
+from scaletrain.validate import validate_config
 
 
 def measure(trainer: Trainer, steps: int) -> dict[str, float]:

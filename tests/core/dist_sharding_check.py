@@ -15,12 +15,13 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from scaletrain.config import load_config, validate_config  # noqa: E402
+from scaletrain.config import load_config  # noqa: E402
 from scaletrain.distributed import init_distributed, run_as_worker  # noqa: E402
 from scaletrain.parallel import init_model  # noqa: E402
 from scaletrain.recipes.gpt.model import GPT  # noqa: E402
 from scaletrain.registry import get_recipe  # noqa: E402
 from scaletrain.train import Trainer  # noqa: E402
+from scaletrain.validate import validate_config  # noqa: E402
 
 
 def pipeline_report() -> None:

@@ -93,7 +93,8 @@ def test_parity_checks_both_layouts_before_starting_anything(b, names, capsys, m
 
 def test_config_show_checks_all_but_data_that_lives_elsewhere(tmp_path, capsys):
     """A cluster config whose data is not on this laptop is still shown and checked; training refuses it."""
-    from scaletrain.config import MissingDataError, load_config, validate_config
+    from scaletrain.config import MissingDataError, load_config
+    from scaletrain.validate import validate_config
 
     missing = str(tmp_path / "corpus.bin")
     code, out, _ = _run(capsys, "config", "show", TINY, "--data.path", missing)

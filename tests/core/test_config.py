@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch.distributed as dist
 
-from scaletrain.config import ConfigError, load_config, validate_config
+from scaletrain.config import ConfigError, load_config
 from scaletrain.parallel.dims import ParallelDims
+from scaletrain.validate import validate_config
 
 TINY = "scaletrain/recipes/gpt/configs/tiny.yaml"
 

@@ -21,12 +21,13 @@ import pytest
 from st_common import REPO
 
 from scaletrain import cli
-from scaletrain.config import MissingDataError, load_config, validate_config
+from scaletrain.config import MissingDataError, load_config
 from scaletrain.launchers import ray_launcher, sbatch, slurm, torchrun
 from scaletrain.launchers.argv import split_overrides
 from scaletrain.launchers.checks import check_launch
 from scaletrain.parity import check_layout
 from scaletrain.parity import split_overrides as split_quoted
+from scaletrain.validate import validate_config
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 TINY = "scaletrain/recipes/gpt/configs/tiny.yaml"

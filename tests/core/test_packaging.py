@@ -173,3 +173,99 @@ def test_constraints_pin_every_direct_dependency_but_torch():
     assert "torch" not in pins and "scaletrain" not in pins
     missing = sorted(names - {"torch"} - set(pins))
     assert not missing, f"constraints.txt pins none of {missing}: run `python scripts/constraints.py write`"
+
+
+# -- no import cycles between the core's sub-packages ---------------------------------------------------------
+
+
+class _RuntimeImports(ast.NodeVisitor):
+    """The imports a module executes (function-level ones included), not those under `if TYPE_CHECKING:`."""
+
+    def __init__(self) -> None:
+        self.found: list[ast.Import | ast.ImportFrom] = []
+
+    def visit_If(self, node: ast.If) -> None:
+        test = node.test
+        if getattr(test, "id", None) == "TYPE_CHECKING" or getattr(test, "attr", None) == "TYPE_CHECKING":
+            for child in node.orelse:
+                self.visit(child)
+        else:
+            self.generic_visit(node)
+
+    def visit_Import(self, node: ast.Import) -> None:
+        self.found.append(node)
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        self.found.append(node)
+
+
+def core_unit_graph(modules: dict[str, tuple[bool, str]]) -> dict[str, set[str]]:
+    """Edges between the core's units (scaletrain.<unit>: a sub-package or a top-level module) that run."""
+
+    def unit(module: str) -> str | None:
+        parts = module.split(".")
+        if parts[0] != "scaletrain" or len(parts) < 2 or parts[1] in LAYERS:
+            return None
+        return parts[1]
+
+    graph: dict[str, set[str]] = {}
+    for module, (is_package, source) in modules.items():
+        package = module.split(".") if is_package else module.split(".")[:-1]
+        visitor = _RuntimeImports()
+        visitor.visit(ast.parse(source))
+        for node in visitor.found:
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                base = package[: len(package) - node.level + 1] if node.level else []
+                name = ".".join(base + ([node.module] if node.module else []))
+                targets = [f"{name}.{a.name}" if f"{name}.{a.name}" in modules else name for a in node.names]
+            for target in targets:
+                a, b = unit(module), unit(target)
+                if a and b and a != b:
+                    graph.setdefault(a, set()).add(b)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, str] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = "done"
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_core_sub_packages_import_without_cycles():
+    """config is plain dataclasses (+ the loader, which asks the registry for a recipe's sections); parallel
+    reads them; validate sits above both; train, bench and cli above that."""
+    modules = {
+        _module_name(path): (path.name == "__init__.py", path.read_text()) for path in PACKAGE.rglob("*.py")
+    }
+    graph = core_unit_graph(modules)
+    assert {"config", "parallel", "validate", "train"} <= set(graph)
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_the_cycle_check_sees_a_cycle():
+    modules = {
+        "scaletrain.config.schema": (False, "from scaletrain.parallel.dims import ParallelDims\n"),
+        "scaletrain.parallel.dims": (False, "from ..config.schema import JobConfig\n"),
+        "scaletrain.registry": (False, "if TYPE_CHECKING:\n    import scaletrain.train\n"),
+    }
+    graph = core_unit_graph(modules)
+    assert graph == {"config": {"parallel"}, "parallel": {"config"}}  # the TYPE_CHECKING import does not count
+    assert find_cycle(graph) == ["config", "parallel", "config"]

@@ -8,10 +8,11 @@ from __future__ import annotations
 import pytest
 from st_common import FAST, TINY
 
-from scaletrain.config import load_config, validate_config
+from scaletrain.config import load_config
 from scaletrain.parallel.context_parallel import load_balanced_positions
 from scaletrain.parallel.pipeline import split_layers, stage_ids_for_rank
 from scaletrain.parity import compare, run_layout
+from scaletrain.validate import validate_config
 
 FP32_LOSS_RTOL = 1e-5
 FP32_GNORM_RTOL = 1e-4

@@ -35,10 +35,11 @@ class _Logger:
 
 def main() -> None:
     out, config, *overrides = sys.argv[1:]
-    from scaletrain.config import load_config, validate_config
+    from scaletrain.config import load_config
     from scaletrain.distributed import destroy_distributed, init_distributed, world_size_from_env
     from scaletrain.registry import get_recipe
     from scaletrain.train import Trainer
+    from scaletrain.validate import validate_config
 
     cfg = load_config(config, overrides)
     dims = validate_config(cfg, world_size_from_env())

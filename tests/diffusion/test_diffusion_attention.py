@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from scaletrain.config import load_config, validate_config
+from scaletrain.config import load_config
 from scaletrain.parallel import init_model
 from scaletrain.recipes.diffusion.config import DiTConfig, UNetConfig
 from scaletrain.recipes.diffusion.dit import DiT
 from scaletrain.recipes.diffusion.parallelize import resolve_attention
 from scaletrain.recipes.diffusion.unet import UNet
+from scaletrain.validate import validate_config
 
 ATOL = 1e-5
 DIT = DiTConfig(image_size=8, patch_size=2, dim=64, depth=1, n_heads=2, num_classes=3)

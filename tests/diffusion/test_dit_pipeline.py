@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from scaletrain.config import load_config, validate_config
+from scaletrain.config import load_config
 from scaletrain.parity import compare, run_layout
+from scaletrain.validate import validate_config
 
 CONFIG = str(Path(__file__).resolve().parents[2] / "scaletrain/recipes/diffusion/configs/dit-tiny.yaml")
 COMMON = ["--model.image_size", "16", "--model.patch_size", "4", "--model.dim", "64", "--model.depth", "4",

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scaletrain.config import load_config, validate_config
+from scaletrain.config import load_config
 from scaletrain.recipes.diffusion.sample_cli import make_sample_command
+from scaletrain.validate import validate_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DIT = str(ROOT / "scaletrain/recipes/diffusion/configs/dit-tiny.yaml")

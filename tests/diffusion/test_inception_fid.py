@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from scaletrain.config import load_config, validate_config
+from scaletrain.config import load_config
 from scaletrain.recipes.diffusion.inception import FID_CLASSES, InceptionV3Features, inception_features
 from scaletrain.recipes.diffusion.metrics import feature_labels, inception_extractor, real_images, sample_metrics
+from scaletrain.validate import validate_config
 
 N = 8  # images per set: Inception at 299 px costs ~0.1 s per image on 2 CPU cores
 

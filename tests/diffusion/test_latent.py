@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from scaletrain.config import load_config, validate_config
+from scaletrain.config import load_config
+from scaletrain.validate import validate_config
 
 ROOT = Path(__file__).resolve().parents[2]
 VAE = str(ROOT / "scaletrain/recipes/diffusion/configs/vae-tiny.yaml")

@@ -8,9 +8,10 @@ import torch
 from st_common import TINY
 
 from scaletrain import ops
-from scaletrain.config import load_config, validate_config
+from scaletrain.config import load_config
 from scaletrain.recipes.gpt import attention_choice
 from scaletrain.registry import get_recipe
+from scaletrain.validate import validate_config
 
 H100 = lambda: (9, 0)  # noqa: E731 - fake torch.cuda.get_device_capability
 WITH_TRITON = lambda: True  # noqa: E731

@@ -7,7 +7,8 @@ import pytest
 import torch.distributed as dist
 from st_common import TINY
 
-from scaletrain.config import ConfigError, load_config, validate_config
+from scaletrain.config import ConfigError, load_config
+from scaletrain.validate import validate_config
 
 
 @pytest.fixture(autouse=True)

@@ -28,12 +28,13 @@ import torch.nn.functional as F
 from ki_common import KernelOps
 
 from scaletrain import ops
-from scaletrain.config import load_config, validate_config
+from scaletrain.config import load_config
 from scaletrain.parallel import init_model
 from scaletrain.parity import compare, run_layout
 from scaletrain.recipes.diffusion.unet import GroupNorm, UNet
 from scaletrain.recipes.diffusion.vae import KLAutoencoder, vae_loss
 from scaletrain.registry import get_recipe
+from scaletrain.validate import validate_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "scaletrain" / "recipes" / "diffusion" / "configs"
 UNET_TINY, VAE_TINY = str(CONFIGS / "unet-tiny.yaml"), str(CONFIGS / "vae-tiny.yaml")

@@ -32,7 +32,7 @@ from ki_common import KernelOps
 from st_common import TINY
 
 from scaletrain import ops
-from scaletrain.config import load_config, validate_config
+from scaletrain.config import load_config
 from scaletrain.parallel import init_model
 from scaletrain.parity import compare, run_layout
 from scaletrain.recipes.diffusion.dit import DiT, modulate
@@ -40,6 +40,7 @@ from scaletrain.recipes.diffusion.parallelize import resolve_attention
 from scaletrain.recipes.gpt import hf, model_inputs
 from scaletrain.recipes.gpt import loss as gpt_loss
 from scaletrain.recipes.gpt.model import GPT, LayerNorm
+from scaletrain.validate import validate_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "scaletrain" / "recipes" / "diffusion" / "configs"
 DIT_TINY = str(CONFIGS / "dit-tiny.yaml")

@@ -18,9 +18,10 @@ import torch
 from st_common import TINY
 
 from scaletrain import ops
-from scaletrain.config import load_config, validate_config
+from scaletrain.config import load_config
 from scaletrain.kernels.reference import attention_reference
 from scaletrain.parity import compare, run_layout
+from scaletrain.validate import validate_config
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = 1e-5

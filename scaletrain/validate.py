@@ -1,6 +1,9 @@
-"""Cross-field checks, run before any process group or model exists.
+"""Cross-field checks of a job, run once before any process group or model exists.
 
-Each failure is a ValueError naming the field, the value and what would be allowed.
+`validate_config(cfg, world_size)` checks the whole config for that many processes and returns the resolved
+layout (ParallelDims) that everything after it uses. It sits above scaletrain.config (plain dataclasses) and
+scaletrain.parallel, which both stay free of each other's checks. Each failure is a ValueError naming the
+field, the value and what would be allowed.
 """
 
 from __future__ import annotations
