@@ -49,7 +49,13 @@ from scaletrain.parallel.pipeline import (
     stage_union,
 )
 from scaletrain.registry import Recipe, get_recipe
-from scaletrain.validate import grad_accum_steps, micro_batch_size, pipeline_microbatches, validate_config
+from scaletrain.validate import (
+    grad_accum_steps,
+    micro_batch_size,
+    pipeline_microbatches,
+    uses_loss_parallel,
+    validate_config,
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -131,8 +137,7 @@ class Trainer:
             if use_autocast
             else contextlib.nullcontext
         )
-        use_loss_parallel = dims.tp_enabled and cfg.parallel.loss_parallel and self.recipe.supports_loss_parallel
-        self.loss_context = loss_parallel if use_loss_parallel else contextlib.nullcontext
+        self.loss_context = loss_parallel if uses_loss_parallel(cfg, dims) else contextlib.nullcontext
         self.units_per_step = cfg.train.global_batch_size * self.recipe.units_per_sample(cfg)
         self.peak, self.peak_note = peak_tflops(device, DTYPES[cfg.train.dtype], cfg.metrics.peak_tflops)
         self.step = 0

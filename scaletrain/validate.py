@@ -33,6 +33,12 @@ def pipeline_microbatches(cfg: JobConfig, dims: ParallelDims) -> int:
     return cfg.parallel.microbatches or dims.pp
 
 
+def uses_loss_parallel(cfg: JobConfig, dims: ParallelDims) -> bool:
+    """Whether the loss runs on vocabulary-sharded logits: the one place this is decided, read by the trainer
+    (the loss context) and by the recipe's TP plan (the output projection's layout)."""
+    return dims.tp_enabled and cfg.parallel.loss_parallel and get_recipe(cfg.recipe).supports_loss_parallel
+
+
 def validate_config(cfg: JobConfig, world_size: int) -> ParallelDims:
     """Check the whole config for `world_size` processes; returns the resolved parallel dims."""
     dims = ParallelDims.resolve(cfg.parallel.degrees, world_size)

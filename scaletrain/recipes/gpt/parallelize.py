@@ -30,6 +30,7 @@ from scaletrain.parallel import (
 )
 from scaletrain.parallel.context_parallel import attention_function, load_balanced_positions
 from scaletrain.recipes.gpt.model import GPT
+from scaletrain.validate import uses_loss_parallel
 
 
 def apply_tensor_parallel(model: GPT, dims: ParallelDims, loss_parallel: bool) -> None:
@@ -110,7 +111,7 @@ def apply_context_parallel(model: GPT, dims: ParallelDims, method: str) -> None:
 def parallelize_gpt(model: GPT, dims: ParallelDims, cfg: JobConfig) -> GPT:
     blocks = list(model.layers.values())
     if dims.tp_enabled:
-        apply_tensor_parallel(model, dims, loss_parallel=cfg.parallel.loss_parallel)
+        apply_tensor_parallel(model, dims, loss_parallel=uses_loss_parallel(cfg, dims))
     if dims.cp_enabled:
         apply_context_parallel(model, dims, cfg.parallel.cp_method)
     apply_activation_checkpointing(blocks, cfg.activation_checkpoint)
