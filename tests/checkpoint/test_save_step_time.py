@@ -5,9 +5,10 @@ OpenMP team of its own; with more OpenMP threads than cores, GNU OpenMP stops sp
 regions, and every later step of the tiny GPT on 2 cores ran 20-35% slower (voluntary context switches per
 step ~10 -> ~1,200). A fresh process (earlier tests leave threads behind) trains, saves, trains again.
 
-Margins: the save may add no OS thread and no more than 50 + 3x the context switches per step (the
-mechanism, free of timing noise), and the median step after the save stays within 1.2x of the one before
-(observed 1.01-1.08 with the fix, 1.17-1.36 without).
+Margins: the save may add no OS thread and no more than 50 + 3x the voluntary context switches per step.
+These are the mechanism and free of timing noise: without the fix 6 -> 9 threads and 12 -> 1,251 switches
+per step. Step times are printed, not asserted (on 2 shared cores a loaded CI machine moves medians by more
+than the 20-35% the bug cost); `scaletrain bench` measures them against the plain loop, after a save too.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 WORKER = Path(__file__).with_name("save_step_time_worker.py")
 
 
-def test_steps_after_a_save_run_as_before(tmp_path):
+def test_a_save_leaves_no_thread_behind_to_slow_later_steps(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
         [sys.executable, str(WORKER), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600
@@ -32,4 +33,3 @@ def test_steps_after_a_save_run_as_before(tmp_path):
     print(report)
     assert after["threads"] == before["threads"], report
     assert after["switches_per_step"] <= 50 + 3 * before["switches_per_step"], report
-    assert after["median_s"] <= 1.2 * before["median_s"], report
