@@ -110,7 +110,12 @@ class Trainer:
         self.num_params = count_params(model)
         self.flops_per_sample = flops_per_sample(self.recipe, cfg, model, dataset)
         self.micro_batch_size = micro_batch_size(cfg, dims)
+        # Pipeline state, set by _build_model_parts when pp > 1; one process holds every stage otherwise.
         self.schedule = None
+        self.pipeline_stages: list[Any] = []
+        self.is_first_stage = self.is_last_stage = True
+        self._schedule_can_skip_outputs = False
+        self._accum_steps = 1  # micro-batches in the current step: the pipeline loss divides by it
         self.model_parts = self._build_model_parts(model)
         # One module holding every parameter this rank trains under the whole model's names:
         # the model itself, or a union of this rank's pipeline stages.
@@ -141,6 +146,12 @@ class Trainer:
         self.units_per_step = cfg.train.global_batch_size * self.recipe.units_per_sample(cfg)
         self.peak, self.peak_note = peak_tflops(device, DTYPES[cfg.train.dtype], cfg.metrics.peak_tflops)
         self.step = 0
+        c = cfg.checkpoint
+        self.checkpointer = Checkpointer(
+            self.checkpoint_root, keep=c.keep, async_mode=c.async_mode, fallback=c.fallback, verify=c.verify
+        )
+        self.watchdog = StepWatchdog(cfg.parallel.step_timeout_s, self.rank)  # started by fit()
+        self.preemption = Preemption()  # its signal handlers are installed by fit() only
 
     # -- building -----------------------------------------------------------------------------
     def _build_model_parts(self, model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -183,15 +194,6 @@ class Trainer:
     @property
     def checkpoint_root(self) -> Path:
         return self.run_dir / "checkpoints"
-
-    @property
-    def checkpointer(self) -> Checkpointer:
-        if getattr(self, "_checkpointer", None) is None:
-            c = self.cfg.checkpoint
-            self._checkpointer = Checkpointer(
-                self.checkpoint_root, keep=c.keep, async_mode=c.async_mode, fallback=c.fallback, verify=c.verify
-            )
-        return self._checkpointer
 
     def maybe_resume(self) -> str | None:
         """Collective: resume from the newest intact checkpoint, or load checkpoint.load_path.
@@ -265,20 +267,12 @@ class Trainer:
         return folder
 
     def _start_fault_handling(self) -> None:
-        self.preemption = Preemption()
         self.preemption.install()
         self.watchdog.start()
 
     def _stop_fault_handling(self) -> None:
-        if getattr(self, "preemption", None) is not None:
-            self.preemption.uninstall()
+        self.preemption.uninstall()
         self.watchdog.stop()
-
-    @property
-    def watchdog(self) -> StepWatchdog:
-        if getattr(self, "_watchdog", None) is None:
-            self._watchdog = StepWatchdog(self.cfg.parallel.step_timeout_s, self.rank)
-        return self._watchdog
 
     def _after_step(self, logger: MetricLogger) -> bool:
         """At a step boundary: the periodic save; on SIGTERM/SIGUSR1 (any rank) a final save. True = stop."""
