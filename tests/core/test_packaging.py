@@ -97,11 +97,19 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(module: str, is_package: bool, source: str) -> list[str]:
-    """Absolute names of everything `module` imports, relative imports resolved."""
+def _imports(module: str, is_package: bool, source: str, runtime_only: bool = False) -> list[str]:
+    """Absolute names of everything `module` imports, relative imports resolved; with `runtime_only`, not
+    those under `if TYPE_CHECKING:`."""
     package = module.split(".") if is_package else module.split(".")[:-1]
     found = []
-    for node in ast.walk(ast.parse(source)):
+    tree = ast.parse(source)
+    if runtime_only:
+        visitor = _RuntimeImports()
+        visitor.visit(tree)
+        nodes = visitor.found
+    else:
+        nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    for node in nodes:
         if isinstance(node, ast.Import):
             found += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -210,20 +218,10 @@ def core_unit_graph(modules: dict[str, tuple[bool, str]]) -> dict[str, set[str]]
 
     graph: dict[str, set[str]] = {}
     for module, (is_package, source) in modules.items():
-        package = module.split(".") if is_package else module.split(".")[:-1]
-        visitor = _RuntimeImports()
-        visitor.visit(ast.parse(source))
-        for node in visitor.found:
-            if isinstance(node, ast.Import):
-                targets = [alias.name for alias in node.names]
-            else:
-                base = package[: len(package) - node.level + 1] if node.level else []
-                name = ".".join(base + ([node.module] if node.module else []))
-                targets = [f"{name}.{a.name}" if f"{name}.{a.name}" in modules else name for a in node.names]
-            for target in targets:
-                a, b = unit(module), unit(target)
-                if a and b and a != b:
-                    graph.setdefault(a, set()).add(b)
+        for target in _imports(module, is_package, source, runtime_only=True):
+            a, b = unit(module), unit(target)
+            if a and b and a != b:
+                graph.setdefault(a, set()).add(b)
     return graph
 
 
