@@ -39,11 +39,11 @@ from scaletrain.bench_pipeline import (
 )
 from scaletrain.checkpoint import Checkpointer
 from scaletrain.config import JobConfig
+from scaletrain.config.schema import TORCH_DTYPES
 from scaletrain.data import ShardedLoader
 from scaletrain.distributed import destroy_distributed, init_distributed, world_size_from_env
 from scaletrain.metrics import mfu
 from scaletrain.parallel import init_model
-from scaletrain.parallel.data_parallel import DTYPES
 from scaletrain.registry import get_recipe
 from scaletrain.train import Trainer
 from scaletrain.validate import pipeline_microbatches, validate_config
@@ -127,7 +127,7 @@ class PlainLoop:
             foreach=None if fused else True,
         )
         self.autocast = (
-            (lambda: torch.autocast(trainer.device.type, dtype=DTYPES[cfg.train.dtype]))
+            (lambda: torch.autocast(trainer.device.type, dtype=TORCH_DTYPES[cfg.train.dtype]))
             if cfg.train.dtype != "fp32"
             else contextlib.nullcontext
         )

@@ -31,6 +31,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from scaletrain.checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError
 from scaletrain.checkpoint.faults import Preemption, StepWatchdog
 from scaletrain.config import JobConfig, config_to_dict, load_config
+from scaletrain.config.schema import TORCH_DTYPES
 from scaletrain.data import ShardedLoader
 from scaletrain.distributed import destroy_distributed, init_distributed, run_as_worker, world_size_from_env
 from scaletrain.ema import EMA
@@ -38,7 +39,6 @@ from scaletrain.metrics import MetricLogger, count_train_flops, mfu, peak_memory
 from scaletrain.optim import build_optimizer, set_lr
 from scaletrain.parallel import ParallelDims, init_model
 from scaletrain.parallel.context_parallel import shard_sequence
-from scaletrain.parallel.data_parallel import DTYPES
 from scaletrain.parallel.grad_norm import clip_grad_norm_
 from scaletrain.parallel.pipeline import (
     build_schedule,
@@ -138,13 +138,13 @@ class Trainer:
         # FSDP2 casts parameters itself (MixedPrecisionPolicy); elsewhere autocast does it.
         use_autocast = not sharded and cfg.train.dtype != "fp32"
         self.autocast = (
-            (lambda: torch.autocast(device.type, dtype=DTYPES[cfg.train.dtype]))
+            (lambda: torch.autocast(device.type, dtype=TORCH_DTYPES[cfg.train.dtype]))
             if use_autocast
             else contextlib.nullcontext
         )
         self.loss_context = loss_parallel if uses_loss_parallel(cfg, dims) else contextlib.nullcontext
         self.units_per_step = cfg.train.global_batch_size * self.recipe.units_per_sample(cfg)
-        self.peak, self.peak_note = peak_tflops(device, DTYPES[cfg.train.dtype], cfg.metrics.peak_tflops)
+        self.peak, self.peak_note = peak_tflops(device, TORCH_DTYPES[cfg.train.dtype], cfg.metrics.peak_tflops)
         self.step = 0
         c = cfg.checkpoint
         self.checkpointer = Checkpointer(

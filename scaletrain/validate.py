@@ -8,6 +8,8 @@ field, the value and what would be allowed.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from scaletrain.config.schema import JobConfig
@@ -19,6 +21,12 @@ from scaletrain.registry import get_recipe
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def check_all(checks: Iterable[tuple[bool, str]]) -> None:
+    """Raise ValueError with the message of the first failed (ok, message) pair: how recipes list their rules."""
+    for ok, message in checks:
+        _check(ok, message)
 
 
 def micro_batch_size(cfg: JobConfig, dims: ParallelDims) -> int:

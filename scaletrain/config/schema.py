@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
+
 
 def opt(default: Any, help: str) -> Any:
     """A dataclass field with a help string (mutable defaults go through a factory)."""
@@ -25,6 +27,10 @@ class JobSection:
     seed: int = opt(0, "Seed for weights, data order and dropout; same seed + layout = same run.")
     deterministic: bool = opt(False, "Use deterministic algorithms (bitwise repeatable, slower on GPU).")
     description: str = opt("", "Free text, stored with the run.")
+
+
+# What train.dtype and train.reduce_dtype name, for every layer that casts (autocast, FSDP2, kernels' choice).
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-from scaletrain.config.schema import ParallelSection, TrainSection
+from scaletrain.config.schema import TORCH_DTYPES, ParallelSection, TrainSection
 from scaletrain.parallel.dims import ParallelDims
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _reshard_after_forward(policy: str, is_root: bool, pipelined: bool) -> bool:
@@ -37,7 +34,9 @@ def apply_fsdp(
     # HSDP: replicate across the outer axis, shard across the inner (which includes cp,
     # because cp ranks hold identical weights and can share the shards).
     fsdp_mesh = dims.hsdp_mesh() if dims.dp_replicate > 1 else dims.axis("dp_shard_cp")
-    mp_policy = MixedPrecisionPolicy(param_dtype=DTYPES[train.dtype], reduce_dtype=DTYPES[train.reduce_dtype])
+    mp_policy = MixedPrecisionPolicy(
+        param_dtype=TORCH_DTYPES[train.dtype], reduce_dtype=TORCH_DTYPES[train.reduce_dtype]
+    )
     offload: OffloadPolicy = CPUOffloadPolicy() if parallel.fsdp_cpu_offload else OffloadPolicy()
     for block in blocks:
         fully_shard(

@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor, Replicate, distribute_module
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from scaletrain import ops
-from scaletrain.config.schema import JobConfig
+from scaletrain.config.schema import TORCH_DTYPES, JobConfig
 from scaletrain.distributed import training_device_type
 from scaletrain.parallel import (
     ParallelDims,
@@ -29,7 +29,6 @@ from scaletrain.parallel import (
     apply_compile,
     apply_data_parallel,
 )
-from scaletrain.parallel.data_parallel import DTYPES
 from scaletrain.recipes.diffusion.dit import DiT
 
 
@@ -80,7 +79,7 @@ def resolve_attention(model: nn.Module, cfg: JobConfig, tokens: int | None) -> N
             choice = ops.resolve_attention(
                 cfg.model.attention,
                 device_type=training_device_type(),
-                dtype=DTYPES[cfg.train.dtype],
+                dtype=TORCH_DTYPES[cfg.train.dtype],
                 head_dim=module.head_dim,
                 seq_len=tokens,
             )

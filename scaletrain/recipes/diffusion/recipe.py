@@ -29,6 +29,7 @@ from scaletrain.recipes.diffusion.data import (
 )
 from scaletrain.recipes.diffusion.metrics import to_classifier_size  # noqa: F401 - re-exported for callers of this module
 from scaletrain.recipes.diffusion.process import Process, sample
+from scaletrain.validate import check_all
 
 
 def make_process(model_cfg: Any) -> Process:
@@ -120,9 +121,7 @@ def validate_common(cfg: JobConfig, dims: ParallelDims) -> None:
             (bool(d.path), "data.path: data.source=latents needs the latent cache folder in data.path"),
             (not m.clip_x0, "model.clip_x0: latents are not confined to [-1, 1]; set model.clip_x0=false"),
         ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+    check_all(checks)
 
 
 def check_data_files(cfg: JobConfig) -> None:
@@ -166,9 +165,7 @@ def validate_dit(cfg: JobConfig, dims: ParallelDims) -> None:
             (m.n_heads % tp == 0, f"parallel.tp: {tp} does not divide model.n_heads={m.n_heads}"),
             (m.hidden_dim % tp == 0, f"parallel.tp: {tp} does not divide the MLP hidden width {m.hidden_dim}"),
         ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+    check_all(checks)
     check_data_files(cfg)
 
 
@@ -199,9 +196,7 @@ def validate_unet(cfg: JobConfig, dims: ParallelDims) -> None:
                     f"{c} channels give heads of {head_dim}",
                 )
             )
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+    check_all(checks)
     check_data_files(cfg)
 
 

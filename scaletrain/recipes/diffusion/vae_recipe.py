@@ -19,6 +19,7 @@ from scaletrain.config.schema import JobConfig
 from scaletrain.parallel.dims import ParallelDims
 from scaletrain.recipes.diffusion.data import _generator
 from scaletrain.recipes.diffusion.recipe import image_dataset, image_grid
+from scaletrain.validate import check_all
 
 
 class VAEItems:
@@ -74,9 +75,7 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
     for mult in m.channel_mult:
         c = m.channels * mult
         checks.append((c % min(m.groups, c) == 0, f"model.groups: {m.groups} does not divide {c} channels"))
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+    check_all(checks)
     if d.source == "folder":  # last: it reads the folder (see recipe.check_data_files)
         image_dataset(cfg)
 

@@ -13,10 +13,9 @@ import torch.nn.functional as F
 
 from scaletrain import ops
 from scaletrain.config import MissingDataError
-from scaletrain.config.schema import JobConfig, opt
+from scaletrain.config.schema import TORCH_DTYPES, JobConfig, opt
 from scaletrain.data import TokenWindowDataset, bundled_corpus_path, load_tokenizer, load_tokens
 from scaletrain.distributed import training_device_type
-from scaletrain.parallel.data_parallel import DTYPES
 from scaletrain.parallel.dims import ParallelDims
 from scaletrain.parallel.pipeline import num_stages, split_layers
 from scaletrain.recipes.gpt import hf
@@ -24,6 +23,7 @@ from scaletrain.recipes.gpt.bench_baselines import bench_baselines
 from scaletrain.recipes.gpt.model import GPT, GPTConfig
 from scaletrain.recipes.gpt.parallelize import parallelize_gpt
 from scaletrain.registry import PipelineSpec, Recipe, register_recipe
+from scaletrain.validate import check_all
 
 
 @dataclass
@@ -73,7 +73,7 @@ def attention_choice(cfg: JobConfig) -> ops.AttentionChoice:
     return ops.resolve_attention(
         cfg.model.attention,
         device_type=training_device_type(),
-        dtype=DTYPES[cfg.train.dtype],
+        dtype=TORCH_DTYPES[cfg.train.dtype],
         head_dim=cfg.model.head_dim,
         seq_len=cfg.data.seq_len,
     )
@@ -178,9 +178,7 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
                 f"parallel.cp_method: alltoall needs the heads per tp rank ({local_heads}) divisible by cp={dims.cp}",
             ),
         ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+    check_all(checks)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > m.vocab_size:
         raise ValueError(
