@@ -47,8 +47,9 @@ def check_layout(config: str | None, overrides: list[str]) -> int:
     """Load and validate the layout's config for the world size it needs, as the trainer will; that size.
 
     Raises ValueError naming the field, so a bad layout fails before any process starts."""
-    nproc = processes_for(config, overrides)
-    validate_config(load_config(config, overrides + PARITY_OVERRIDES), nproc)
+    cfg = load_config(config, overrides + PARITY_OVERRIDES)
+    nproc = implied_world_size(cfg.parallel.degrees)
+    validate_config(cfg, nproc)
     return nproc
 
 

@@ -12,6 +12,7 @@ count against `cfg.parallel.degrees` for the world size the launch will produce.
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
 import socket
@@ -89,6 +90,23 @@ def load_checked_config(config: str | Path, overrides: list[str]) -> JobConfig:
 # CPU cores asked for each GPU rank when --cpus-per-task is not given: its data-loader workers and host-side
 # work want several (8 x 8 GPUs = 64 of a GPU node's cores). A CPU rank gets one; its threads are the compute.
 CPUS_PER_GPU_RANK = 8
+
+
+def add_slurm_arguments(parser: argparse.ArgumentParser, ranks_are: str, cores_per_task_are: str) -> None:
+    """The flags both Slurm launchers (sbatch, submitit) take: the config and what to ask Slurm for."""
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("--nodes", "--nnodes", dest="nodes", type=int, default=1, help="number of nodes")
+    parser.add_argument("--nproc-per-node", type=int, default=1, help=f"ranks ({ranks_are}) per node")
+    parser.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="GPUs per node: --nproc-per-node (default) or 0 for CPU ranks (the default with parallel.backend=gloo)",
+    )
+    parser.add_argument("--cpus-per-task", type=int, default=None, help=cores_per_task_are)
+    parser.add_argument("--mem-gb", type=float, default=0.0, help="memory per node in GB (0 = cluster default)")
+    parser.add_argument("--time-min", type=int, default=60, help="time limit in minutes")
+    parser.add_argument("--partition", default=None, help="Slurm partition")
 
 
 def slurm_resources(

@@ -28,7 +28,14 @@ from pathlib import Path
 
 from scaletrain.launchers import SOURCE_ROOT
 from scaletrain.launchers.argv import run_launcher
-from scaletrain.launchers.checks import CPUS_PER_GPU_RANK, LaunchError, check_launch, require, slurm_resources
+from scaletrain.launchers.checks import (
+    CPUS_PER_GPU_RANK,
+    LaunchError,
+    add_slurm_arguments,
+    check_launch,
+    require,
+    slurm_resources,
+)
 from scaletrain.launchers.inprocess import absolute_job, run_dir_of
 
 TEMPLATES = {False: SOURCE_ROOT / "slurm" / "train.sbatch", True: SOURCE_ROOT / "slurm" / "train_requeue.sbatch"}
@@ -147,24 +154,9 @@ def wait_for_job(job_id: str, timeout_s: float = float("inf"), poll_s: float = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config file")
-    parser.add_argument("--nodes", "--nnodes", dest="nodes", type=int, default=1, help="number of nodes")
-    parser.add_argument("--nproc-per-node", type=int, default=1, help="ranks (GPUs) per node")
-    parser.add_argument(
-        "--gpus-per-node",
-        type=int,
-        default=None,
-        help="GPUs per node: --nproc-per-node (default) or 0 for CPU ranks (the default with parallel.backend=gloo)",
+    add_slurm_arguments(
+        parser, "GPUs", f"CPU cores for each node's task (default: {CPUS_PER_GPU_RANK} per GPU rank, 1 per CPU rank)"
     )
-    parser.add_argument(
-        "--cpus-per-task",
-        type=int,
-        default=None,
-        help=f"CPU cores for each node's task (default: {CPUS_PER_GPU_RANK} per GPU rank, 1 per CPU rank)",
-    )
-    parser.add_argument("--mem-gb", type=float, default=0.0, help="memory per node in GB (0 = cluster default)")
-    parser.add_argument("--time-min", type=int, default=60, help="time limit in minutes")
-    parser.add_argument("--partition", default=None, help="Slurm partition")
     parser.add_argument("--max-restarts", type=int, default=0, help="torchrun worker-group restarts")
     parser.add_argument("--requeue", action="store_true", help="use the requeue-on-preemption template")
     parser.add_argument("--template", default=None, help="your own template with the same {{FIELDS}}")

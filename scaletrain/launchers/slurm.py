@@ -25,7 +25,14 @@ from typing import Any
 
 from scaletrain.launchers import SOURCE_ROOT
 from scaletrain.launchers.argv import run_launcher
-from scaletrain.launchers.checks import CPUS_PER_GPU_RANK, LaunchError, check_launch, require, slurm_resources
+from scaletrain.launchers.checks import (
+    CPUS_PER_GPU_RANK,
+    LaunchError,
+    add_slurm_arguments,
+    check_launch,
+    require,
+    slurm_resources,
+)
 from scaletrain.launchers.inprocess import TrainJob, absolute_job, run_dir_of, train_in_process
 from scaletrain.launchers.slurm_env import torch_env_from_slurm
 
@@ -115,24 +122,9 @@ def wait(job: Any) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config file")
-    parser.add_argument("--nodes", "--nnodes", dest="nodes", type=int, default=1, help="number of nodes")
-    parser.add_argument("--nproc-per-node", type=int, default=1, help="ranks (Slurm tasks) per node")
-    parser.add_argument(
-        "--gpus-per-node",
-        type=int,
-        default=None,
-        help="GPUs per node: --nproc-per-node (default) or 0 for CPU ranks (the default with parallel.backend=gloo)",
+    add_slurm_arguments(
+        parser, "Slurm tasks", f"CPU cores per rank (default: {CPUS_PER_GPU_RANK} for a GPU rank, 1 for a CPU rank)"
     )
-    parser.add_argument(
-        "--cpus-per-task",
-        type=int,
-        default=None,
-        help=f"CPU cores per rank (default: {CPUS_PER_GPU_RANK} for a GPU rank, 1 for a CPU rank)",
-    )
-    parser.add_argument("--mem-gb", type=float, default=0.0, help="memory per node in GB (0 = cluster default)")
-    parser.add_argument("--time-min", type=int, default=60, help="time limit in minutes")
-    parser.add_argument("--partition", default=None, help="Slurm partition")
     parser.add_argument("--log-dir", default=None, help="submitit folder (default <run_dir>/<name>/slurm)")
     parser.add_argument("--wait", action="store_true", help="wait for the job and return its status")
 
