@@ -256,13 +256,17 @@ def bench(cfg: JobConfig, steps: int = 10, warmup: int = 3, rounds: int = 3) -> 
         after_save = None
         if with_save:
             # Steps must not slow down once a checkpoint was written (tests/checkpoint/test_save_step_time.py).
-            with tempfile.TemporaryDirectory(prefix="scaletrain-bench-") as tmp:
-                trainer.save(Checkpointer(Path(tmp), keep=1))
+            # With the run's checkpoint.async_mode: an async save leaves a writer thread behind.
             # Timed against the plain loop again, so drift in machine load does not read as a slowdown.
             after, plain_after = [], []
-            for _ in range(rounds):
-                plain_after.append(_timed(loops[PLAIN].train_step, steps, info.device))
-                after.append(_timed(trainer.train_step, steps, info.device))
+            with tempfile.TemporaryDirectory(prefix="scaletrain-bench-") as tmp:
+                checkpointer = Checkpointer(Path(tmp), keep=1, async_mode=cfg.checkpoint.async_mode)
+                trainer.save(checkpointer)
+                checkpointer.finish()
+                for _ in range(rounds):
+                    plain_after.append(_timed(loops[PLAIN].train_step, steps, info.device))
+                    after.append(_timed(trainer.train_step, steps, info.device))
+                checkpointer.close()
             after_s = statistics.median(after)
             after_save = (units / after_s, statistics.median(plain_after) / after_s)
         st_s = seconds.pop("scaletrain")

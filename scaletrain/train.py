@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from scaletrain.checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError
+from scaletrain.checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError, seed_rng
 from scaletrain.checkpoint.faults import Preemption, StepWatchdog
 from scaletrain.config import JobConfig, config_to_dict, load_config
 from scaletrain.config.schema import TORCH_DTYPES
@@ -101,7 +101,7 @@ class Trainer:
         self.rank = dist.get_rank()
         self.run_dir = Path(cfg.job.run_dir) / cfg.job.name
         dims.build_mesh(device.type)
-        torch.manual_seed(cfg.job.seed)
+        seed_rng(cfg.job.seed)  # torch, Python and NumPy: recipes may draw from any of them
         if cfg.job.deterministic:
             torch.use_deterministic_algorithms(True)
 
@@ -406,7 +406,7 @@ class Trainer:
                     self.evaluate(logger)
                 if self._after_step(logger):
                     break
-            self.checkpointer.finish()  # publish an async save still in flight
+            self.checkpointer.close()  # publish an async save still in flight, stop its writer thread
             return history
         finally:
             self._stop_fault_handling()

@@ -11,7 +11,7 @@ See docs/checkpoints.md for the user's view.
 """
 
 from scaletrain.checkpoint.format import FORMAT_VERSION, CheckpointError, CheckpointMismatchError, complete_checkpoints
-from scaletrain.checkpoint.store import Checkpointer, load_checkpoint
+from scaletrain.checkpoint.store import Checkpointer, load_checkpoint, seed_rng
 
 __all__ = [
     "FORMAT_VERSION",
@@ -20,4 +20,5 @@ __all__ = [
     "Checkpointer",
     "complete_checkpoints",
     "load_checkpoint",
+    "seed_rng",
 ]

@@ -4,8 +4,8 @@ Save (collective; every rank calls it at the same step):
   1. rank 0 creates `step-N.partial/` (a read-only root fails here, on every rank, naming it);
   2. each rank writes its RNG state to `rng/rank-XXXXX.json`, rank 0 writes trainer.json;
   3. DCP writes each rank's shards — synchronously, or (checkpoint.async_mode=async) from a
-     CPU copy in a background thread, over a separate gloo group so its collectives never
-     interleave with training's;
+     CPU copy made on the training thread, by a long-lived writer thread over a separate gloo
+     group so its collectives never interleave with training's (see `AsyncWriter`);
   4. publish, once every rank's write has finished (at once for sync; at the next save or at
      `finish()` for async): ranks hash the files between them, rank 0 writes the manifest
      and renames the folder to `step-N/`, then prunes to the newest `checkpoint.keep`.
@@ -30,7 +30,7 @@ import random
 import shutil
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,15 +75,17 @@ OPTIMIZER_STATE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 @contextlib.contextmanager
 def one_thread_for_new_threads() -> Iterator[None]:
-    """Run a checkpoint read or write with torch's intra-op threads at 1, so threads that first use torch
-    inside it (gloo's workers running DCP's collectives, an async save's thread) start with one thread.
+    """Run checkpoint work with torch's intra-op threads at 1, so threads that first use torch inside it
+    (gloo's workers running the checkpoint's object collectives, the async writer) start with one thread.
 
-    With GNU OpenMP every thread that runs a large torch op gets an OpenMP team of its own, for life; once
-    libgomp manages more threads than there are cores, it stops spinning between parallel regions. DCP's
-    object collectives copy large buffers on gloo's worker threads, and after the first save every training
-    step ran 20-35% slower (tiny GPT on 2 cores: voluntary context switches per step went from ~10 to ~1,200).
-    The checkpoint work itself is I/O and copies, which one thread does at the same speed. Only for work that
-    has finished when the block ends (sync saves, loads): torch.set_num_threads also sets MKL's global count.
+    A thread's intra-op count is fixed by its first torch op, and with GNU OpenMP every thread that runs a
+    large torch op keeps an OpenMP team of its own; once libgomp manages more threads than there are cores,
+    it stops spinning between parallel regions. Object collectives copy large buffers on gloo's worker
+    threads, and after the first save every training step ran 20-35% slower (tiny GPT on 2 cores: voluntary
+    context switches per step went from ~10 to ~1,200). The checkpoint work itself is I/O and copies, which
+    one thread does at the same speed. Every collective `Checkpointer` method runs under it; it is only for
+    work that has finished when the block ends, as a thread whose first torch op came later would take the
+    restored count.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -244,6 +246,48 @@ def check_shapes(folder: Path, state: dict[str, Any]) -> None:
 
 
 # -- saving -------------------------------------------------------------------------------------
+class AsyncWriter:
+    """The thread that writes async checkpoints, and the gloo group its collectives use.
+
+    Built so a save in flight cannot touch training: the state is copied on the training thread before the
+    write starts (the writer never reads a tensor the optimizer is updating), and the writer thread and the
+    group's worker threads run torch ops with one intra-op thread. The threads are made once and reused;
+    their thread count is fixed by their first torch op, which `__init__` runs while the training thread
+    waits with torch's count at 1 (`one_thread_for_new_threads`). With `dcp.async_save`'s fresh thread per
+    save, those threads kept OpenMP teams as large as the training thread's: 6 -> 11 OS threads after the
+    first async save of the tiny GPT, voluntary context switches per step 30 -> 980 on 2 cores, as the
+    oversubscribed OpenMP runtime stopped spinning between the training thread's parallel regions. Now the
+    save adds 4 threads with no team, and the training thread makes no voluntary switch.
+    """
+
+    # More concurrent collectives than gloo has worker threads (2 by default), so each worker takes one.
+    _PRIMING_COLLECTIVES = 8
+
+    def __init__(self) -> None:
+        self.group = dist.new_group(backend="gloo")  # collective: every rank builds its writer at once
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scaletrain-checkpoint")
+        with one_thread_for_new_threads():
+            self._thread.submit(self._prime).result()
+
+    def _prime(self) -> None:
+        torch.zeros(64).add_(1)  # this thread's first torch op fixes its intra-op count at 1
+        inputs = [torch.ones(64) for _ in range(self._PRIMING_COLLECTIVES)]
+        outputs = [[torch.empty(64) for _ in range(dist.get_world_size())] for _ in inputs]
+        # all_gather copies into its outputs on the worker that runs it: that is the workers' first torch op
+        works = [dist.all_gather(o, i, group=self.group, async_op=True) for o, i in zip(outputs, inputs, strict=True)]
+        for work in works:
+            work.wait()
+
+    def save(self, state: dict[str, Any], writer: dcp.FileSystemWriter) -> Future:
+        """Copy `state` to CPU memory now, write the copy in the background; the future ends with the write."""
+        staged = writer.stage(state)  # DCP's own copy (FileSystemWriter is a blocking stager)
+        return self._thread.submit(dcp.save, staged, storage_writer=writer, process_group=self.group)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+        dist.destroy_process_group(self.group)
+
+
 @dataclass
 class _Pending:
     """A save whose shards may still be in flight; published by `Checkpointer.finish`."""
@@ -278,9 +322,10 @@ class Checkpointer:
         self.fallback = fallback
         self.verify_checksums = verify == "checksum"
         self._pending: _Pending | None = None
-        self._async_group: dist.ProcessGroup | None = None
+        self._async_writer: AsyncWriter | None = None
 
     # ---- save
+    @one_thread_for_new_threads()
     def check_writable(self) -> None:
         """Fail at startup, not after hours of training, if the root cannot be written."""
         error = None
@@ -295,6 +340,7 @@ class Checkpointer:
                 error += " or point job.run_dir somewhere writable"
         _raise_if_any(error)
 
+    @one_thread_for_new_threads()
     def save(
         self,
         step: int,
@@ -326,25 +372,16 @@ class Checkpointer:
         writer = dcp.FileSystemWriter(str(partial))
         extra = {"layout": layout, "world_size": world, "step": step}
         if self.async_mode == "async":
-            # Not under one_thread_for_new_threads: training goes on while the save's threads start, and a
-            # thread that picked up the temporary 1 could set MKL's global thread count after it is restored.
-            response = dcp.async_save(state, storage_writer=writer, process_group=self._group())
-            # torch >= 2.9 may return an AsyncSaveResponse; its upload future is what we wait on.
-            upload = getattr(response, "upload_completion", response)
-            self._pending = _Pending(step, partial, final, upload, extra)
+            if self._async_writer is None:  # collective, once: every rank reaches its first save at one step
+                self._async_writer = AsyncWriter()
+            self._pending = _Pending(step, partial, final, self._async_writer.save(state, writer), extra)
         else:
-            with one_thread_for_new_threads():
-                dcp.save(state, storage_writer=writer)
+            dcp.save(state, storage_writer=writer)
             self._pending = _Pending(step, partial, final, None, extra)
             self.finish()
         return final
 
-    def _group(self) -> dist.ProcessGroup:
-        if self._async_group is None:
-            # Collective, once: every rank reaches its first async save at the same step.
-            self._async_group = dist.new_group(backend="gloo")
-        return self._async_group
-
+    @one_thread_for_new_threads()
     def finish(self) -> Path | None:
         """Wait for an in-flight save and publish it. Returns the published folder, if any."""
         pending, self._pending = self._pending, None
@@ -359,6 +396,14 @@ class Checkpointer:
         _raise_if_any(error)
         self._publish(pending)
         return pending.final
+
+    @one_thread_for_new_threads()
+    def close(self) -> None:
+        """Publish a save in flight and stop the async writer (collective)."""
+        self.finish()
+        if self._async_writer is not None:
+            self._async_writer.close()
+            self._async_writer = None
 
     def _publish(self, pending: _Pending) -> None:
         rank, world = _world()
@@ -399,6 +444,7 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
 
     # ---- find and load
+    @one_thread_for_new_threads()
     def verify(self, folder: Path) -> str | None:
         """Collective: None if `folder` is a complete, intact checkpoint, else the problem."""
         rank, world = _world()
@@ -411,6 +457,7 @@ class Checkpointer:
         dist.all_gather_object(gathered, next((p for p in problems if p), None))
         return next((p for p in gathered if p), None)
 
+    @one_thread_for_new_threads()
     def find_resumable(self) -> tuple[Path | None, list[str]]:
         """Collective: the newest intact checkpoint under the root, and notes on any skipped."""
         notes: list[str] = []
@@ -426,6 +473,7 @@ class Checkpointer:
             notes.append(f"checkpoint.fallback: skipping damaged checkpoint {folder}: {problem}")
         return None, notes
 
+    @one_thread_for_new_threads()
     def load(
         self,
         folder: Path,
