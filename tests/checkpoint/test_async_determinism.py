@@ -64,7 +64,8 @@ def _assert_async_run_is_bitwise_equal(layout: str, sync_reference, tmp_path: Pa
     want_steps, want_files = sync_reference(layout)
     got_steps, got_files = _train(tmp_path, layout, "async")
     assert len(got_steps) == 12
-    assert got_steps == want_steps, [(i + 1, a, b) for i, (a, b) in enumerate(zip(got_steps, want_steps)) if a != b]
+    differing = [(i + 1, a, b) for i, (a, b) in enumerate(zip(got_steps, want_steps, strict=True)) if a != b]
+    assert not differing, differing
     assert any(name.startswith("__") for name in want_files) and got_files == want_files
 
 

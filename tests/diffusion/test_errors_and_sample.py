@@ -98,6 +98,8 @@ def test_train_then_sample_writes_a_png_grid(tmp_path):
     done = subprocess.run(train, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert list((tmp_path / "s" / "tb").iterdir())  # the eval grid went to TensorBoard
+    png = tmp_path / "s" / "samples" / "step-00000002.png"  # ...and to a PNG beside the checkpoints
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ckpt = tmp_path / "s" / "checkpoints" / "step-00000002"
     out = tmp_path / "grid.png"
     sample = [sys.executable, "-m", "scaletrain.cli", "sample", str(ckpt), "--config", DIT, *small, "--metrics",

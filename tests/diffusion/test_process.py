@@ -69,6 +69,22 @@ def test_invalid_process_settings_are_rejected():
         Process("flow", "eps")
     with pytest.raises(ValueError, match="model.schedule"):
         Process("sigmoid", "eps")
+    with pytest.raises(ValueError, match="model.time_sampling: logit_normal is for the flow schedule"):
+        Process("linear", "eps", time_sampling="logit_normal")
+    with pytest.raises(ValueError, match="model.time_sampling: 'beta' is not allowed"):
+        Process("flow", "v", time_sampling="beta")
+
+
+def test_logit_normal_times_are_the_sigmoid_of_a_standard_normal():
+    """SD3's training-time density: median 1/2, and P(t < sigmoid(-1)) = P(z < -1) = 0.1587."""
+    p, uniform = Process("flow", "v", time_sampling="logit_normal"), Process("flow", "v")
+    g = torch.Generator().manual_seed(0)
+    t = torch.stack([p.sample_time(g) for _ in range(20_000)])
+    assert 0 < t.min() and t.max() < 1
+    assert abs(t.median().item() - 0.5) < 0.01
+    assert abs((t < torch.sigmoid(torch.tensor(-1.0))).double().mean().item() - 0.1587) < 0.01
+    u = torch.stack([uniform.sample_time(g) for _ in range(20_000)])
+    assert abs((u < 0.2).double().mean().item() - 0.2) < 0.01  # the default stays uniform
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])

@@ -19,6 +19,11 @@ class DiffusionSettings:
         "linear", "Noise schedule: DDPM linear, cosine, or rectified flow (x_t = (1-t) x0 + t eps)."
     )
     prediction: Literal["eps", "v", "x0"] = opt("eps", "What the network predicts (flow: v = eps - x0).")
+    time_sampling: Literal["uniform", "logit_normal"] = opt(
+        "uniform",
+        "Training times of the flow schedule: uniform in [0, 1], or logit_normal (sigmoid of a standard normal, "
+        "as in SD3: most training on mid-way noise levels).",
+    )
     timesteps: int = opt(1000, "Training timesteps T of the DDPM schedules.")
     num_classes: int = opt(0, "Classes for class conditioning; 0 = unconditional.")
     class_dropout: float = opt(0.1, "Probability of training on the null class (classifier-free guidance).")

@@ -9,8 +9,9 @@ k(x, y) = (x.y / d + 1)^3, averaged over random subsets; it is ~0 for equal dist
 
 Features, and how outputs name them:
   - *_shapes: by default `ShapesClassifier` — a small CNN the project trains on the bundled
-    shapes (deterministic from a seed, shipped in assets/) — supplies 128-d features. Its
-    numbers are only comparable with each other, never with Inception FIDs.
+    shapes (deterministic from a seed, shipped in assets/) — supplies 128-d features, scaled
+    to unit root-mean-square on held-out real shapes (`feature_scale`). Its numbers are only
+    comparable with each other, never with Inception FIDs.
   - *_inception: with `model.eval_inception_weights` pointing at a local Inception-v3 state
     dict, the standard 2048-d pool features (inception.py), images resized to 299.
 `feature_labels(cfg)` says in words which extractor produced which keys; evaluation prints it.
@@ -105,6 +106,7 @@ class ShapesClassifier(nn.Module):
         )
         self.fc = nn.Linear(width * 4, 128)  # 128-d features for FID/KID
         self.head = nn.Linear(128, num_classes)
+        self.feature_scale = 1.0  # what `extract` multiplies features by; set by `shapes_classifier`
 
     def features(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         h = x_BCHW
@@ -141,6 +143,23 @@ def train_shapes_classifier(
 
 
 ASSETS = Path(__file__).parent / "assets"
+SCALE_SAMPLES, SCALE_SEED = 512, 20_000  # held-out shapes (training data uses seed 0, the classifier 10_000)
+
+
+@torch.no_grad()
+def feature_scale(model: ShapesClassifier, image_size: int = 32, num_classes: int = 6) -> float:
+    """1 / RMS of the classifier's features on held-out real shapes.
+
+    KID's kernel (x.y / d + 1)^3 and FID's squared distances assume features of a fixed scale: Inception's
+    pool features, whose x.y / d is of order 1. The raw shapes features have an RMS of ~4.3 (x.y / d ~ 19,
+    kernel entries ~7,600), which put KID at ~1e7 and FID in the thousands. Scaled to unit RMS, x.y / d of
+    real features is ~1, KID of two real sets is ~0 and FID is in units of the real features' variance.
+    """
+    from scaletrain.recipes.diffusion.data import ShapesDataset
+
+    data = ShapesDataset(SCALE_SAMPLES, image_size, num_classes, seed=SCALE_SEED)
+    images = torch.stack([data[i]["image"] for i in range(SCALE_SAMPLES)])
+    return float(model.features(images).square().mean().rsqrt())
 
 
 def shapes_classifier(
@@ -150,26 +169,35 @@ def shapes_classifier(
     once (deterministically, ~2 CPU minutes) and cached on disk."""
     name = f"shapes_classifier_{image_size}px_{num_classes}c.pt"
     cache = Path(cache_dir or Path.home() / ".cache" / "scaletrain")
-    for path in (ASSETS / name, cache / name):
-        if path.is_file():
-            model = ShapesClassifier(num_classes)
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return model.eval()
-    model = train_shapes_classifier(image_size, num_classes)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / (name + ".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(cache / name)
+    key = (image_size, num_classes, str(cache))
+    if key in _CLASSIFIERS:
+        return _CLASSIFIERS[key]
+    found = next((path for path in (ASSETS / name, cache / name) if path.is_file()), None)
+    if found is not None:
+        model = ShapesClassifier(num_classes)
+        model.load_state_dict(torch.load(found, map_location="cpu", weights_only=True))
+    else:
+        model = train_shapes_classifier(image_size, num_classes)
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / (name + ".tmp")
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(cache / name)
+    model.eval()
+    model.feature_scale = feature_scale(model, image_size, num_classes)
+    _CLASSIFIERS[key] = model
     return model
+
+
+_CLASSIFIERS: dict[tuple, ShapesClassifier] = {}  # loaded (and scaled) once per process
 
 
 @torch.no_grad()
 def extract(model: ShapesClassifier, images_BCHW: torch.Tensor, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """(features_BF, predicted labels_B) of images in [-1, 1]."""
+    """(features_BF times model.feature_scale, predicted labels_B) of images in [-1, 1]."""
     feats, preds = [], []
     for start in range(0, len(images_BCHW), batch):
         f = model.features(images_BCHW[start : start + batch].float())
-        feats.append(f)
+        feats.append(f * model.feature_scale)
         preds.append(model.head(f).argmax(dim=-1))
     return torch.cat(feats).numpy(), torch.cat(preds).numpy()
 

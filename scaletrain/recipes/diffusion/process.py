@@ -55,6 +55,7 @@ class Process:
     schedule: str  # "linear" | "cosine" | "flow"
     prediction: str  # "eps" | "x0" | "v"
     num_steps: int = 1000
+    time_sampling: str = "uniform"  # flow only: "uniform" or "logit_normal" training times
 
     def __post_init__(self) -> None:
         if self.schedule not in ("linear", "cosine", "flow"):
@@ -63,6 +64,10 @@ class Process:
             raise ValueError(f"model.prediction: {self.prediction!r} is not allowed; use eps, x0 or v")
         if self.schedule == "flow" and self.prediction != "v":
             raise ValueError("model.prediction: the flow schedule trains the velocity; use prediction=v")
+        if self.time_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"model.time_sampling: {self.time_sampling!r} is not allowed; use uniform or logit_normal")
+        if self.time_sampling != "uniform" and not self.is_flow:
+            raise ValueError("model.time_sampling: logit_normal is for the flow schedule; DDPM samples uniformly")
         if self.num_steps < 2:
             raise ValueError(f"model.timesteps: {self.num_steps} is not allowed; use >= 2")
         if self.schedule != "flow":
@@ -89,6 +94,10 @@ class Process:
 
     # -- training --------------------------------------------------------------------------------
     def sample_time(self, generator: torch.Generator) -> torch.Tensor:
+        if self.is_flow and self.time_sampling == "logit_normal":
+            # SD3's logit-normal times (Esser et al. 2024): most draws are mid-way, where the
+            # image's layout is decided; t near 0 (almost clean) and 1 (pure noise) teach little.
+            return torch.sigmoid(torch.randn((), generator=generator, dtype=torch.float64))
         if self.is_flow:
             return torch.rand((), generator=generator, dtype=torch.float64)
         return torch.randint(0, self.num_steps, (), generator=generator)

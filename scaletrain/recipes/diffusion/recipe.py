@@ -8,6 +8,7 @@ maps (x_t, t, y) to its prediction and the loss is the plain mean-squared error 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ from scaletrain.validate import check_all
 
 
 def make_process(model_cfg: Any) -> Process:
-    return Process(model_cfg.schedule, model_cfg.prediction, model_cfg.timesteps)
+    return Process(model_cfg.schedule, model_cfg.prediction, model_cfg.timesteps, model_cfg.time_sampling)
 
 
 def image_dataset(cfg: JobConfig) -> Any:
@@ -342,7 +343,12 @@ def evaluate(model: nn.Module, cfg: JobConfig, step: int, logger: Any) -> dict[s
     if images is None:
         return {}
     ncol = m.num_classes if 0 < m.num_classes <= 16 else None
-    logger.log_image(step, "samples", image_grid(images, ncol))
+    grid = image_grid(images, ncol)
+    logger.log_image(step, "samples", grid)
+    # Also as a PNG beside the checkpoints, to look at without TensorBoard.
+    png = Path(cfg.job.run_dir) / cfg.job.name / "samples" / f"step-{step:08d}.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    save_png(grid, str(png))
     from scaletrain.recipes.diffusion.metrics import feature_labels, sample_metrics
 
     for line in feature_labels(cfg):
