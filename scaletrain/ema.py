@@ -15,20 +15,26 @@ from torch import nn
 
 
 class EMA:
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"train.ema_decay: {decay} is not allowed; use a value in (0, 1)")
-        self.decay = decay
+        self.decay, self.warmup = decay, warmup
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         params = dict(model.named_parameters())
         self.shadow = {n: params[n].detach().clone() for n in self.names}
 
+    def decay_at(self, step: int) -> float:
+        """The decay applied by the update after optimizer step `step` (1-based)."""
+        # The warm-up (as diffusers' EMAModel): the average follows the weights closely while they
+        # move fast, and reaches `decay` only after ~9/(1-decay) steps.
+        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int) -> None:
         params = dict(model.named_parameters())
         current = [params[n].detach() for n in self.names]
         averages = [self.shadow[n] for n in self.names]
-        torch._foreach_lerp_(averages, current, 1.0 - self.decay)
+        torch._foreach_lerp_(averages, current, 1.0 - self.decay_at(step))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)

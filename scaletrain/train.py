@@ -122,7 +122,7 @@ class Trainer:
         self.model = stage_union(self.model_parts, self.recipe.pipeline) if dims.pp_enabled else self.model_parts[0]
 
         self.optimizer = build_optimizer(self.model, cfg.train, device.type)
-        self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        self.ema = EMA(self.model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay > 0 else None
         self.scaler = torch.amp.GradScaler(device.type) if cfg.train.loss_scaler == "dynamic" else None
         dp_rank, dp_size = dims.dp_coordinates()
         self.loader = ShardedLoader(
@@ -325,7 +325,7 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(self.model)
+            self.ema.update(self.model, self.step + 1)  # self.step counts the steps before this one
         if pp_group is not None:  # only the last stage computed the loss
             dist.all_reduce(loss_sum, group=pp_group)
         if self.dims.dp_size * self.dims.cp > 1:

@@ -60,6 +60,11 @@ class TrainSection:
     loss_scaler: Literal["none", "dynamic"] = opt("none", "Loss scaling; fp16 needs 'dynamic'.")
     compile: bool = opt(False, "torch.compile each repeated block.")
     ema_decay: float = opt(0.0, "Keep an exponential moving average of the weights with this decay (0 = off).")
+    ema_warmup: bool = opt(
+        True,
+        "Ramp the EMA decay as min(ema_decay, (1 + n) / (10 + n)) after n optimizer steps (diffusers' EMAModel "
+        "default): without it a short run's EMA still holds 0.995^300 = 22 % of the random initialization at step 300.",
+    )
     log_interval: int = opt(1, "Log metrics every N steps.")
     abort_on_nan: bool = opt(True, "Stop with an error naming the step when the loss is NaN or Inf.")
     fused_cross_entropy: bool = opt(False, "Fused linear+cross-entropy kernel in chunks: never materializes logits.")

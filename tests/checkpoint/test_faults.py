@@ -54,14 +54,14 @@ def test_watchdog_turns_a_hang_into_an_error_with_the_stuck_stack(tmp_path):
     fault = {"rank": 1, "step": 3, "where": "step", "action": "hang", "marker": str(tmp_path / "fired")}
     start = time.monotonic()
     done = torchrun(
-        "fsdp2", tmp_path, "run", "--parallel.step_timeout_s", "3", faults=[fault], check=False, timeout=120
+        "fsdp2", tmp_path, "run", "--parallel.step_timeout_s", "3", faults=[fault], check=False, timeout=300
     )
     elapsed = time.monotonic() - start
     assert done.returncode != 0
     err = done.stderr
     assert "scaletrain watchdog: rank 1" in err and "stuck in step 3" in err, err[-4000:]
     assert "injected_hang" in err  # the stuck rank's Python stack points at the culprit
-    assert elapsed < 90
+    assert elapsed < 240  # far below the 10-minute collective timeout it replaces, with room for a loaded machine
 
 
 def test_async_save_is_published_only_when_complete_and_resume_is_exact(straight, tmp_path):

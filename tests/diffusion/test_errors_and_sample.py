@@ -32,7 +32,7 @@ def _png(path: Path) -> None:
 
 def test_image_size_not_divisible_by_patch_size():
     with pytest.raises(ValueError, match=r"model.image_size: 30 is not divisible by model.patch_size=4"):
-        _validate(DIT, "--model.image_size", "30")
+        _validate(DIT, "--model.image_size", "30", "--model.patch_size", "4")
 
 
 def test_unet_image_size_not_divisible_by_downsampling_and_no_tp():

@@ -39,7 +39,8 @@ def _train(tmp_path: Path, *overrides: str) -> list[dict]:
 
 def test_loss_falls_in_a_short_cpu_run(tmp_path):
     rows = _train(
-        tmp_path, "--model.image_size", "16", "--model.dim", "64", "--model.depth", "2", "--train.steps", "40",
+        tmp_path, "--model.image_size", "16", "--model.patch_size", "4", "--model.dim", "64", "--model.depth", "2",
+        "--train.steps", "40",
         "--train.warmup_steps", "5", "--train.lr", "2e-3", "--train.global_batch_size", "16",
         "--checkpoint.enable", "false",
         # An eps-predictor (not the config's flow model): its untrained loss has a known value, 1.

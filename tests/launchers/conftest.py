@@ -25,8 +25,9 @@ TINY_RUN = [
     "--train.steps", "3", "--train.warmup_steps", "1", "--model.n_layers", "1",
     "--data.seq_len", "32", "--train.global_batch_size", "4", "--checkpoint.enable", "false",
     "--metrics.tensorboard", "false",
-    # A rank that never meets the others fails in a minute instead of the default ten.
-    "--parallel.timeout_s", "60",
+    # A rank that never meets the others fails in three minutes instead of the default ten (not one:
+    # on a loaded 2-core machine a rank can spend a minute importing while the other waits).
+    "--parallel.timeout_s", "180",
 ]
 
 if str(REPO) not in sys.path:

@@ -17,7 +17,7 @@ def test_two_cpu_workers(tmp_path):
     cmd = [sys.executable, "-m", "scaletrain.launchers.cli", "ray", TINY_CONFIG, "--nproc-per-node", "2",
            *TINY_RUN, "--job.run_dir", str(tmp_path)]
     env = subprocess_env(RAY_USAGE_STATS_ENABLED="0")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=90)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     assert "dp_shard=2 on 2 x cpu" in output  # Ray's 2 workers formed one process group

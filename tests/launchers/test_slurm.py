@@ -16,7 +16,7 @@ from scaletrain.launchers import cli
 from scaletrain.launchers.sbatch import job_fields, wait_for_job
 from tests.launchers.conftest import TINY_CONFIG, TINY_RUN, logged_losses, logged_steps
 
-JOB_TIMEOUT_S = 150
+JOB_TIMEOUT_S = 400
 
 
 def _submitted_job_id(out: str) -> str:

@@ -74,8 +74,7 @@ def test_two_nodes_over_network_namespaces(tmp_path):
             cmd = ["ip", "netns", "exec", host, sys.executable, "-m", "scaletrain.launchers.cli", "torchrun",
                    TINY_CONFIG,
                    "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", "10.77.0.1:29500",
-                   "--rdzv-id", "netns-test", *TINY_RUN, "--job.run_dir", str(tmp_path),
-                   "--parallel.timeout_s", "60"]
+                   "--rdzv-id", "netns-test", *TINY_RUN, "--job.run_dir", str(tmp_path)]
             # gloo picks its interface from the hostname, which resolves to 127.0.0.1 here:
             # point it at the namespace's veth so ranks talk across the "network".
             env = subprocess_env(GLOO_SOCKET_IFNAME=link)
@@ -84,7 +83,7 @@ def test_two_nodes_over_network_namespaces(tmp_path):
         outputs = []
         try:
             for proc in procs:
-                outputs.append(proc.communicate(timeout=180)[0])
+                outputs.append(proc.communicate(timeout=400)[0])
         finally:
             for proc in procs:
                 if proc.poll() is None:

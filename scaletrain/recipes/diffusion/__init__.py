@@ -2,7 +2,7 @@
 
   scaletrain train scaletrain/recipes/diffusion/configs/dit-tiny.yaml        # pixel DiT on bundled shapes, CPU minutes
   scaletrain train scaletrain/recipes/diffusion/configs/unet-tiny.yaml       # pixel U-Net
-  scaletrain sample runs/dit-tiny/checkpoints/step-00000300 --sampler ddim --steps 50 --cfg 4.0 --class 3 --n 64
+  scaletrain sample runs/dit-tiny/checkpoints/step-00000900 --sampler ddim --steps 50 --cfg 4.0 --class 3 --n 64
 
 Registered recipes: "dit", "unet" and "vae" (latent diffusion = vae -> latents.py cache -> dit
 on data.source=latents). Module map: process.py (schedules, losses' targets,

@@ -1,6 +1,6 @@
 """`scaletrain sample CHECKPOINT ...` for the diffusion recipes: a PNG grid from a checkpoint.
 
-  scaletrain sample runs/dit-tiny/checkpoints/step-00000400 --sampler ddim --steps 50 \
+  scaletrain sample runs/dit-tiny/checkpoints/step-00000900 --sampler ddim --steps 50 \
       --cfg 4.0 --class 3 --n 64 --out grid.png
   scaletrain sample CKPT --n 1000 --metrics --inception-weights /data/pt_inception.pth   # + FID/KID
 
