@@ -34,7 +34,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from types import ModuleType
 
 AttentionImpl = Literal["auto", "sdpa", "eager", "flex", "triton"]
-ATTENTION_IMPLS: tuple[str, ...] = ("auto", "sdpa", "eager", "flex", "triton")
+ATTENTION_IMPLS: tuple[str, ...] = get_args(AttentionImpl)
 
 
 @functools.cache

@@ -40,6 +40,9 @@ class PipelineSpec:
     # With train.fused_cross_entropy the model computes its loss inside forward (Recipe.
     # supports_fused_cross_entropy), so the last stage's forward needs the targets: the keyword that takes them.
     target_kwarg: str | None = None
+    # model config -> the number of blocks in the trunk: the core checks that they split over the
+    # stages (parallel.pp x stages_per_rank, parallel.pp_layer_boundaries) before any process starts.
+    trunk_depth: Callable[[Any], int] = lambda model_cfg: model_cfg.n_layers
 
 
 @dataclass(frozen=True)

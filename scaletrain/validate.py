@@ -14,7 +14,7 @@ import torch
 
 from scaletrain.config.schema import JobConfig
 from scaletrain.parallel.dims import ParallelDims
-from scaletrain.parallel.pipeline import validate_pipeline
+from scaletrain.parallel.pipeline import num_stages, split_layers, validate_pipeline
 from scaletrain.registry import get_recipe
 
 
@@ -119,6 +119,9 @@ def validate_config(cfg: JobConfig, world_size: int) -> ParallelDims:
             micro_batch_size(cfg, dims),
             None,
         )
+        # Raises naming parallel.pp / pp_layer_boundaries when the trunk's blocks do not split.
+        stages = num_stages(dims.pp, p.stages_per_rank)
+        split_layers(recipe.pipeline.trunk_depth(cfg.model), stages, p.pp_layer_boundaries or None)
         _check(
             not t.fused_cross_entropy or recipe.pipeline.target_kwarg is not None,
             f"train.fused_cross_entropy: recipe {cfg.recipe!r} names no forward keyword for the targets "

@@ -33,7 +33,6 @@ from . import reference
 from ._triton import INTERPRET, TRITON_AVAILABLE, kernel_op, launch, tl, triton, use_triton
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 # -- block-mask helpers, shared by the forward and both backward kernels ------------------------------------

@@ -5,6 +5,7 @@ backends, compiled flex) can only run on a GPU: scripts/gpu_bench.sh."""
 
 import csv
 import json
+import sys
 import time
 
 import pytest
@@ -211,7 +212,10 @@ def test_gpu_bench_script_steps(tmp_path):  # noqa: ANN001
 
     script = str(REPO / "scripts" / "gpu_bench.sh")
     assert subprocess.run(["bash", "-n", script]).returncode == 0
-    env = {**__import__("os").environ, "BENCH_OUT": str(tmp_path)}
+    os = __import__("os")
+    # The script runs `python3`: this interpreter's, as in an activated venv (CI), not whatever else is on PATH.
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {**os.environ, "BENCH_OUT": str(tmp_path), "PATH": path}
     bad = subprocess.run(["bash", script, "nope"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "unknown step 'nope'" in bad.stderr
     if not torch.cuda.is_available():

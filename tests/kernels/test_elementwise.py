@@ -17,7 +17,7 @@ DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, i
           pytest.param(torch.float16, id="fp16")]  # fmt: skip
 
 
-def _compare(fn, ref, inputs, dtype, n_grads=None):  # noqa: ANN001
+def _compare(fn, ref, inputs, dtype):  # noqa: ANN001
     """Forward + backward with the same random upstream grads; compares outputs and input grads."""
     a = [x.detach().clone().requires_grad_() for x in inputs]
     b = [x.detach().clone().requires_grad_() for x in inputs]

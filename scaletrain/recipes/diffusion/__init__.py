@@ -44,7 +44,12 @@ DIT = register_recipe(
         sample=make_sample_command("dit"),
         supports_tensor_parallel=True,
         # Stages pass (tokens, conditioning vector) along; see DiT.forward.
-        pipeline=PipelineSpec(trunk="blocks", first=("patch_embed", "t_embedder", "y_embedder"), last=("final",)),
+        pipeline=PipelineSpec(
+            trunk="blocks",
+            first=("patch_embed", "t_embedder", "y_embedder"),
+            last=("final",),
+            trunk_depth=lambda model_cfg: model_cfg.depth,
+        ),
         **_DENOISER,
     )
 )

@@ -19,7 +19,6 @@ from torch import nn
 from scaletrain import ops
 from scaletrain.config.schema import JobConfig
 from scaletrain.parallel.dims import ParallelDims
-from scaletrain.parallel.pipeline import num_stages, split_layers
 from scaletrain.recipes.diffusion.data import (
     SHAPES,
     DiffusionItems,
@@ -157,9 +156,6 @@ def validate_dit(cfg: JobConfig, dims: ParallelDims) -> None:
             f"model.dim/model.n_heads = {m.dim // max(m.n_heads, 1)}",
         ),
     ]
-    if dims.pp > 1:  # raises naming parallel.pp / pp_layer_boundaries when the blocks do not split
-        p = cfg.parallel
-        split_layers(m.depth, num_stages(dims.pp, p.stages_per_rank), p.pp_layer_boundaries or None)
     tp = dims.tp
     if tp > 1:
         checks += [

@@ -17,7 +17,6 @@ from scaletrain.config.schema import TORCH_DTYPES, JobConfig, opt
 from scaletrain.data import TokenWindowDataset, bundled_corpus_path, load_tokenizer, load_tokens
 from scaletrain.distributed import training_device_type
 from scaletrain.parallel.dims import ParallelDims
-from scaletrain.parallel.pipeline import num_stages, split_layers
 from scaletrain.recipes.gpt import hf
 from scaletrain.recipes.gpt.bench_baselines import bench_baselines
 from scaletrain.recipes.gpt.model import GPT, GPTConfig
@@ -155,8 +154,6 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
             (not m.tie_embeddings, "model.tie_embeddings: tied embeddings are not supported with tensor parallel"),
         ]
     if dims.pp > 1:
-        p = cfg.parallel
-        split_layers(m.n_layers, num_stages(dims.pp, p.stages_per_rank), p.pp_layer_boundaries or None)
         checks.append(
             (not m.tie_embeddings, "model.tie_embeddings: tied embeddings are not supported with pipeline parallel")
         )
