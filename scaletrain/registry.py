@@ -90,6 +90,9 @@ class Recipe:
     # computes it in chunks inside the model's forward (scaletrain/ops.py: linear_cross_entropy).
     supports_fused_cross_entropy: bool = False
     evaluate: Callable[[nn.Module, JobConfig, int, Any], dict[str, float]] | None = None
+    # (parallelized model, job config, dims) -> lines the trainer prints at start-up (e.g. which kernels
+    # run). Returned, never attached to the model: the core reads nothing back from a model by getattr.
+    startup_notes: Callable[[nn.Module, JobConfig, ParallelDims], list[str]] | None = None
     sample: Callable[[list[str]], None] | None = None
     # Pipeline parallel: how the model splits; None = the family does not support pp > 1.
     pipeline: PipelineSpec | None = None

@@ -437,7 +437,8 @@ class Trainer:
             f"data: {len(self.loader.dataset)} samples | run dir {self.run_dir}",
             f"mfu: {self.peak_note}",
         ]
-        lines += getattr(self.model_parts[0], "startup_notes", [])  # recipe lines, e.g. which kernels run
+        if self.recipe.startup_notes is not None:  # recipe lines, e.g. which kernels run
+            lines += self.recipe.startup_notes(self.model_parts[0], cfg, dims)
         if resumed:
             lines.append(resumed)
         for line in lines:

@@ -18,7 +18,7 @@ from scaletrain.config import load_config
 from scaletrain.parallel import init_model
 from scaletrain.recipes.diffusion.config import DiTConfig, UNetConfig
 from scaletrain.recipes.diffusion.dit import DiT
-from scaletrain.recipes.diffusion.parallelize import resolve_attention
+from scaletrain.recipes.diffusion.parallelize import resolve_attention, startup_notes
 from scaletrain.recipes.diffusion.unet import UNet
 from scaletrain.validate import validate_config
 
@@ -72,7 +72,7 @@ def test_auto_resolves_once_and_is_reported():
     with torch.device("meta"):
         model = DiT(cfg.model)
     resolve_attention(model, cfg, tokens=64)
-    assert model.startup_notes == [
+    assert startup_notes(model, cfg, validate_config(cfg, 1)) == [
         "kernels: attention auto -> sdpa (cpu: Triton kernels only run interpreted off CUDA)"
     ]
     impls = {block.attention.attention_fn.keywords["impl"] for block in model.blocks.values()}

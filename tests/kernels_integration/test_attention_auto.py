@@ -100,7 +100,7 @@ def test_gpt_recipe_resolves_once_and_installs_the_choice():
         model = recipe.build_model(cfg.model)
     model = recipe.parallelize(model, dims, cfg)
     assert {block.attention.attention_fn.keywords["impl"] for block in model.layers.values()} == {expected.impl}
-    (note,) = model.startup_notes
+    (note,) = recipe.startup_notes(model, cfg, dims)
     assert note.startswith(f"kernels: attention auto -> {expected.impl} (") and "fused: none" in note, note
 
 
@@ -109,5 +109,7 @@ def test_startup_line_names_explicit_choice_and_fused_kernels():
     recipe = get_recipe("gpt")
     with torch.device("meta"):
         model = recipe.build_model(cfg.model)
-    model = recipe.parallelize(model, validate_config(cfg, 1), cfg)
-    assert model.startup_notes[0].startswith("kernels: attention eager (set) | fused: norm ("), model.startup_notes
+    dims = validate_config(cfg, 1)
+    model = recipe.parallelize(model, dims, cfg)
+    (note,) = recipe.startup_notes(model, cfg, dims)
+    assert note.startswith("kernels: attention eager (set) | fused: norm ("), note

@@ -175,7 +175,8 @@ def test_startup_line_reports_the_fused_norm(recipe):  # noqa: ANN001
             model = get_recipe(recipe).build_model(cfg.model)
         model = get_recipe(recipe).parallelize(model, dims, cfg)
         parts = ([attention] if recipe == "unet" else []) + (["fused: norm (triton-interpret)"] if fused else [])
-        assert getattr(model, "startup_notes", []) == ([f"kernels: {' | '.join(parts)}"] if parts else [])
+        notes = get_recipe(recipe).startup_notes(model, cfg, dims)
+        assert notes == ([f"kernels: {' | '.join(parts)}"] if parts else [])
 
 
 # -- through the trainer (torchrun) ---------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from scaletrain.config import load_config
 from scaletrain.parallel import init_model
 from scaletrain.parity import compare, run_layout
 from scaletrain.recipes.diffusion.dit import DiT, modulate
-from scaletrain.recipes.diffusion.parallelize import resolve_attention
+from scaletrain.recipes.diffusion.parallelize import resolve_attention, startup_notes
 from scaletrain.recipes.gpt import hf, model_inputs
 from scaletrain.recipes.gpt import loss as gpt_loss
 from scaletrain.recipes.gpt.model import GPT, LayerNorm
@@ -175,7 +175,7 @@ def test_dit_startup_line_reports_the_fused_norm():
         with torch.device("meta"):
             model = DiT(cfg.model)
         resolve_attention(model, cfg, tokens=64)
-        assert model.startup_notes == [
+        assert startup_notes(model, cfg, validate_config(cfg, 1)) == [
             "kernels: attention auto -> sdpa (cpu: Triton kernels only run interpreted off CUDA)" + tail
         ]
 

@@ -18,7 +18,7 @@ from scaletrain.recipes.diffusion import recipe as _r
 from scaletrain.recipes.diffusion import vae_recipe as _v
 from scaletrain.recipes.diffusion.config import DiTConfig, ImageDataConfig, UNetConfig
 from scaletrain.recipes.diffusion.dit import DiT
-from scaletrain.recipes.diffusion.parallelize import parallelize_blocks, parallelize_dit
+from scaletrain.recipes.diffusion.parallelize import parallelize_blocks, parallelize_dit, startup_notes
 from scaletrain.recipes.diffusion.sample_cli import make_sample_command
 from scaletrain.recipes.diffusion.unet import UNet
 from scaletrain.recipes.diffusion.vae import KLAutoencoder, VAEConfig, vae_loss
@@ -32,6 +32,7 @@ _DENOISER = dict(
     loss=_r.loss,
     evaluate=_r.evaluate,
     example_batch=_r.example_batch,
+    startup_notes=startup_notes,
 )
 
 DIT = register_recipe(
@@ -77,5 +78,6 @@ VAE = register_recipe(
         validate=_v.validate,
         evaluate=_v.evaluate,
         example_batch=_v.example_batch,
+        startup_notes=startup_notes,
     )
 )

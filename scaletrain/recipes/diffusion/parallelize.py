@@ -69,37 +69,56 @@ def apply_tensor_parallel(model: DiT, dims: ParallelDims) -> None:
             _replicate_on(module, tp_mesh)
 
 
-def resolve_attention(model: nn.Module, cfg: JobConfig, tokens: int | None) -> None:
-    """Resolve model.attention (e.g. auto) once for this device and install it in every attention
-    module (those with an `attention_fn` and a `head_dim`), so all blocks and ranks run the same
-    implementation; noted in the start-up output."""
-    choices = {}
-    for module in model.modules():
-        if hasattr(module, "attention_fn"):
-            choice = ops.resolve_attention(
+def attention_tokens(cfg: JobConfig) -> int | None:
+    """The sequence length every attention module sees: the DiT's patch count; None for the U-Net, which
+    attends at several resolutions."""
+    patch = getattr(cfg.model, "patch_size", None)
+    return (cfg.model.image_size // patch) ** 2 if patch else None
+
+
+def _attention_choices(
+    model: nn.Module, cfg: JobConfig, tokens: int | None
+) -> list[tuple[nn.Module, ops.AttentionChoice]]:
+    """(module, resolved model.attention) for every attention module (those with an `attention_fn` and a
+    `head_dim`): the same answer wherever it is asked, so installing and reporting agree."""
+    return [
+        (
+            module,
+            ops.resolve_attention(
                 cfg.model.attention,
                 device_type=training_device_type(),
                 dtype=TORCH_DTYPES[cfg.train.dtype],
                 head_dim=module.head_dim,
                 seq_len=tokens,
-            )
-            module.attention_fn = ops.attention_fn(choice.impl, causal=False)
-            choices[choice.describe(cfg.model.attention)] = None
-    set_kernel_notes(model, cfg, [f"attention {', '.join(choices)}"] if choices else [])
+            ),
+        )
+        for module in model.modules()
+        if hasattr(module, "attention_fn")
+    ]
 
 
-def set_kernel_notes(model: nn.Module, cfg: JobConfig, parts: list[str]) -> None:
-    """The start-up "kernels:" line: the given parts, then `fused: norm (<backend>)` when model.fused_norm is on
-    (the DiT's LayerNorm + modulate, the U-Net's and the VAE's GroupNorm + SiLU kernels); none if both are empty."""
+def resolve_attention(model: nn.Module, cfg: JobConfig, tokens: int | None) -> None:
+    """Resolve model.attention (e.g. auto) once for this device and install it in every attention module,
+    so all blocks and ranks run the same implementation (reported by `startup_notes`)."""
+    for module, choice in _attention_choices(model, cfg, tokens):
+        module.attention_fn = ops.attention_fn(choice.impl, causal=False)
+
+
+def startup_notes(model: nn.Module, cfg: JobConfig, dims: ParallelDims) -> list[str]:
+    """The start-up "kernels:" line: the attention choice (when the model has attention), then `fused: norm
+    (<backend>)` when model.fused_norm is on (the DiT's LayerNorm + modulate, the U-Net's and the VAE's
+    GroupNorm + SiLU kernels); no line if both are empty."""
+    choices = _attention_choices(model, cfg, attention_tokens(cfg))
+    described = {choice.describe(cfg.model.attention): None for _, choice in choices}  # ordered, no repeats
+    parts = [f"attention {', '.join(described)}"] if described else []
     if getattr(cfg.model, "fused_norm", False):
         device = torch.device(training_device_type())
-        parts = [*parts, f"fused: norm ({ops.fused_backend(torch.empty(0, device=device))})"]
-    if parts:
-        model.startup_notes = [f"kernels: {' | '.join(parts)}"]
+        parts.append(f"fused: norm ({ops.fused_backend(torch.empty(0, device=device))})")
+    return [f"kernels: {' | '.join(parts)}"] if parts else []
 
 
 def parallelize_dit(model: DiT, dims: ParallelDims, cfg: JobConfig) -> DiT:
-    resolve_attention(model, cfg, tokens=(cfg.model.image_size // cfg.model.patch_size) ** 2)
+    resolve_attention(model, cfg, attention_tokens(cfg))
     blocks = list(model.blocks.values())
     if dims.tp_enabled:
         apply_tensor_parallel(model, dims)
@@ -113,10 +132,8 @@ def parallelize_dit(model: DiT, dims: ParallelDims, cfg: JobConfig) -> DiT:
 def parallelize_blocks(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> nn.Module:
     """Data-parallel-only plan for models that list their repeated blocks in `model.fsdp_blocks()` (tp > 1 is
     refused before this runs: the U-Net and the VAE do not declare Recipe.supports_tensor_parallel)."""
-    if hasattr(cfg.model, "attention"):
-        resolve_attention(model, cfg, tokens=None)  # U-Net: attention at several resolutions
-    else:  # the VAE: no attention, only its norms to report
-        set_kernel_notes(model, cfg, [])
+    if hasattr(cfg.model, "attention"):  # the U-Net (the VAE has no attention)
+        resolve_attention(model, cfg, attention_tokens(cfg))
     blocks = list(model.fsdp_blocks())
     apply_activation_checkpointing(blocks, cfg.activation_checkpoint)
     if cfg.train.compile:

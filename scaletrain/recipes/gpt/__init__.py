@@ -100,13 +100,16 @@ def _kernel_notes(cfg: JobConfig, dims: ParallelDims, choice: ops.AttentionChoic
 def parallelize(model: GPT, dims: ParallelDims, cfg: JobConfig) -> GPT:
     model.fused_cross_entropy = cfg.train.fused_cross_entropy
     # Resolve model.attention (e.g. auto) once, here, and install the concrete implementation, so every
-    # block and every rank runs the same one; context parallel may replace it afterwards.
+    # block and every rank runs the same one; context parallel may replace it afterwards (its ring reuses
+    # the Triton kernel when that is the choice).
     choice = attention_choice(cfg)
-    model.attention_impl = choice.impl  # context parallel's ring reuses the Triton kernel when chosen
     for block in model.layers.values():
         block.attention.attention_fn = ops.attention_fn(choice.impl, causal=True, window=cfg.model.sliding_window)
-    model.startup_notes = _kernel_notes(cfg, dims, choice)  # printed by the trainer at start-up
-    return parallelize_gpt(model, dims, cfg)
+    return parallelize_gpt(model, dims, cfg, attention_impl=choice.impl)
+
+
+def startup_notes(model: GPT, cfg: JobConfig, dims: ParallelDims) -> list[str]:
+    return _kernel_notes(cfg, dims, attention_choice(cfg))
 
 
 def validate(cfg: JobConfig, dims: ParallelDims) -> None:
@@ -201,6 +204,7 @@ RECIPE = register_recipe(
         data_config=TextDataConfig,
         build_model=GPT,
         parallelize=parallelize,
+        startup_notes=startup_notes,
         build_dataset=build_dataset,
         model_inputs=model_inputs,
         loss=loss,

@@ -90,13 +90,13 @@ def apply_tensor_parallel(model: GPT, dims: ParallelDims, loss_parallel: bool) -
             )
 
 
-def apply_context_parallel(model: GPT, dims: ParallelDims, method: str) -> None:
+def apply_context_parallel(model: GPT, dims: ParallelDims, method: str, attention_impl: str) -> None:
     """Sequence-sharded attention and the matching global positions for RoPE / position tables."""
     cp_mesh = dims.axis("cp")
     group, rank, cp = cp_mesh.get_group(), cp_mesh.get_local_rank(), cp_mesh.size()
     # Ring chunk pairs run through the flash-attention kernel when the model uses it (it returns
     # the log-sum-exp the ring merges by), else through plain ops.
-    block_impl = "triton" if getattr(model, "attention_impl", None) == "triton" else "eager"
+    block_impl = "triton" if attention_impl == "triton" else "eager"
     attention = attention_function(method, group, block_impl)
 
     def positions(local_len: int, device: torch.device) -> torch.Tensor:
@@ -108,12 +108,13 @@ def apply_context_parallel(model: GPT, dims: ParallelDims, method: str) -> None:
     model.positions = positions
 
 
-def parallelize_gpt(model: GPT, dims: ParallelDims, cfg: JobConfig) -> GPT:
+def parallelize_gpt(model: GPT, dims: ParallelDims, cfg: JobConfig, attention_impl: str = "sdpa") -> GPT:
+    """The GPT plan; `attention_impl` is the resolved model.attention (scaletrain/recipes/gpt/__init__.py)."""
     blocks = list(model.layers.values())
     if dims.tp_enabled:
         apply_tensor_parallel(model, dims, loss_parallel=uses_loss_parallel(cfg, dims))
     if dims.cp_enabled:
-        apply_context_parallel(model, dims, cfg.parallel.cp_method)
+        apply_context_parallel(model, dims, cfg.parallel.cp_method, attention_impl)
     apply_activation_checkpointing(blocks, cfg.activation_checkpoint)
     if cfg.train.compile:
         apply_compile(blocks)
