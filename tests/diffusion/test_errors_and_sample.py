@@ -30,6 +30,22 @@ def _png(path: Path) -> None:
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
 
 
+@pytest.mark.parametrize("interval", [300, 0])
+def test_startup_names_the_eval_feature_extractor_when_evaluating(interval):
+    import torch
+
+    from scaletrain.recipes.diffusion.dit import DiT
+    from scaletrain.registry import get_recipe
+
+    cfg = load_config(DIT, ["--eval.interval", str(interval)])
+    with torch.device("meta"):
+        model = DiT(cfg.model)
+    notes = get_recipe("dit").startup_notes(model, cfg, validate_config(cfg, 1))
+    named = [n for n in notes if n.startswith("eval features: fid_shapes/kid_shapes/class_accuracy_shapes: ")]
+    assert len(named) == (1 if interval else 0), notes
+    assert notes[0].startswith("kernels: attention "), notes
+
+
 def test_image_size_not_divisible_by_patch_size():
     with pytest.raises(ValueError, match=r"model.image_size: 30 is not divisible by model.patch_size=4"):
         _validate(DIT, "--model.image_size", "30", "--model.patch_size", "4")

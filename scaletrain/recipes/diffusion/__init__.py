@@ -32,7 +32,7 @@ _DENOISER = dict(
     loss=_r.loss,
     evaluate=_r.evaluate,
     example_batch=_r.example_batch,
-    startup_notes=startup_notes,
+    startup_notes=_r.denoiser_startup_notes,
 )
 
 DIT = register_recipe(

@@ -21,6 +21,7 @@ Shape legend: B batch, C channels, H/W height/width, F feature dim.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -166,12 +167,14 @@ def shapes_classifier(
     image_size: int = 32, num_classes: int = 6, cache_dir: str | Path | None = None
 ) -> ShapesClassifier:
     """The project's shapes feature extractor: the shipped weights (32 px, 6 classes), else trained
-    once (deterministically, ~2 CPU minutes) and cached on disk."""
+    once (deterministically, ~2 CPU minutes) and cached on disk; loaded (and scaled) once per process."""
+    return _shapes_classifier(image_size, num_classes, str(cache_dir or Path.home() / ".cache" / "scaletrain"))
+
+
+@functools.cache
+def _shapes_classifier(image_size: int, num_classes: int, cache_dir: str) -> ShapesClassifier:
     name = f"shapes_classifier_{image_size}px_{num_classes}c.pt"
-    cache = Path(cache_dir or Path.home() / ".cache" / "scaletrain")
-    key = (image_size, num_classes, str(cache))
-    if key in _CLASSIFIERS:
-        return _CLASSIFIERS[key]
+    cache = Path(cache_dir)
     found = next((path for path in (ASSETS / name, cache / name) if path.is_file()), None)
     if found is not None:
         model = ShapesClassifier(num_classes)
@@ -184,11 +187,7 @@ def shapes_classifier(
         tmp.replace(cache / name)
     model.eval()
     model.feature_scale = feature_scale(model, image_size, num_classes)
-    _CLASSIFIERS[key] = model
     return model
-
-
-_CLASSIFIERS: dict[tuple, ShapesClassifier] = {}  # loaded (and scaled) once per process
 
 
 @torch.no_grad()
@@ -215,16 +214,14 @@ SHAPES_LABEL = (
     "only, "
     "never with Inception FIDs"
 )
-_INCEPTION: dict[str, Any] = {}  # weights path -> (model, label): loaded once per process
-_REAL_FEATURES: dict[tuple, np.ndarray] = {}  # the real set is fixed for a run: extract it once
 
 
+@functools.cache
 def inception_extractor(path: str) -> tuple[Any, str]:
+    """(Inception-v3 from the weights file at `path`, its label), loaded once per process."""
     from scaletrain.recipes.diffusion.inception import load_inception
 
-    if path not in _INCEPTION:
-        _INCEPTION[path] = load_inception(path)
-    return _INCEPTION[path]
+    return load_inception(path)
 
 
 def real_data_section(cfg: Any) -> Any | None:
@@ -262,10 +259,18 @@ def feature_labels(cfg: Any) -> list[str]:
     return lines
 
 
-def _real_features(key: tuple, extract_fn: Any, data: Any, n: int, size: int, channels: int) -> np.ndarray:
-    if key not in _REAL_FEATURES:
-        _REAL_FEATURES[key] = extract_fn(real_images(data, n, size, channels))
-    return _REAL_FEATURES[key]
+@functools.cache
+def _real_features(
+    extractor: str, weights: str, source: str, path: str, shapes_seed: int, n: int, size: int, channels: int
+) -> np.ndarray:
+    """Features of the n real images the samples are compared with (`extractor` "shapes", or "inception"
+    from `weights`): the real set is fixed for a run, so it is drawn and extracted once per process."""
+    images = real_images(SimpleNamespace(source=source, path=path, shapes_seed=shapes_seed), n, size, channels)
+    if extractor == "shapes":
+        return extract(shapes_classifier(32, 6), to_classifier_size(images))[0]
+    from scaletrain.recipes.diffusion.inception import inception_features
+
+    return inception_features(inception_extractor(weights)[0], images)
 
 
 def sample_metrics(cfg: Any, images_BCHW: torch.Tensor, labels_B: torch.Tensor) -> dict[str, float]:
@@ -281,10 +286,8 @@ def sample_metrics(cfg: Any, images_BCHW: torch.Tensor, labels_B: torch.Tensor) 
     data_key = (data.source, getattr(data, "path", ""), getattr(data, "shapes_seed", 0), n, size, channels)
     out: dict[str, float] = {}
     if data.source == "shapes" and channels == 3:
-        classifier = shapes_classifier(32, 6)
-        fake, predicted = extract(classifier, to_classifier_size(images))
-        real = _real_features(("shapes", *data_key), lambda x: extract(classifier, to_classifier_size(x))[0],
-                              data, n, size, channels)  # fmt: skip
+        fake, predicted = extract(shapes_classifier(32, 6), to_classifier_size(images))
+        real = _real_features("shapes", "", *data_key)
         out.update(_distances("shapes", real, fake))
         if getattr(cfg.model, "num_classes", 0) > 0:
             out["class_accuracy_shapes"] = float((predicted == labels_B.cpu().numpy()).mean())
@@ -293,8 +296,7 @@ def sample_metrics(cfg: Any, images_BCHW: torch.Tensor, labels_B: torch.Tensor) 
         from scaletrain.recipes.diffusion.inception import inception_features
 
         model, _ = inception_extractor(path)
-        real = _real_features(("inception", path, *data_key), lambda x: inception_features(model, x),
-                              data, n, size, channels)  # fmt: skip
+        real = _real_features("inception", path, *data_key)
         out.update(_distances("inception", real, inception_features(model, images)))
     return out
 

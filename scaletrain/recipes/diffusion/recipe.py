@@ -7,6 +7,7 @@ maps (x_t, t, y) to its prediction and the loss is the plain mean-squared error 
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -317,9 +318,6 @@ def save_png(grid_CHW: torch.Tensor, path: str) -> None:
     Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
 
 
-_ANNOUNCED: set[str] = set()
-
-
 def evaluate(model: nn.Module, cfg: JobConfig, step: int, logger: Any) -> dict[str, float]:
     """Every eval.interval steps: eval.num_samples samples (every class in turn), generated in
     shards across the data-parallel ranks and gathered on rank 0, which writes the grid to
@@ -345,23 +343,30 @@ def evaluate(model: nn.Module, cfg: JobConfig, step: int, logger: Any) -> dict[s
     png = Path(cfg.job.run_dir) / cfg.job.name / "samples" / f"step-{step:08d}.png"
     png.parent.mkdir(parents=True, exist_ok=True)
     save_png(grid, str(png))
-    from scaletrain.recipes.diffusion.metrics import feature_labels, sample_metrics
+    from scaletrain.recipes.diffusion.metrics import sample_metrics
 
-    for line in feature_labels(cfg):
-        if line not in _ANNOUNCED:  # once per run: which extractor made which numbers
-            _ANNOUNCED.add(line)
-            logger.log_text(f"eval features: {line}")
     return sample_metrics(cfg, images, labels)
 
 
-_DECODERS: dict[str, Any] = {}
+def denoiser_startup_notes(model: nn.Module, cfg: JobConfig, dims: ParallelDims) -> list[str]:
+    """The kernels line, then (with evaluation on) which extractor makes which eval numbers. Only rank 0
+    prints and evaluates, so only it loads the extractors (an Inception file is read here, before step 1)."""
+    from scaletrain.recipes.diffusion.metrics import feature_labels
+    from scaletrain.recipes.diffusion.parallelize import startup_notes
+
+    lines = startup_notes(model, cfg, dims)
+    if cfg.eval.interval and (not dist.is_initialized() or dist.get_rank() == 0):
+        lines += [f"eval features: {line}" for line in feature_labels(cfg)]
+    return lines
 
 
 def _eval_decoder(cfg: JobConfig) -> Any:
-    if cfg.data.source != "latents":
-        return None
+    return _cache_decoder(cfg.data.path) if cfg.data.source == "latents" else None
+
+
+@functools.cache
+def _cache_decoder(path: str) -> Any:
+    """The VAE decoder of a latent cache, loaded once per process, at the first evaluation."""
     from scaletrain.recipes.diffusion.latents import load_cache_decoder
 
-    if cfg.data.path not in _DECODERS:  # loaded once per process, at the first evaluation
-        _DECODERS[cfg.data.path] = load_cache_decoder(cfg.data.path)
-    return _DECODERS[cfg.data.path]
+    return load_cache_decoder(path)
