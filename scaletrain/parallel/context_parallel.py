@@ -14,7 +14,7 @@ on CPU with gloo — torch's own `context_parallel` has no CPU attention path:
 * alltoall (Ulysses): one all-to-all turns sequence-sharded heads into head-sharded full
   sequences, ordinary causal attention runs per head group, a second all-to-all turns it back.
 
-Shapes: B batch, H heads (local), K kv heads, T local sequence, D head dim.
+Shapes: B batch, H heads (local), K kv heads, T local sequence, S key sequence, E head dim (as in the model files).
 """
 
 from __future__ import annotations
@@ -75,16 +75,16 @@ class _RingShift(torch.autograd.Function):
         return _RingShift._shift(grad, ctx.group, -1), None
 
 
-def _repeat_kv(x_BKTD: torch.Tensor, heads: int) -> torch.Tensor:
-    group = heads // x_BKTD.shape[1]
-    return x_BKTD if group == 1 else x_BKTD.repeat_interleave(group, dim=1)
+def _repeat_kv(x_BKTE: torch.Tensor, heads: int) -> torch.Tensor:
+    group = heads // x_BKTE.shape[1]
+    return x_BKTE if group == 1 else x_BKTE.repeat_interleave(group, dim=1)
 
 
-def eager_block_attention(q_BHTD, k_BKSD, v_BKSD, causal: bool):
+def eager_block_attention(q_BHTE, k_BKSE, v_BKSE, causal: bool):
     """(out, lse) of one query chunk against one K/V chunk, in plain ops. `causal` is only ever
     asked for a chunk against itself (equal, aligned positions), so the mask is the usual triangle."""
-    k, v = _repeat_kv(k_BKSD, q_BHTD.shape[1]), _repeat_kv(v_BKSD, q_BHTD.shape[1])
-    scores = (q_BHTD @ k.transpose(-2, -1)).float() / math.sqrt(q_BHTD.shape[-1])
+    k, v = _repeat_kv(k_BKSE, q_BHTE.shape[1]), _repeat_kv(v_BKSE, q_BHTE.shape[1])
+    scores = (q_BHTE @ k.transpose(-2, -1)).float() / math.sqrt(q_BHTE.shape[-1])
     if causal:
         T = scores.shape[-1]
         scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=scores.device).triu(1), float("-inf"))
@@ -92,12 +92,12 @@ def eager_block_attention(q_BHTD, k_BKSD, v_BKSD, causal: bool):
     return torch.exp(scores - lse[..., None]).to(v.dtype) @ v, lse
 
 
-def triton_block_attention(q_BHTD, k_BKSD, v_BKSD, causal: bool):
+def triton_block_attention(q_BHTE, k_BKSE, v_BKSE, causal: bool):
     """The same from the flash-attention kernel, which returns lse (differentiably) and reads
     grouped K/V heads without copying them."""
     from scaletrain import kernels
 
-    return kernels.attention(q_BHTD, k_BKSD, v_BKSD, causal=causal, return_lse=True)
+    return kernels.attention(q_BHTE, k_BKSE, v_BKSE, causal=causal, return_lse=True)
 
 
 BLOCK_ATTENTION = {"eager": eager_block_attention, "triton": triton_block_attention}
@@ -112,22 +112,22 @@ def _merge(out, lse, block_out, block_lse):
     return out * torch.exp(lse - new_lse)[..., None] + block_out * torch.exp(block_lse - new_lse)[..., None], new_lse
 
 
-def ring_attention(q_BHTD, k_BKTD, v_BKTD, group: dist.ProcessGroup, block_attention=eager_block_attention):
+def ring_attention(q_BHTE, k_BKTE, v_BKTE, group: dist.ProcessGroup, block_attention=eager_block_attention):
     """Causal attention over the whole (cp-sharded, load-balanced) sequence.
 
     K/V travel with their own (kv) head count: grouped-query models send H/K times less.
     """
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
-    local_len = q_BHTD.shape[2]
-    k, v = k_BKTD, v_BKTD
+    local_len = q_BHTE.shape[2]
+    k, v = k_BKTE, v_BKTE
     half = local_len // 2
-    q_chunks = (q_BHTD[:, :, :half], q_BHTD[:, :, half:])
-    q_pos = load_balanced_positions(local_len, rank, cp, q_BHTD.device)
+    q_chunks = (q_BHTE[:, :, :half], q_BHTE[:, :, half:])
+    q_pos = load_balanced_positions(local_len, rank, cp, q_BHTE.device)
     q_pos_chunks = (q_pos[:half], q_pos[half:])
     outs, lses = [None, None], [None, None]
     for step in range(cp):
         src = (rank - step) % cp
-        k_pos = load_balanced_positions(local_len, src, cp, q_BHTD.device)
+        k_pos = load_balanced_positions(local_len, src, cp, q_BHTE.device)
         for j in range(2):
             kj, vj, kpos = (
                 k[:, :, j * half : (j + 1) * half],
@@ -145,36 +145,36 @@ def ring_attention(q_BHTD, k_BKTD, v_BKTD, group: dist.ProcessGroup, block_atten
                 outs[i], lses[i] = _merge(outs[i], lses[i], block_out, block_lse)
         if step < cp - 1:
             k, v = _RingShift.apply(k, group), _RingShift.apply(v, group)
-    return torch.cat(outs, dim=2).to(q_BHTD.dtype)
+    return torch.cat(outs, dim=2).to(q_BHTE.dtype)
 
 
-def _seq_to_heads(x_BHTD: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """[B, H, T_local, D] sharded on T -> [B, H/cp, cp*T_local, D] sharded on H (rank-major T)."""
+def _seq_to_heads(x_BHTE: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """[B, H, T_local, E] sharded on T -> [B, H/cp, cp*T_local, E] sharded on H (rank-major T)."""
     cp = dist.get_world_size(group)
-    B, H, T, D = x_BHTD.shape
-    send = x_BHTD.reshape(B, cp, H // cp, T, D).permute(1, 0, 2, 3, 4).contiguous()
+    B, H, T, E = x_BHTE.shape
+    send = x_BHTE.reshape(B, cp, H // cp, T, E).permute(1, 0, 2, 3, 4).contiguous()
     recv = all_to_all_single(torch.empty_like(send), send, group=group)
-    return recv.permute(1, 2, 0, 3, 4).reshape(B, H // cp, cp * T, D)
+    return recv.permute(1, 2, 0, 3, 4).reshape(B, H // cp, cp * T, E)
 
 
-def _heads_to_seq(x_BHTD: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+def _heads_to_seq(x_BHTE: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     cp = dist.get_world_size(group)
-    B, Hl, TT, D = x_BHTD.shape
+    B, Hl, TT, E = x_BHTE.shape
     T = TT // cp
-    send = x_BHTD.reshape(B, Hl, cp, T, D).permute(2, 0, 1, 3, 4).contiguous()
+    send = x_BHTE.reshape(B, Hl, cp, T, E).permute(2, 0, 1, 3, 4).contiguous()
     recv = all_to_all_single(torch.empty_like(send), send, group=group)
-    return recv.permute(1, 0, 2, 3, 4).reshape(B, cp * Hl, T, D)
+    return recv.permute(1, 0, 2, 3, 4).reshape(B, cp * Hl, T, E)
 
 
-def alltoall_attention(q_BHTD, k_BKTD, v_BKTD, group: dist.ProcessGroup) -> torch.Tensor:
+def alltoall_attention(q_BHTE, k_BKTE, v_BKTE, group: dist.ProcessGroup) -> torch.Tensor:
     cp = dist.get_world_size(group)
-    heads, local_len = q_BHTD.shape[1], q_BHTD.shape[2]
+    heads, local_len = q_BHTE.shape[1], q_BHTE.shape[2]
     if heads % cp:
         raise ValueError(f"parallel.cp_method=alltoall: {heads} local heads are not divisible by cp={cp}")
-    kv_heads = k_BKTD.shape[1]
+    kv_heads = k_BKTE.shape[1]
     if kv_heads % cp:  # too few kv heads to split: give every query head its own copy
-        k_BKTD, v_BKTD = _repeat_kv(k_BKTD, heads), _repeat_kv(v_BKTD, heads)
-    q, k, v = (_seq_to_heads(t, group) for t in (q_BHTD, k_BKTD, v_BKTD))
+        k_BKTE, v_BKTE = _repeat_kv(k_BKTE, heads), _repeat_kv(v_BKTE, heads)
+    q, k, v = (_seq_to_heads(t, group) for t in (q_BHTE, k_BKTE, v_BKTE))
     positions = torch.cat([load_balanced_positions(local_len, r, cp, q.device) for r in range(cp)])
     mask = positions[:, None] >= positions[None, :]
     k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])

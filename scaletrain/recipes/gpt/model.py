@@ -89,8 +89,8 @@ class RMSNorm(nn.Module):
         self.eps, self.fused = eps, fused
         self.weight = nn.Parameter(torch.empty(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps, fused=self.fused)
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x_BTD, self.weight, self.eps, fused=self.fused)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, fused={self.fused}"
@@ -108,8 +108,8 @@ class LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
         self.bias = nn.Parameter(torch.empty(dim)) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.layer_norm(x, self.weight, self.bias, self.eps, fused=self.fused)
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return ops.layer_norm(x_BTD, self.weight, self.bias, self.eps, fused=self.fused)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, bias={self.bias is not None}, fused={self.fused}"
@@ -150,17 +150,16 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         # -1 heads: under tensor parallel each rank holds H/tp query and K/tp kv heads.
-        q = self.wq(x_BTD).view(B, T, -1, self.head_dim)
-        k = self.wk(x_BTD).view(B, T, -1, self.head_dim)
-        v = self.wv(x_BTD).view(B, T, -1, self.head_dim)
+        q_BTHE = self.wq(x_BTD).view(B, T, -1, self.head_dim)
+        k_BTKE = self.wk(x_BTD).view(B, T, -1, self.head_dim)
+        v_BTKE = self.wv(x_BTD).view(B, T, -1, self.head_dim)
         if cos_table is not None:
             # Rotate-half convention (pairs are (i, i + E/2)), the layout Hugging Face Llama uses,
             # so exported weights need no permutation.
-            pos = self.positions_fn(T, x_BTD.device)
-            q, k = ops.rope(q, k, cos_table[pos], sin_table[pos], fused=self.fused_rope)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # B H T E
-        out = self.attention_fn(q, k, v)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+            pos_T = self.positions_fn(T, x_BTD.device)
+            q_BTHE, k_BTKE = ops.rope(q_BTHE, k_BTKE, cos_table[pos_T], sin_table[pos_T], fused=self.fused_rope)
+        out_BHTE = self.attention_fn(q_BTHE.transpose(1, 2), k_BTKE.transpose(1, 2), v_BTKE.transpose(1, 2))
+        return self.wo(out_BHTE.transpose(1, 2).reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):
@@ -222,32 +221,32 @@ class GPT(nn.Module):
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V]. Pipeline stages lack some modules: a stage without
-        embeddings takes hidden states [B, T, D]; one without the head returns them.
+        embeddings takes hidden states [B, T, D] as `x`; one without the head returns them.
 
         With `fused_cross_entropy` and targets [B, T], returns the fp32 mean cross-entropy instead,
         computed chunk by chunk by the fused kernel inside this forward (where FSDP has the output
         weight unsharded; under tensor parallel each rank runs it over its vocabulary shard of the head).
         Otherwise targets are ignored.
         """
-        h = x
+        h_BTD = x  # a later pipeline stage: the previous stage's hidden states
         if self.tok_embeddings is not None:
-            h = self.tok_embeddings(x)
+            h_BTD = self.tok_embeddings(x)  # x: tokens [B, T]
             if self.pos_embeddings is not None:
-                h = h + self.pos_embeddings(self.positions(x.shape[1], x.device))
+                h_BTD = h_BTD + self.pos_embeddings(self.positions(x.shape[1], x.device))
         for layer in self.layers.values():
-            h = layer(h, self.rope_cos, self.rope_sin)
+            h_BTD = layer(h_BTD, self.rope_cos, self.rope_sin)
         if self.norm is not None:
-            h = self.norm(h)
-        head = self.output.weight if self.output is not None else None
-        if head is None and self.cfg.tie_embeddings and self.tok_embeddings is not None:
-            head = self.tok_embeddings.weight
-        if self.fused_cross_entropy and targets is not None and head is not None:
-            return ops.linear_cross_entropy(h, head, targets, fused=True)
+            h_BTD = self.norm(h_BTD)
+        head_VD = self.output.weight if self.output is not None else None
+        if head_VD is None and self.cfg.tie_embeddings and self.tok_embeddings is not None:
+            head_VD = self.tok_embeddings.weight
+        if self.fused_cross_entropy and targets is not None and head_VD is not None:
+            return ops.linear_cross_entropy(h_BTD, head_VD, targets, fused=True)  # targets [B, T]
         if self.output is not None:
-            return self.output(h)
+            return self.output(h_BTD)
         if self.cfg.tie_embeddings and self.tok_embeddings is not None:
-            return F.linear(h, self.tok_embeddings.weight)
-        return h
+            return F.linear(h_BTD, self.tok_embeddings.weight)
+        return h_BTD
 
     @torch.no_grad()
     def init_tensor(self, name: str, tensor: torch.Tensor, generator: torch.Generator) -> None:
