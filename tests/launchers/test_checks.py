@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+from launch_common import TINY_CONFIG
 
 from scaletrain.launchers import cli
 from scaletrain.launchers.argv import split_overrides
@@ -12,7 +13,6 @@ from scaletrain.launchers.checks import CPUS_PER_GPU_RANK, LaunchError, check_la
 from scaletrain.launchers.sbatch import render
 from scaletrain.launchers.slurm_env import first_host, torch_env_from_slurm
 from scaletrain.launchers.torchrun import TorchrunLaunch, build_command
-from tests.launchers.conftest import TINY_CONFIG
 
 
 def _error(launch: TorchrunLaunch) -> str:

@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 import pytest
-
-from tests.launchers.conftest import REPO, TINY_CONFIG, TINY_RUN, logged_losses, logged_steps, subprocess_env
+from launch_common import REPO, TINY_CONFIG, TINY_RUN, logged_losses, logged_steps, subprocess_env
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason='Ray is not installed: pip install "ray[train]"')

@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from launch_common import TINY_CONFIG, TINY_RUN, logged_losses, logged_steps
 
 from scaletrain.checkpoint import complete_checkpoints
 from scaletrain.launchers import cli
 from scaletrain.launchers.sbatch import job_fields, wait_for_job
-from tests.launchers.conftest import TINY_CONFIG, TINY_RUN, logged_losses, logged_steps
 
 JOB_TIMEOUT_S = 400
 

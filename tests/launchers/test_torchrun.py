@@ -10,8 +10,7 @@ import uuid
 from contextlib import contextmanager
 
 import pytest
-
-from tests.launchers.conftest import REPO, TINY_CONFIG, TINY_RUN, logged_steps, subprocess_env
+from launch_common import REPO, TINY_CONFIG, TINY_RUN, logged_steps, subprocess_env
 
 
 def test_one_node_two_processes(tmp_path):
