@@ -2,7 +2,9 @@
 
 Not a timing test: the bubble is a ratio of recorded intervals within one step. Stated bound:
 within 5 points of (p-1)/(m+p-1) for GPipe and 1F1B with pp=2, m=4 (theory 20%); the model
-is sized so compute dominates the (counted as idle) gloo transfers.
+is sized so compute dominates the (counted as idle) gloo transfers. The bound applies to the best of 12
+steps: on a machine shared with two busy processes the best of 5 once measured 25+ % for GPipe (median 32 %),
+because a rank descheduled mid-microbatch stretches its neighbour's wait; over 12 steps one runs clean.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def test_measured_bubble_close_to_theory(schedule, tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "scaletrain.cli",
         "bench", TINY, "--parallel.pp", "2", "--parallel.pp_schedule", schedule, "--parallel.microbatches", "4",
         "--parallel.dp_shard", "1", "--model.dim", "256", "--model.n_layers", "4", "--data.seq_len", "128",
-        "--train.global_batch_size", "16", "--job.run_dir", str(tmp_path), "--bench-steps", "5",
+        "--train.global_batch_size", "16", "--job.run_dir", str(tmp_path), "--bench-steps", "12",
     ]  # fmt: skip
     done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
