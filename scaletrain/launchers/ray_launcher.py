@@ -43,6 +43,10 @@ def ray_init(address: str | None, num_workers: int) -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
+    # Ray starts its workers at niceness 15 (RAY_worker_niceness), so beside any other busy process the
+    # training ranks get almost no CPU: 2 workers next to two busy loops did not finish 3 tiny steps in
+    # 5 minutes. Here the workers are the job: normal priority, unless the user set the variable.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     # Logical CPUs, not cores: Ray's controller actor and the workers each reserve one, and a
     # 2-core machine must still run 2 workers (they share the cores, as torchrun's would).
     ray.init(num_cpus=max(os.cpu_count() or 1, num_workers + 1), include_dashboard=False, runtime_env=env)
