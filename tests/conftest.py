@@ -37,8 +37,8 @@ def _shared_fixtures(item: pytest.Item) -> list[tuple[str, str]]:
 
 @pytest.hookimpl(tryfirst=True)  # before xdist turns the marks into scheduling groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`-n N --dist loadgroup`, see pyproject's addopts) every test is its own unit of
-    work, except tests that share an expensive fixture: a module-scoped reference run is built once per
+    """Under pytest-xdist (`-n N --dist loadgroup`; not the default, see README "Tests") every test is its
+    own unit of work, except tests that share an expensive fixture: a module-scoped reference run is built once per
     worker, and a session-scoped one (a live Slurm cluster, the checkpoint tests' straight runs) once per
     worker too. So a module with shared fixtures goes to one worker whole, and modules sharing a session
     fixture go together: each reference run is computed once and one Slurm cluster starts, never two.

@@ -23,6 +23,7 @@ TINY_RUN = [
     "--parallel.timeout_s", "180",
 ]
 
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """os.environ with this checkout first on PYTHONPATH (children import launchers and scaletrain from it)."""
     env = dict(os.environ)

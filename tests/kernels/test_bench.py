@@ -5,6 +5,7 @@ backends, compiled flex) can only run on a GPU: scripts/gpu_bench.sh."""
 
 import csv
 import json
+import os
 import sys
 import time
 
@@ -212,7 +213,6 @@ def test_gpu_bench_script_steps(tmp_path):  # noqa: ANN001
 
     script = str(REPO / "scripts" / "gpu_bench.sh")
     assert subprocess.run(["bash", "-n", script]).returncode == 0
-    os = __import__("os")
     # The script runs `python3`: this interpreter's, as in an activated venv (CI), not whatever else is on PATH.
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     env = {**os.environ, "BENCH_OUT": str(tmp_path), "PATH": path}

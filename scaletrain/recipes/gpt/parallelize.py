@@ -108,7 +108,7 @@ def apply_context_parallel(model: GPT, dims: ParallelDims, method: str, attentio
     model.positions = positions
 
 
-def parallelize_gpt(model: GPT, dims: ParallelDims, cfg: JobConfig, attention_impl: str = "sdpa") -> GPT:
+def parallelize_gpt(model: GPT, dims: ParallelDims, cfg: JobConfig, attention_impl: str) -> GPT:
     """The GPT plan; `attention_impl` is the resolved model.attention (scaletrain/recipes/gpt/__init__.py)."""
     blocks = list(model.layers.values())
     if dims.tp_enabled:
