@@ -3,7 +3,7 @@
 The baselines, each trained by the same plain loop (AdamW, autocast, clip, step) on the same batches:
 - "plain loop, scaletrain's model": the recipe's own model module, so the ratio isolates the framework's
   overhead (config plumbing, DTensor/mesh machinery, metrics) from the model's cost;
-- the recipe's independent baselines (`Recipe.bench_baselines`): models that share no code with the
+- the recipe's independent baselines (`Recipe.evaluation.bench_baselines`): models that share no code with the
   recipe's (the GPT recipe: a hand-written Llama and transformers' model of the same shape), so a slow
   model file shows too.
 All loops are timed in alternating rounds and each reports its median round, so drift in machine load
@@ -114,7 +114,7 @@ class PlainLoop:
         self.cfg, self.recipe, self.device = cfg, recipe, trainer.device
         self.own_loss = model is not None
         if model is None:
-            model = recipe.build_model(cfg.model).to(trainer.device)
+            model = recipe.model.build(cfg.model).to(trainer.device)
             init_model(model, trainer.device, cfg.job.seed)
         self.model = model.to(trainer.device)
         fused = cfg.train.fused_optimizer and trainer.device.type == "cuda"
@@ -148,7 +148,7 @@ class PlainLoop:
                 if self.own_loss:
                     loss = self.model(batch)
                 else:
-                    loss = self.recipe.loss(self.model(*self.recipe.model_inputs(batch)), batch)
+                    loss = self.recipe.step.loss(self.model(*self.recipe.step.model_inputs(batch)), batch)
             loss = loss / len(micro_batches)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip or float("inf"))
@@ -184,7 +184,7 @@ def bench_pipeline(cfg: JobConfig, steps: int = 5, warmup: int = 2) -> PipelineB
     if not dims.pp_enabled:
         raise ValueError("scaletrain bench under torchrun measures pipelines; set parallel.pp > 1")
     recipe = get_recipe(cfg.recipe)
-    dataset = recipe.build_dataset(cfg)
+    dataset = recipe.data.build_dataset(cfg)
     info = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
     try:
         trainer = Trainer(cfg, dims, dataset, info.device)
@@ -215,7 +215,7 @@ def bench_pipeline(cfg: JobConfig, steps: int = 5, warmup: int = 2) -> PipelineB
             measured_median=statistics.median(bubbles),
             theory=theoretical_bubble(p.pp_schedule, dims.pp, microbatches, p.stages_per_rank),
             rate=trainer.units_per_step / statistics.median(seconds),
-            unit=recipe.unit,
+            unit=recipe.data.unit,
             timeline_png=png,
         )
     finally:
@@ -232,12 +232,13 @@ def bench(cfg: JobConfig, steps: int = 10, warmup: int = 3, rounds: int = 3) -> 
     with_save = _bench_config(cfg, warmup + steps * rounds * 2)
     dims = validate_config(cfg, 1)
     recipe = get_recipe(cfg.recipe)
-    dataset = recipe.build_dataset(cfg)
+    dataset = recipe.data.build_dataset(cfg)
     info = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
     try:
         trainer = Trainer(cfg, dims, dataset, info.device)
         loops = {PLAIN: PlainLoop(trainer)}
-        for name, build in (recipe.bench_baselines(cfg) if recipe.bench_baselines else {}).items():
+        baselines = recipe.evaluation.bench_baselines
+        for name, build in (baselines(cfg) if baselines else {}).items():
             torch.manual_seed(cfg.job.seed)
             loops[name] = PlainLoop(trainer, build())
         for _ in range(warmup):
@@ -271,7 +272,7 @@ def bench(cfg: JobConfig, steps: int = 10, warmup: int = 3, rounds: int = 3) -> 
             after_save = (units / after_s, statistics.median(plain_after) / after_s)
         st_s = seconds.pop("scaletrain")
         return BenchResult(
-            unit=recipe.unit,
+            unit=recipe.data.unit,
             scaletrain_rate=units / st_s,
             scaletrain_mfu=mfu(flops, st_s, 1, trainer.peak),
             baselines={name: (units / s, mfu(flops, s, 1, trainer.peak)) for name, s in seconds.items()},
@@ -287,7 +288,7 @@ def bench(cfg: JobConfig, steps: int = 10, warmup: int = 3, rounds: int = 3) -> 
 
 def recipe_benchmarks(trainer: Trainer, rounds: int) -> list[tuple[str, float, str]]:
     """Rows from the recipe's `sample.benchmark` hook (see the module comment), on the trained model."""
-    hook = getattr(trainer.recipe.sample, "benchmark", None)
+    hook = getattr(trainer.recipe.evaluation.sample, "benchmark", None)
     if hook is None:
         return []
     trainer.model.eval()

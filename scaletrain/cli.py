@@ -79,13 +79,13 @@ def model_summary(cfg: JobConfig) -> dict[str, float]:
 
     recipe = get_recipe(cfg.recipe)
     with torch.device("meta"):
-        model = recipe.build_model(cfg.model)
+        model = recipe.model.build(cfg.model)
     flops = flops_per_sample(recipe, cfg, model)
-    units = recipe.units_per_sample(cfg)
+    units = recipe.data.units_per_sample(cfg)
     return {
         "parameters": count_params(model),
         "train_flops_per_sample": flops,
-        f"train_flops_per_{recipe.unit[:-1]}": flops / units,
+        f"train_flops_per_{recipe.data.unit[:-1]}": flops / units,
         "train_flops_per_step": flops * cfg.train.global_batch_size,
     }
 
@@ -98,7 +98,7 @@ def cmd_config(argv: list[str]) -> int:
         options, _ = _take_options(argv[1:], {"recipe": str})
         recipe = get_recipe(str(options.get("recipe", "gpt")))
         rows = field_help(JobConfig)
-        rows += field_help(recipe.model_config, "model.") + field_help(recipe.data_config, "data.")
+        rows += field_help(recipe.model.config, "model.") + field_help(recipe.data.config, "data.")
         for name, text, default in sorted(rows):
             if name in ("model", "data"):
                 continue
@@ -190,9 +190,9 @@ def cmd_sample(argv: list[str]) -> int:
     if not trainer_json.is_file():
         raise ValueError(f"{argv[0]}: not a complete scaletrain checkpoint (no trainer.json)")
     recipe = get_recipe(json.loads(trainer_json.read_text())["recipe"])
-    if recipe.sample is None:
+    if recipe.evaluation.sample is None:
         raise ValueError(f"recipe {recipe.name!r} has no sampler")
-    recipe.sample(argv)
+    recipe.evaluation.sample(argv)
     return 0
 
 

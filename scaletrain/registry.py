@@ -38,7 +38,7 @@ class PipelineSpec:
     last: tuple[str, ...] = ()  # modules that run after it (removed from earlier stages)
     target_key: str = "target"  # the batch entry the loss compares the last stage's output with
     # With train.fused_cross_entropy the model computes its loss inside forward (Recipe.
-    # supports_fused_cross_entropy), so the last stage's forward needs the targets: the keyword that takes them.
+    # ParallelSupport.fused_cross_entropy), so the last stage's forward needs the targets: the keyword that takes them.
     target_kwarg: str | None = None
     # model config -> the number of blocks in the trunk: the core checks that they split over the
     # stages (parallel.pp x stages_per_rank, parallel.pp_layer_boundaries) before any process starts.
@@ -46,71 +46,124 @@ class PipelineSpec:
 
 
 @dataclass(frozen=True)
-class Recipe:
-    """What a model family gives the core.
+class ModelSpec:
+    """The network: its config section, how it is built and how it is laid out.
 
-    build_model:  model config -> nn.Module; called under `torch.device("meta")`. The module
-                  has `init_tensor(name, tensor, generator)` filling the *full* value of each
-                  parameter or buffer, so initialization is independent of the layout.
-    parallelize:  (model, dims, job config) -> model; applies TP, activation checkpointing,
-                  compile and FSDP/DDP in that order (see scaletrain.parallel).
-    build_dataset: job config -> map-style dataset; item i is a dict of tensors and must be a
-                  pure function of i (the core's loader owns order, sharding and resumption).
-    model_inputs: batch dict -> tuple of positional model inputs.
-    loss:         (model output, batch dict) -> scalar mean loss over the batch.
-    validate:     (job config, parallel dims) -> None; raises ValueError naming a field.
-    units_per_sample: job config -> tokens (or 1 for sample-counted families) per sample.
-    evaluate:     (model, job config, step, logger) -> dict of metrics; called every eval.interval
-                  steps on every rank with the EMA weights when train.ema_decay > 0 (e.g. to
-                  write sample grids with logger.log_image).
-    sample:       argv -> None; the `scaletrain sample <ckpt> ...` command for this family.
-    example_batch: (job config, batch size) -> batch dict on the meta device, shaped like the
-                  data — used to count FLOPs without reading any data (e.g. for a 70B config
-                  on a laptop). Without it the core uses item 0 of the dataset.
+    build:        model config -> nn.Module; called under `torch.device("meta")`. The module has
+                  `init_tensor(name, tensor, generator)` filling the *full* value of each parameter or
+                  buffer, so initialization is independent of the layout.
+    parallelize:  (model, dims, job config) -> model; applies TP, activation checkpointing, compile and
+                  FSDP/DDP in that order (see scaletrain.parallel).
+    startup_notes: (parallelized model, job config, dims) -> lines the trainer prints at start-up (e.g.
+                  which kernels run). Returned, never attached: the core reads nothing back from a model.
+
+    A recipe that trains several networks (a GAN's generator and discriminator, a policy beside a frozen
+    reference model) builds them as the named children of one root module: one init, one parallelize,
+    one checkpoint state dict, one reshard path for all of them.
     """
 
-    name: str
-    model_config: type
-    data_config: type
-    build_model: Callable[[Any], nn.Module]
+    config: type  # the dataclass of the `model:` config section
+    build: Callable[[Any], nn.Module]
     parallelize: Callable[[nn.Module, ParallelDims, JobConfig], nn.Module]
+    startup_notes: Callable[[nn.Module, JobConfig, ParallelDims], list[str]] | None = None
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The data: its config section and the dataset the core's loader orders, shards and resumes.
+
+    build_dataset: job config -> map-style dataset; item i is a dict of tensors and must be a pure function
+                  of i (the core's loader owns order, sharding and resumption).
+    example_batch: (job config, batch size) -> batch dict on the meta device, shaped like the data: used to
+                  count FLOPs without reading any data (a 70B config on a laptop). None = item 0 of the
+                  dataset, expanded.
+    """
+
+    config: type  # the dataclass of the `data:` config section
     build_dataset: Callable[[JobConfig], Any]
+    unit: Literal["tokens", "samples"] = "samples"  # what throughput counts
+    units_per_sample: Callable[[JobConfig], int] = lambda cfg: 1
+    example_batch: Callable[[JobConfig, int], dict[str, torch.Tensor]] | None = None
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """What one micro-batch computes: the model is called with `model_inputs(batch)` and the trainer
+    back-propagates `loss(output, batch)`, a scalar mean over the micro-batch."""
+
     model_inputs: Callable[[dict[str, torch.Tensor]], tuple]
     loss: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]
-    validate: Callable[[JobConfig, ParallelDims], None] | None = None
-    units_per_sample: Callable[[JobConfig], int] = lambda cfg: 1
-    unit: Literal["tokens", "samples"] = "samples"
-    # Capabilities: the core refuses a layout that needs one the recipe does not declare, before any
-    # process starts (a recipe without a TP plan once ran tp=2 as the same work on every rank).
-    # Tensor parallel: its parallelize shards the model over the "tp" mesh axis.
-    supports_tensor_parallel: bool = False
-    # For families with vocab-sized outputs: TP may compute the loss on sharded logits.
-    supports_loss_parallel: bool = False
-    # For families whose loss is a cross-entropy over an output projection: train.fused_cross_entropy
-    # computes it in chunks inside the model's forward (scaletrain/ops.py: linear_cross_entropy).
-    supports_fused_cross_entropy: bool = False
-    evaluate: Callable[[nn.Module, JobConfig, int, Any], dict[str, float]] | None = None
-    # (parallelized model, job config, dims) -> lines the trainer prints at start-up (e.g. which kernels
-    # run). Returned, never attached to the model: the core reads nothing back from a model by getattr.
-    startup_notes: Callable[[nn.Module, JobConfig, ParallelDims], list[str]] | None = None
-    sample: Callable[[list[str]], None] | None = None
-    # Pipeline parallel: how the model splits; None = the family does not support pp > 1.
-    pipeline: PipelineSpec | None = None
-    # Context parallel: batch entries whose dim 1 is the sequence (sharded across cp ranks);
-    # empty = the family does not support cp > 1. Its parallelize must install cp attention.
+
+
+@dataclass(frozen=True)
+class ParallelSupport:
+    """The layouts a recipe's parallelize implements beyond data parallel (DDP/FSDP2/HSDP, always offered).
+
+    The core refuses a layout that needs one the recipe does not declare, before any process starts (a
+    recipe without a TP plan once ran tp=2 as the same work on every rank).
+    """
+
+    tensor_parallel: bool = False  # parallelize shards the model over the "tp" mesh axis
+    # For families with vocab-sized outputs: under TP the loss may be computed on vocab-sharded logits.
+    loss_parallel: bool = False
+    # For a cross-entropy over an output projection: train.fused_cross_entropy computes it in chunks inside
+    # the model's forward(inputs, targets) (scaletrain/ops.py: linear_cross_entropy).
+    fused_cross_entropy: bool = False
+    pipeline: PipelineSpec | None = None  # how the model splits into stages; None = no pp > 1
+    # Batch entries whose dim 1 is the sequence (sharded across cp ranks); empty = no cp > 1. The
+    # recipe's parallelize must then install context-parallel attention.
     context_parallel_keys: tuple[str, ...] = ()
-    example_batch: Callable[[JobConfig, int], dict[str, torch.Tensor]] | None = None
-    # Hugging Face interop (`scaletrain export --format hf`, `scaletrain import hf`), optional:
-    # export_hf(job config, full state dict, out dir) writes config.json + model.safetensors (+ the tokenizer
-    # of job config.data; data is None for imported weights, whose tokenizer scaletrain never saw);
-    # import_hf(hf dir) -> (model config overrides, full state dict); hf_model_types are the
-    # config.json `model_type` values import_hf reads (how `import hf` picks the recipe).
-    export_hf: Callable[[Any, dict[str, torch.Tensor], Path], None] | None = None
-    import_hf: Callable[[Path], tuple[dict[str, Any], dict[str, torch.Tensor]]] | None = None
-    hf_model_types: tuple[str, ...] = ()
-    # `scaletrain bench`'s independent baselines: job config -> {name: factory of a module whose forward(batch)
-    # returns the mean loss}. Models that share no code with the recipe's, so a slow model file shows.
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """Optional: what a recipe offers beyond the training loss.
+
+    evaluate: (model, job config, step, logger) -> dict of metrics; called every eval.interval steps on every
+              rank, with the EMA weights when train.ema_decay > 0 (e.g. sample grids via logger.log_image).
+    sample:   argv -> None; the `scaletrain sample <ckpt> ...` command for this family.
+    bench_baselines: job config -> {name: factory of a module whose forward(batch) returns the mean loss}:
+              `scaletrain bench`'s independent baselines, sharing no code with the recipe's model, so a
+              slow model file shows.
+    """
+
+    evaluate: Callable[[nn.Module, JobConfig, int, Any], dict[str, float]] | None = None
+    sample: Callable[[list[str]], None] | None = None
     bench_baselines: Callable[[JobConfig], dict[str, Callable[[], nn.Module]]] | None = None
+
+
+@dataclass(frozen=True)
+class HFInterop:
+    """Hugging Face interop: `scaletrain export --format hf` and `scaletrain import hf`.
+
+    export:      (job config, full state dict, out dir) -> None; writes config.json + model.safetensors (+ the
+                 tokenizer of job config.data; data is None for imported weights, whose tokenizer scaletrain
+                 never saw).
+    import_:     hf dir -> (model config overrides, full state dict).
+    model_types: the config.json `model_type` values import_ reads (how `import hf` picks the recipe).
+    """
+
+    export: Callable[[Any, dict[str, torch.Tensor], Path], None]
+    import_: Callable[[Path], tuple[dict[str, Any], dict[str, torch.Tensor]]]
+    model_types: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a model family gives the core: required groups first, optional ones after.
+
+    validate: (job config, parallel dims) -> None; the family's own config rules, raising ValueError that
+              names the field. Called once, before any process group exists.
+    """
+
+    name: str  # what a config's `recipe:` selects
+    model: ModelSpec
+    data: DataSpec
+    step: StepSpec
+    validate: Callable[[JobConfig, ParallelDims], None] | None = None
+    supports: ParallelSupport = ParallelSupport()
+    evaluation: EvalSpec = EvalSpec()
+    hf: HFInterop | None = None
 
 
 # The bundled families are the sub-packages of this package; the core scans it and never names one.

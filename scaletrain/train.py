@@ -9,7 +9,7 @@ Runbook:
 
 Order of work: parse + validate the whole config (no process group yet) -> build the
 dataset (bad data files fail here) -> process group + device mesh -> model on the meta
-device -> FLOPs counted on meta -> recipe.parallelize -> materialize + init -> optimizer
+device -> FLOPs counted on meta -> recipe.model.parallelize -> materialize + init -> optimizer
 -> resume from the newest complete checkpoint if there is one -> loop.
 """
 
@@ -64,10 +64,10 @@ class NonFiniteLossError(FloatingPointError):
 
 def example_batch(recipe: Recipe, cfg: JobConfig, dataset: Any | None, batch_size: int = 1) -> dict[str, torch.Tensor]:
     """A batch on the meta device shaped like the training data (for FLOP counting)."""
-    if recipe.example_batch is not None:
-        return recipe.example_batch(cfg, batch_size)
+    if recipe.data.example_batch is not None:
+        return recipe.data.example_batch(cfg, batch_size)
     if dataset is None:
-        dataset = recipe.build_dataset(cfg)
+        dataset = recipe.data.build_dataset(cfg)
     item = dataset[0]
     return {k: v.unsqueeze(0).expand(batch_size, *v.shape).to("meta") for k, v in item.items()}
 
@@ -79,7 +79,7 @@ def count_params(model: torch.nn.Module) -> int:
 def flops_per_sample(recipe: Recipe, cfg: JobConfig, model: torch.nn.Module, dataset: Any | None = None) -> int:
     """Training FLOPs (forward + backward) of one sample, counted on the meta device."""
     batch = example_batch(recipe, cfg, dataset)
-    return count_train_flops(model, recipe.model_inputs(batch), loss_fn=lambda out: recipe.loss(out, batch))
+    return count_train_flops(model, recipe.step.model_inputs(batch), loss_fn=lambda out: recipe.step.loss(out, batch))
 
 
 def _set_grad_sync(model: torch.nn.Module, enabled: bool) -> None:
@@ -106,7 +106,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
 
         with torch.device("meta"):
-            model = self.recipe.build_model(cfg.model)
+            model = self.recipe.model.build(cfg.model)
         self.num_params = count_params(model)
         self.flops_per_sample = flops_per_sample(self.recipe, cfg, model, dataset)
         self.micro_batch_size = micro_batch_size(cfg, dims)
@@ -119,7 +119,8 @@ class Trainer:
         self.model_parts = self._build_model_parts(model)
         # One module holding every parameter this rank trains under the whole model's names:
         # the model itself, or a union of this rank's pipeline stages.
-        self.model = stage_union(self.model_parts, self.recipe.pipeline) if dims.pp_enabled else self.model_parts[0]
+        pipeline = self.recipe.supports.pipeline
+        self.model = stage_union(self.model_parts, pipeline) if dims.pp_enabled else self.model_parts[0]
 
         self.optimizer = build_optimizer(self.model, cfg.train, device.type)
         self.ema = EMA(self.model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay > 0 else None
@@ -143,7 +144,7 @@ class Trainer:
             else contextlib.nullcontext
         )
         self.loss_context = loss_parallel if uses_loss_parallel(cfg, dims) else contextlib.nullcontext
-        self.units_per_step = cfg.train.global_batch_size * self.recipe.units_per_sample(cfg)
+        self.units_per_step = cfg.train.global_batch_size * self.recipe.data.units_per_sample(cfg)
         self.peak, self.peak_note = peak_tflops(device, TORCH_DTYPES[cfg.train.dtype], cfg.metrics.peak_tflops)
         self.step = 0
         c = cfg.checkpoint
@@ -158,7 +159,7 @@ class Trainer:
         """Split into this rank's pipeline stages (if pp > 1), parallelize and initialize each."""
         cfg, dims, p = self.cfg, self.dims, self.cfg.parallel
         if dims.pp_enabled:
-            spec = self.recipe.pipeline
+            spec = self.recipe.supports.pipeline
             stages = num_stages(dims.pp, p.stages_per_rank)
             layer_split = split_layers(len(getattr(model, spec.trunk)), stages, p.pp_layer_boundaries or None)
             pp_mesh = dims.axis("pp")
@@ -166,7 +167,7 @@ class Trainer:
             parts = [build_stage_module(model, spec, layer_split[sid], sid, stages) for sid in stage_ids]
         else:
             parts = [model]
-        parts = [self.recipe.parallelize(part, dims, cfg) for part in parts]
+        parts = [self.recipe.model.parallelize(part, dims, cfg) for part in parts]
         for part in parts:
             init_model(part, self.device, cfg.job.seed)
             part.train()
@@ -188,7 +189,7 @@ class Trainer:
     def _pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # Mean over the microbatch, divided by the accumulation count; the schedule divides
         # the gradients by the number of pipeline microbatches.
-        return self.recipe.loss(output, {self.recipe.pipeline.target_key: target}) / self._accum_steps
+        return self.recipe.step.loss(output, {self.recipe.supports.pipeline.target_key: target}) / self._accum_steps
 
     # -- checkpoints --------------------------------------------------------------------------
     @property
@@ -307,10 +308,10 @@ class Trainer:
             _set_grad_sync(self.model, index == len(micro_batches) - 1)
             with self.loss_context():
                 with self.autocast():
-                    output = self.model(*self.recipe.model_inputs(batch))
+                    output = self.model(*self.recipe.step.model_inputs(batch))
                 # Mean over the micro-batch, divided by the accumulation count: summed over
                 # micro-batches and averaged over dp ranks this is the global-batch mean.
-                loss = self.recipe.loss(output, batch) / len(micro_batches)
+                loss = self.recipe.step.loss(output, batch) / len(micro_batches)
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             loss_sum += _full(loss.detach()).float()
         if self.scaler is not None:
@@ -339,12 +340,12 @@ class Trainer:
         if self.dims.cp_enabled:
             cp_mesh = self.dims.axis("cp")
             rank, cp = cp_mesh.get_local_rank(), cp_mesh.size()
-            keys = self.recipe.context_parallel_keys
+            keys = self.recipe.supports.context_parallel_keys
             batch = {k: shard_sequence(v, rank, cp) if k in keys else v for k, v in batch.items()}
         return batch
 
     def _pipeline_micro_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        spec = self.recipe.pipeline
+        spec = self.recipe.supports.pipeline
         target = batch[spec.target_key] if self.is_last_stage else None
         stage_kwargs = {}
         if self.cfg.train.fused_cross_entropy:
@@ -353,7 +354,7 @@ class Trainer:
             # and not positionally to the first stage, which may sit on the same rank.
             batch = {k: v for k, v in batch.items() if k != spec.target_key}
             stage_kwargs = {spec.target_kwarg: target} if self.is_last_stage else {}
-        inputs = self.recipe.model_inputs(batch) if self.is_first_stage else ()
+        inputs = self.recipe.step.model_inputs(batch) if self.is_first_stage else ()
         if self._schedule_can_skip_outputs:
             # Only the losses are used: don't concatenate the last stage's microbatch outputs (the full
             # logits, or the per-microbatch scalar losses of a fused loss, which cannot be concatenated).
@@ -372,7 +373,7 @@ class Trainer:
             str(self.run_dir),
             self.rank,
             config_to_dict(cfg),
-            unit=self.recipe.unit,
+            unit=self.recipe.data.unit,
             total_steps=cfg.train.steps,
         )
         try:
@@ -400,7 +401,7 @@ class Trainer:
                     logger.log(self.step, metrics)
                 if (
                     cfg.eval.interval
-                    and self.recipe.evaluate is not None
+                    and self.recipe.evaluation.evaluate is not None
                     and (self.step % cfg.eval.interval == 0 or self.step == cfg.train.steps)
                 ):
                     self.evaluate(logger)
@@ -418,7 +419,7 @@ class Trainer:
         ema = self.ema.swapped_into(self.model) if self.ema is not None else contextlib.nullcontext(self.model)
         try:
             with torch.no_grad(), ema as model:
-                results = self.recipe.evaluate(model, self.cfg, self.step, logger) or {}
+                results = self.recipe.evaluation.evaluate(model, self.cfg, self.step, logger) or {}
         finally:
             self.model.train()
         if results:
@@ -437,8 +438,8 @@ class Trainer:
             f"data: {len(self.loader.dataset)} samples | run dir {self.run_dir}",
             f"mfu: {self.peak_note}",
         ]
-        if self.recipe.startup_notes is not None:  # recipe lines, e.g. which kernels run
-            lines += self.recipe.startup_notes(self.model_parts[0], cfg, dims)
+        if self.recipe.model.startup_notes is not None:  # recipe lines, e.g. which kernels run
+            lines += self.recipe.model.startup_notes(self.model_parts[0], cfg, dims)
         if resumed:
             lines.append(resumed)
         for line in lines:
@@ -450,7 +451,7 @@ def run(cfg: JobConfig, dims: ParallelDims | None = None) -> list[dict[str, floa
     metrics (on every rank)."""
     if dims is None:
         dims = validate_config(cfg, world_size_from_env())
-    dataset = get_recipe(cfg.recipe).build_dataset(cfg)
+    dataset = get_recipe(cfg.recipe).data.build_dataset(cfg)
     info = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
     finished = False
     try:

@@ -44,7 +44,7 @@ def pipeline_microbatches(cfg: JobConfig, dims: ParallelDims) -> int:
 def uses_loss_parallel(cfg: JobConfig, dims: ParallelDims) -> bool:
     """Whether the loss runs on vocabulary-sharded logits: the one place this is decided, read by the trainer
     (the loss context) and by the recipe's TP plan (the output projection's layout)."""
-    return dims.tp_enabled and cfg.parallel.loss_parallel and get_recipe(cfg.recipe).supports_loss_parallel
+    return dims.tp_enabled and cfg.parallel.loss_parallel and get_recipe(cfg.recipe).supports.loss_parallel
 
 
 def validate_config(cfg: JobConfig, world_size: int) -> ParallelDims:
@@ -105,12 +105,13 @@ def validate_config(cfg: JobConfig, world_size: int) -> ParallelDims:
     )
     recipe = get_recipe(cfg.recipe)
     _check(
-        dims.tp == 1 or recipe.supports_tensor_parallel,
-        f"parallel.tp: recipe {cfg.recipe!r} has no tensor-parallel plan (Recipe.supports_tensor_parallel); "
+        dims.tp == 1 or recipe.supports.tensor_parallel,
+        f"parallel.tp: recipe {cfg.recipe!r} has no tensor-parallel plan (Recipe.supports.tensor_parallel); "
         "use tp=1 and scale with data parallel (dp_shard / dp_replicate)",
     )
     if dims.pp > 1:
-        _check(recipe.pipeline is not None, f"parallel.pp: recipe {cfg.recipe!r} does not support pipeline parallel")
+        pipeline = recipe.supports.pipeline
+        _check(pipeline is not None, f"parallel.pp: recipe {cfg.recipe!r} does not support pipeline parallel")
         validate_pipeline(
             p.pp_schedule,
             dims.pp,
@@ -121,26 +122,26 @@ def validate_config(cfg: JobConfig, world_size: int) -> ParallelDims:
         )
         # Raises naming parallel.pp / pp_layer_boundaries when the trunk's blocks do not split.
         stages = num_stages(dims.pp, p.stages_per_rank)
-        split_layers(recipe.pipeline.trunk_depth(cfg.model), stages, p.pp_layer_boundaries or None)
+        split_layers(pipeline.trunk_depth(cfg.model), stages, p.pp_layer_boundaries or None)
         _check(
-            not t.fused_cross_entropy or recipe.pipeline.target_kwarg is not None,
+            not t.fused_cross_entropy or pipeline.target_kwarg is not None,
             f"train.fused_cross_entropy: recipe {cfg.recipe!r} names no forward keyword for the targets "
             "(PipelineSpec.target_kwarg), so its last pipeline stage cannot compute the fused loss",
         )
         _check(
-            not (cfg.eval.interval and recipe.evaluate is not None),
+            not (cfg.eval.interval and recipe.evaluation.evaluate is not None),
             f"eval.interval: the evaluation of recipe {cfg.recipe!r} runs the whole model on one rank, which "
             f"pipeline parallel (parallel.pp={dims.pp}) splits across ranks; set eval.interval=0 and evaluate "
             "a checkpoint afterwards (e.g. `scaletrain sample`)",
         )
     _check(
-        not t.fused_cross_entropy or recipe.supports_fused_cross_entropy,
+        not t.fused_cross_entropy or recipe.supports.fused_cross_entropy,
         f"train.fused_cross_entropy: recipe {cfg.recipe!r} has no cross-entropy over an output projection to "
         "fuse; leave it false",
     )
     if dims.cp > 1:
         _check(
-            bool(recipe.context_parallel_keys),
+            bool(recipe.supports.context_parallel_keys),
             f"parallel.cp: recipe {cfg.recipe!r} does not support context parallel",
         )
 

@@ -25,11 +25,9 @@ TINY_RUN = [
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    """os.environ with this checkout first on PYTHONPATH (children import launchers and scaletrain from it)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    env.update(extra)
-    return env
+    """os.environ plus `extra` (tests/conftest.py already put this checkout first on PYTHONPATH, so children
+    import launchers and scaletrain from it)."""
+    return {**os.environ, **extra}
 
 
 def logged_steps(run_dir: Path, name: str = "gpt-tiny") -> list[int]:

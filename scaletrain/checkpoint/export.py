@@ -2,7 +2,7 @@
 
   consolidated_tensors(ckpt)   full tensors of the `model` (or `ema`) section, read via DCP
   export_safetensors(ckpt, f)  one consolidated .safetensors file with scaletrain's names
-  export_hf(ckpt, dir)         the recipe's Hugging Face folder (Recipe.export_hf)
+  export_hf(ckpt, dir)         the recipe's Hugging Face folder (Recipe.hf.export)
   import_hf(dir, out)          a Hugging Face folder -> a complete scaletrain checkpoint
                                (model weights only: continue with --checkpoint.load_path)
 
@@ -83,7 +83,7 @@ def _recipe_and_model_config(folder: Path) -> tuple[Recipe, Any]:
     if "config" not in state:
         raise CheckpointError(f"{folder / TRAINER_STATE}: no model config (saved by scaletrain 0.1); cannot export")
     recipe = get_recipe(state["recipe"])
-    return recipe, recipe.model_config(**state["config"]["model"])
+    return recipe, recipe.model.config(**state["config"]["model"])
 
 
 def export_safetensors(folder: Path, out_file: Path, section: str = "model") -> Path:
@@ -99,14 +99,14 @@ def export_safetensors(folder: Path, out_file: Path, section: str = "model") -> 
 
 def export_hf(folder: Path, out_dir: Path, section: str = "model") -> Path:
     recipe, _ = _recipe_and_model_config(Path(folder))
-    if recipe.export_hf is None:
+    if recipe.hf is None:
         raise ValueError(f"recipe {recipe.name!r} has no Hugging Face export; use --format safetensors")
     saved = trainer_state(folder)["config"]
     cfg = load_config(None, {**saved, "recipe": recipe.name})
     if "data" not in saved:
         cfg.data = None  # imported weights: the tokenizer they were trained with is not ours to write
     out_dir = Path(out_dir)
-    recipe.export_hf(cfg, consolidated_tensors(Path(folder), section), out_dir)
+    recipe.hf.export(cfg, consolidated_tensors(Path(folder), section), out_dir)
     _readable_by_all(out_dir)
     return out_dir
 
@@ -129,11 +129,11 @@ def import_hf(hf_dir: Path, out_root: Path) -> tuple[Path, dict[str, Any]]:
         raise ValueError(f"{config_file}: missing — not a Hugging Face model folder")
     model_type = json.loads(config_file.read_text()).get("model_type")
     recipes = [get_recipe(n) for n in known_recipes()]
-    recipe = next((r for r in recipes if model_type in r.hf_model_types and r.import_hf is not None), None)
+    recipe = next((r for r in recipes if r.hf is not None and model_type in r.hf.model_types), None)
     if recipe is None:
-        readable = sorted(t for r in recipes for t in r.hf_model_types)
+        readable = sorted(t for r in recipes if r.hf is not None for t in r.hf.model_types)
         raise ValueError(f"{config_file}: model_type {model_type!r} is not importable; known: {readable}")
-    model_overrides, state_dict = recipe.import_hf(hf_dir)
+    model_overrides, state_dict = recipe.hf.import_(hf_dir)
     final = step_dir(out_root, 0)
     partial = final.with_name(final.name + PARTIAL_SUFFIX)
     shutil.rmtree(partial, ignore_errors=True)

@@ -197,8 +197,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     recipe = get_recipe(recipe_name)
     sections = {k: raw.pop(k, {}) or {} for k in _RECIPE_SECTIONS}
     cfg = build_dataclass(JobConfig, raw)
-    cfg.model = build_dataclass(recipe.model_config, sections["model"], "model")
-    cfg.data = build_dataclass(recipe.data_config, sections["data"], "data")
+    cfg.model = build_dataclass(recipe.model.config, sections["model"], "model")
+    cfg.data = build_dataclass(recipe.data.config, sections["data"], "data")
     return cfg
 
 

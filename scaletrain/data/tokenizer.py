@@ -10,6 +10,7 @@ with one tokenizer is never read back with another.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -203,9 +204,22 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: Path, model_max_length: int
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-    """Spec "byte" -> ByteTokenizer(); a path ending in .json -> BPETokenizer.load(path)."""
+    """Spec "byte" -> ByteTokenizer(); a path ending in .json -> BPETokenizer.load(path).
+
+    A .json is parsed once per process and file version: validation and the dataset both ask for it.
+    """
     if spec == "byte":
         return ByteTokenizer()
     if spec.endswith(".json"):
-        return BPETokenizer.load(spec)
+        path = Path(spec)
+        if not path.is_file():
+            return BPETokenizer.load(spec)  # raises, naming the file
+        stat = path.stat()
+        return _load_bpe_cached(str(path.resolve()), (stat.st_mtime_ns, stat.st_size))
     raise ValueError(f"tokenizer spec {spec!r} is neither 'byte' nor a path to a tokenizer .json")
+
+
+@functools.lru_cache(maxsize=8)
+def _load_bpe_cached(path: str, version: tuple[int, int]) -> BPETokenizer:
+    # version (mtime, size) is only part of the key: a rewritten file is read again.
+    return BPETokenizer.load(path)

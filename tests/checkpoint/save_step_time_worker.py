@@ -40,7 +40,7 @@ def main(run_dir: str, async_mode: str = "none") -> None:
     overrides += ["--checkpoint.async_mode", async_mode, "--job.run_dir", run_dir]
     cfg = load_config(TINY, overrides)
     dims = validate_config(cfg, 1)
-    dataset = get_recipe(cfg.recipe).build_dataset(cfg)
+    dataset = get_recipe(cfg.recipe).data.build_dataset(cfg)
     info = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
     try:
         trainer = Trainer(cfg, dims, dataset, info.device)

@@ -46,7 +46,7 @@ def _checkpoint(tmp_path: Path, style: str) -> tuple[Path, object]:
 
 
 def _our_logits(cfg, state: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
-    model = get_recipe("gpt").build_model(cfg.model)
+    model = get_recipe("gpt").model.build(cfg.model)
     init_model(model, "cpu", seed=123)  # fills the RoPE buffers; the weights are then overwritten
     model.load_state_dict(state, strict=True)
     return model.eval()(tokens)

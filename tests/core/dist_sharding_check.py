@@ -32,7 +32,7 @@ def pipeline_report() -> None:
          "--model.n_layers", "6", "--train.global_batch_size", "8"],
     )  # fmt: skip
     dims = validate_config(cfg, 4)
-    dataset = get_recipe("gpt").build_dataset(cfg)
+    dataset = get_recipe("gpt").data.build_dataset(cfg)
     info = init_distributed()
     trainer = Trainer(cfg, dims, dataset, info.device)
     names = [n for part in trainer.model_parts for n, _ in part.named_parameters()]
@@ -54,7 +54,7 @@ def main() -> None:
         ["--parallel.dp_shard", "4", "--train.steps", "1", "--train.warmup_steps", "0"],
     )
     dims = validate_config(cfg, 4)
-    dataset = get_recipe("gpt").build_dataset(cfg)
+    dataset = get_recipe("gpt").data.build_dataset(cfg)
     info = init_distributed()
     trainer = Trainer(cfg, dims, dataset, info.device)
     plain = init_model(GPT(cfg.model), "cpu", cfg.job.seed)

@@ -164,7 +164,10 @@ def test_tensor_parallel_needs_a_recipe_that_declares_it(monkeypatch):
 
     from scaletrain import registry
 
-    plain = dataclasses.replace(registry.get_recipe("gpt"), name="gpt-no-tp", supports_tensor_parallel=False)
+    gpt = registry.get_recipe("gpt")
+    plain = dataclasses.replace(
+        gpt, name="gpt-no-tp", supports=dataclasses.replace(gpt.supports, tensor_parallel=False)
+    )
     monkeypatch.setitem(registry._RECIPES, plain.name, plain)
     cfg = _load("--recipe", "gpt-no-tp", "--parallel.tp", "2", "--parallel.dp_shard", "1")
     with pytest.raises(ValueError, match=r"parallel\.tp: recipe 'gpt-no-tp' has no tensor-parallel plan"):

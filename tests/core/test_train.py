@@ -132,6 +132,6 @@ def test_independent_bench_baselines_have_the_models_shape():
     from scaletrain.registry import get_recipe
 
     cfg = load_config(TINY, ["--model.n_kv_heads", "2"])
-    ours = sum(p.numel() for p in get_recipe("gpt").build_model(cfg.model).parameters())
+    ours = sum(p.numel() for p in get_recipe("gpt").model.build(cfg.model).parameters())
     for name, build in bench_baselines(cfg).items():
         assert sum(p.numel() for p in build().parameters()) == ours, name

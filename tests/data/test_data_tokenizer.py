@@ -100,6 +100,17 @@ def test_load_tokenizer_specs(bpe):
     assert tok.encode("x = 1") == bpe[0].encode("x = 1")
 
 
+def test_load_tokenizer_parses_a_file_once_and_rereads_a_rewritten_one(corpus_slice, tmp_path):
+    """Validation and the dataset both load the tokenizer: one parse per process, unless the file changed."""
+    path = tmp_path / "tok.json"
+    train_bpe([str(corpus_slice)], vocab_size=600, out_path=str(path))
+    first = load_tokenizer(str(path))
+    assert load_tokenizer(str(path)) is first
+    train_bpe([str(corpus_slice)], vocab_size=400, out_path=str(path))
+    again = load_tokenizer(str(path))
+    assert again is not first and again.vocab_size < first.vocab_size
+
+
 def test_load_tokenizer_bad_spec_names_it():
     with pytest.raises(ValueError, match="gpt2-xl"):
         load_tokenizer("gpt2-xl")

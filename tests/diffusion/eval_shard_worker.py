@@ -43,7 +43,7 @@ def main() -> None:
 
     cfg = load_config(config, overrides)
     dims = validate_config(cfg, world_size_from_env())
-    dataset = get_recipe(cfg.recipe).build_dataset(cfg)
+    dataset = get_recipe(cfg.recipe).data.build_dataset(cfg)
     info = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
     torch.set_num_threads(1)
     try:
@@ -56,7 +56,7 @@ def main() -> None:
 
         trainer.model.register_forward_pre_hook(count)
         logger = _Logger()
-        metrics = trainer.recipe.evaluate(trainer.model, cfg, 0, logger)
+        metrics = trainer.recipe.evaluation.evaluate(trainer.model, cfg, 0, logger)
         Path(out).mkdir(parents=True, exist_ok=True)
         rank = int(os.environ.get("RANK", "0"))
         (Path(out) / f"rank-{rank}.json").write_text(json.dumps({**counts, "metrics": metrics, "text": logger.text}))

@@ -27,5 +27,5 @@ def test_bench_reports_sampling_images_per_second(tmp_path):
 
 def test_the_vae_has_no_sampling_benchmark():
     # The hook is optional: recipes without a sampler (the VAE) add no rows.
-    assert getattr(get_recipe("vae").sample, "benchmark", None) is None
-    assert callable(get_recipe("unet").sample.benchmark)
+    assert getattr(get_recipe("vae").evaluation.sample, "benchmark", None) is None
+    assert callable(get_recipe("unet").evaluation.sample.benchmark)

@@ -40,7 +40,7 @@ def test_startup_names_the_eval_feature_extractor_when_evaluating(interval):
     cfg = load_config(DIT, ["--eval.interval", str(interval)])
     with torch.device("meta"):
         model = DiT(cfg.model)
-    notes = get_recipe("dit").startup_notes(model, cfg, validate_config(cfg, 1))
+    notes = get_recipe("dit").model.startup_notes(model, cfg, validate_config(cfg, 1))
     named = [n for n in notes if n.startswith("eval features: fid_shapes/kid_shapes/class_accuracy_shapes: ")]
     assert len(named) == (1 if interval else 0), notes
     assert notes[0].startswith("kernels: attention "), notes

@@ -55,7 +55,7 @@ def _reconstruction_mse(ckpt: Path, n: int = 256) -> dict[str, float]:
         try:
             trained = load_model(ckpt, "vae", cfg)
             with torch.device("meta"):
-                untrained = get_recipe("vae").build_model(cfg.model)
+                untrained = get_recipe("vae").model.build(cfg.model)
             init_model(untrained, torch.device("cpu"), cfg.job.seed)  # the weights training started from
         finally:
             destroy_distributed()

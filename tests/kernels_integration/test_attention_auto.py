@@ -97,10 +97,10 @@ def test_gpt_recipe_resolves_once_and_installs_the_choice():
         assert expected.impl == "sdpa"
     recipe = get_recipe("gpt")
     with torch.device("meta"):
-        model = recipe.build_model(cfg.model)
-    model = recipe.parallelize(model, dims, cfg)
+        model = recipe.model.build(cfg.model)
+    model = recipe.model.parallelize(model, dims, cfg)
     assert {block.attention.attention_fn.keywords["impl"] for block in model.layers.values()} == {expected.impl}
-    (note,) = recipe.startup_notes(model, cfg, dims)
+    (note,) = recipe.model.startup_notes(model, cfg, dims)
     assert note.startswith(f"kernels: attention auto -> {expected.impl} (") and "fused: none" in note, note
 
 
@@ -108,8 +108,8 @@ def test_startup_line_names_explicit_choice_and_fused_kernels():
     cfg = load_config(TINY, ["--model.attention", "eager", "--model.fused_norm", "true"])
     recipe = get_recipe("gpt")
     with torch.device("meta"):
-        model = recipe.build_model(cfg.model)
+        model = recipe.model.build(cfg.model)
     dims = validate_config(cfg, 1)
-    model = recipe.parallelize(model, dims, cfg)
-    (note,) = recipe.startup_notes(model, cfg, dims)
+    model = recipe.model.parallelize(model, dims, cfg)
+    (note,) = recipe.model.startup_notes(model, cfg, dims)
     assert note.startswith("kernels: attention eager (set) | fused: norm ("), note

@@ -172,10 +172,10 @@ def test_startup_line_reports_the_fused_norm(recipe):  # noqa: ANN001
         cfg = load_config(config, FUSED if fused else [])
         dims = validate_config(cfg, 1)
         with torch.device("meta"):
-            model = get_recipe(recipe).build_model(cfg.model)
-        model = get_recipe(recipe).parallelize(model, dims, cfg)
+            model = get_recipe(recipe).model.build(cfg.model)
+        model = get_recipe(recipe).model.parallelize(model, dims, cfg)
         parts = ([attention] if recipe == "unet" else []) + (["fused: norm (triton-interpret)"] if fused else [])
-        notes = get_recipe(recipe).startup_notes(model, cfg, dims)
+        notes = get_recipe(recipe).model.startup_notes(model, cfg, dims)
         kernel_lines = [n for n in notes if n.startswith("kernels: ")]  # the U-Net also names its eval features
         assert kernel_lines == ([f"kernels: {' | '.join(parts)}"] if parts else []), notes
 

@@ -20,7 +20,7 @@ from torch import nn
 from scaletrain.config.schema import JobConfig, opt
 from scaletrain.data import ByteTokenizer, TokenWindowDataset, bundled_corpus_path, load_tokens
 from scaletrain.parallel import ParallelDims, apply_activation_checkpointing, apply_compile, apply_data_parallel
-from scaletrain.registry import Recipe, register_recipe
+from scaletrain.registry import DataSpec, ModelSpec, Recipe, StepSpec, register_recipe
 
 
 @dataclass
@@ -117,15 +117,14 @@ def loss(logits_BTV: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tens
 RECIPE = register_recipe(
     Recipe(
         name="gru",
-        model_config=GRUConfig,
-        data_config=GRUDataConfig,
-        build_model=GRULM,
-        parallelize=parallelize,
-        build_dataset=build_dataset,
-        model_inputs=lambda batch: (batch["input"],),
-        loss=loss,
+        model=ModelSpec(config=GRUConfig, build=GRULM, parallelize=parallelize),
+        data=DataSpec(
+            config=GRUDataConfig,
+            build_dataset=build_dataset,
+            unit="tokens",
+            units_per_sample=lambda cfg: cfg.data.seq_len,
+        ),
+        step=StepSpec(model_inputs=lambda batch: (batch["input"],), loss=loss),
         validate=validate,
-        unit="tokens",
-        units_per_sample=lambda cfg: cfg.data.seq_len,
     )
 )

@@ -22,62 +22,64 @@ from scaletrain.recipes.diffusion.parallelize import parallelize_blocks, paralle
 from scaletrain.recipes.diffusion.sample_cli import make_sample_command
 from scaletrain.recipes.diffusion.unet import UNet
 from scaletrain.recipes.diffusion.vae import KLAutoencoder, VAEConfig, vae_loss
-from scaletrain.registry import PipelineSpec, Recipe, register_recipe
+from scaletrain.registry import (
+    DataSpec,
+    EvalSpec,
+    ModelSpec,
+    ParallelSupport,
+    PipelineSpec,
+    Recipe,
+    StepSpec,
+    register_recipe,
+)
 
 # What the two pixel/latent denoisers share: the same data, loss, evaluation and sampler.
-_DENOISER = dict(
-    data_config=ImageDataConfig,
-    build_dataset=_r.build_dataset,
-    model_inputs=_r.model_inputs,
-    loss=_r.loss,
-    evaluate=_r.evaluate,
-    example_batch=_r.example_batch,
-    startup_notes=_r.denoiser_startup_notes,
-)
+_DENOISER_DATA = DataSpec(config=ImageDataConfig, build_dataset=_r.build_dataset, example_batch=_r.example_batch)
+_DENOISER_STEP = StepSpec(model_inputs=_r.model_inputs, loss=_r.loss)
 
 DIT = register_recipe(
     Recipe(
         name="dit",
-        model_config=DiTConfig,
-        build_model=DiT,
-        parallelize=parallelize_dit,
-        validate=_r.validate_dit,
-        sample=make_sample_command("dit"),
-        supports_tensor_parallel=True,
-        # Stages pass (tokens, conditioning vector) along; see DiT.forward.
-        pipeline=PipelineSpec(
-            trunk="blocks",
-            first=("patch_embed", "t_embedder", "y_embedder"),
-            last=("final",),
-            trunk_depth=lambda model_cfg: model_cfg.depth,
+        model=ModelSpec(
+            config=DiTConfig, build=DiT, parallelize=parallelize_dit, startup_notes=_r.denoiser_startup_notes
         ),
-        **_DENOISER,
+        data=_DENOISER_DATA,
+        step=_DENOISER_STEP,
+        validate=_r.validate_dit,
+        supports=ParallelSupport(
+            tensor_parallel=True,
+            # Stages pass (tokens, conditioning vector) along; see DiT.forward.
+            pipeline=PipelineSpec(
+                trunk="blocks",
+                first=("patch_embed", "t_embedder", "y_embedder"),
+                last=("final",),
+                trunk_depth=lambda model_cfg: model_cfg.depth,
+            ),
+        ),
+        evaluation=EvalSpec(evaluate=_r.evaluate, sample=make_sample_command("dit")),
     )
 )
 UNET = register_recipe(
     Recipe(
         name="unet",
-        model_config=UNetConfig,
-        build_model=UNet,
-        parallelize=parallelize_blocks,
+        model=ModelSpec(
+            config=UNetConfig, build=UNet, parallelize=parallelize_blocks, startup_notes=_r.denoiser_startup_notes
+        ),
+        data=_DENOISER_DATA,
+        step=_DENOISER_STEP,
         validate=_r.validate_unet,
-        sample=make_sample_command("unet"),
-        **_DENOISER,
+        evaluation=EvalSpec(evaluate=_r.evaluate, sample=make_sample_command("unet")),
     )
 )
 VAE = register_recipe(
     Recipe(
         name="vae",
-        model_config=VAEConfig,
-        data_config=ImageDataConfig,
-        build_model=KLAutoencoder,
-        parallelize=parallelize_blocks,
-        build_dataset=_v.build_dataset,
-        model_inputs=_v.model_inputs,
-        loss=vae_loss,
+        model=ModelSpec(
+            config=VAEConfig, build=KLAutoencoder, parallelize=parallelize_blocks, startup_notes=startup_notes
+        ),
+        data=DataSpec(config=ImageDataConfig, build_dataset=_v.build_dataset, example_batch=_v.example_batch),
+        step=StepSpec(model_inputs=_v.model_inputs, loss=vae_loss),
         validate=_v.validate,
-        evaluate=_v.evaluate,
-        example_batch=_v.example_batch,
-        startup_notes=startup_notes,
+        evaluation=EvalSpec(evaluate=_v.evaluate),
     )
 )

@@ -176,8 +176,8 @@ def load_cache_decoder(path: str | Path):
     index = read_index(path)
     cfg = load_config(None, {"recipe": "vae"})
     recipe = get_recipe("vae")
-    cfg.model = build_dataclass(recipe.model_config, index["vae_config"]["model"], "model")
-    cfg.data = build_dataclass(recipe.data_config, index["vae_config"]["data"], "data")
+    cfg.model = build_dataclass(recipe.model.config, index["vae_config"]["model"], "model")
+    cfg.data = build_dataclass(recipe.data.config, index["vae_config"]["data"], "data")
     vae = load_model(Path(index["vae_checkpoint"]), "vae", cfg)
     scale = float(index["scale_factor"])
     device = next(vae.parameters()).device

@@ -131,7 +131,7 @@ def parallelize_dit(model: DiT, dims: ParallelDims, cfg: JobConfig) -> DiT:
 
 def parallelize_blocks(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> nn.Module:
     """Data-parallel-only plan for models that list their repeated blocks in `model.fsdp_blocks()` (tp > 1 is
-    refused before this runs: the U-Net and the VAE do not declare Recipe.supports_tensor_parallel)."""
+    refused before this runs: the U-Net and the VAE do not declare Recipe.supports.tensor_parallel)."""
     resolve_attention(model, cfg, attention_tokens(cfg))  # the U-Net's; the VAE has no attention modules
     blocks = list(model.fsdp_blocks())
     apply_activation_checkpointing(blocks, cfg.activation_checkpoint)

@@ -96,7 +96,7 @@ def load_model(folder: Path, recipe_name: str, cfg: JobConfig, ema: str = "auto"
     recipe = get_recipe(recipe_name)
     device = torch.device(training_device_type())
     with torch.device("meta"):
-        model = recipe.build_model(cfg.model)
+        model = recipe.model.build(cfg.model)
     init_model(model, device, cfg.job.seed)
     use_ema = _has_ema(folder) if ema == "auto" else ema == "yes"
     extra: dict[str, dict[str, torch.Tensor]] = {}
@@ -114,7 +114,7 @@ def load_model(folder: Path, recipe_name: str, cfg: JobConfig, ema: str = "auto"
 
 class SampleCommand:
     """`scaletrain sample` for one recipe (called with argv), plus the sampling benchmark that
-    `scaletrain bench` runs through the registry (`recipe.sample.benchmark`)."""
+    `scaletrain bench` runs through the registry (`recipe.evaluation.sample.benchmark`)."""
 
     def __init__(self, recipe_name: str):
         self.recipe_name = recipe_name

@@ -21,7 +21,17 @@ from scaletrain.recipes.gpt import hf
 from scaletrain.recipes.gpt.bench_baselines import bench_baselines
 from scaletrain.recipes.gpt.model import GPT, GPTConfig
 from scaletrain.recipes.gpt.parallelize import parallelize_gpt
-from scaletrain.registry import PipelineSpec, Recipe, register_recipe
+from scaletrain.registry import (
+    DataSpec,
+    EvalSpec,
+    HFInterop,
+    ModelSpec,
+    ParallelSupport,
+    PipelineSpec,
+    Recipe,
+    StepSpec,
+    register_recipe,
+)
 from scaletrain.validate import check_all
 
 
@@ -200,32 +210,30 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
 RECIPE = register_recipe(
     Recipe(
         name="gpt",
-        model_config=GPTConfig,
-        data_config=TextDataConfig,
-        build_model=GPT,
-        parallelize=parallelize,
-        startup_notes=startup_notes,
-        build_dataset=build_dataset,
-        model_inputs=model_inputs,
-        loss=loss,
-        validate=validate,
-        units_per_sample=lambda cfg: cfg.data.seq_len,
-        unit="tokens",
-        supports_tensor_parallel=True,
-        supports_loss_parallel=True,
-        supports_fused_cross_entropy=True,
-        example_batch=example_batch,
-        pipeline=PipelineSpec(
-            trunk="layers",
-            first=("tok_embeddings", "pos_embeddings"),
-            last=("norm", "output"),
-            target_key="target",
-            target_kwarg="targets",  # train.fused_cross_entropy: the last stage returns the loss
+        model=ModelSpec(config=GPTConfig, build=GPT, parallelize=parallelize, startup_notes=startup_notes),
+        data=DataSpec(
+            config=TextDataConfig,
+            build_dataset=build_dataset,
+            unit="tokens",
+            units_per_sample=lambda cfg: cfg.data.seq_len,
+            example_batch=example_batch,
         ),
-        context_parallel_keys=("input", "target"),
-        export_hf=hf.export_hf,
-        bench_baselines=bench_baselines,
-        import_hf=hf.import_hf,
-        hf_model_types=hf.HF_MODEL_TYPES,
+        step=StepSpec(model_inputs=model_inputs, loss=loss),
+        validate=validate,
+        supports=ParallelSupport(
+            tensor_parallel=True,
+            loss_parallel=True,
+            fused_cross_entropy=True,
+            pipeline=PipelineSpec(
+                trunk="layers",
+                first=("tok_embeddings", "pos_embeddings"),
+                last=("norm", "output"),
+                target_key="target",
+                target_kwarg="targets",  # train.fused_cross_entropy: the last stage returns the loss
+            ),
+            context_parallel_keys=("input", "target"),
+        ),
+        evaluation=EvalSpec(bench_baselines=bench_baselines),
+        hf=HFInterop(export=hf.export_hf, import_=hf.import_hf, model_types=hf.HF_MODEL_TYPES),
     )
 )
