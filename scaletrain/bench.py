@@ -44,9 +44,10 @@ from scaletrain.data import ShardedLoader
 from scaletrain.distributed import destroy_distributed, init_distributed, world_size_from_env
 from scaletrain.metrics import mfu
 from scaletrain.parallel import init_model
+from scaletrain.parallel.batching import pipeline_microbatches
 from scaletrain.registry import get_recipe
 from scaletrain.train import Trainer
-from scaletrain.validate import pipeline_microbatches, validate_config
+from scaletrain.validate import validate_config
 
 PLAIN = "plain loop, scaletrain's model"
 

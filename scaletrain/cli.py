@@ -33,6 +33,7 @@ from scaletrain.checkpoint.commands import cmd_ckpt, cmd_export, cmd_import
 from scaletrain.checkpoint.format import CheckpointError
 from scaletrain.config import MissingDataError, config_to_dict, field_help, load_config
 from scaletrain.config.schema import JobConfig
+from scaletrain.engines import get_engine
 from scaletrain.parallel.dims import implied_world_size
 from scaletrain.registry import get_recipe, known_recipes
 from scaletrain.validate import validate_config
@@ -110,12 +111,17 @@ def cmd_config(argv: list[str]) -> int:
     # Every check the trainer makes; without --world-size, for the processes the degrees name (dp_shard=-1 -> 1).
     world_size = int(options.get("world-size", implied_world_size(cfg.parallel.degrees)))
     checked = f"# checked for a world size of {world_size}"
+    dims = None
     try:
-        validate_config(cfg, world_size)
+        dims = validate_config(cfg, world_size)
     except MissingDataError as exc:  # data on another machine: recipes check it last, so all else passed
         checked += f", all but the data, which is not on this machine: {exc}"
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
     print(checked)
+    engine = get_engine(cfg.engine.name)
+    if engine.show is not None and dims is not None:
+        for line in engine.show(cfg, dims):  # e.g. the DeepSpeed JSON the run will use
+            print(f"# {line}")
     summary = model_summary(cfg)
     print("# model")
     for key, value in summary.items():

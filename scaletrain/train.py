@@ -35,11 +35,11 @@ from scaletrain.config.schema import TORCH_DTYPES
 from scaletrain.data import ShardedLoader
 from scaletrain.distributed import destroy_distributed, init_distributed, run_as_worker, world_size_from_env
 from scaletrain.ema import EMA
+from scaletrain.engines import Engine, get_engine
 from scaletrain.metrics import MetricLogger, count_train_flops, mfu, peak_memory_gib, peak_tflops
-from scaletrain.optim import build_optimizer, set_lr
 from scaletrain.parallel import ParallelDims, init_model
+from scaletrain.parallel.batching import grad_accum_steps, micro_batch_size, pipeline_microbatches
 from scaletrain.parallel.context_parallel import shard_sequence
-from scaletrain.parallel.grad_norm import clip_grad_norm_
 from scaletrain.parallel.pipeline import (
     build_schedule,
     build_stage_module,
@@ -49,13 +49,7 @@ from scaletrain.parallel.pipeline import (
     stage_union,
 )
 from scaletrain.registry import Recipe, get_recipe
-from scaletrain.validate import (
-    grad_accum_steps,
-    micro_batch_size,
-    pipeline_microbatches,
-    uses_loss_parallel,
-    validate_config,
-)
+from scaletrain.validate import uses_loss_parallel, validate_config
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -80,12 +74,6 @@ def flops_per_sample(recipe: Recipe, cfg: JobConfig, model: torch.nn.Module, dat
     """Training FLOPs (forward + backward) of one sample, counted on the meta device."""
     batch = example_batch(recipe, cfg, dataset)
     return count_train_flops(model, recipe.step.model_inputs(batch), loss_fn=lambda out: recipe.step.loss(out, batch))
-
-
-def _set_grad_sync(model: torch.nn.Module, enabled: bool) -> None:
-    # FSDP2 and composable DDP both skip the gradient reduction on non-final micro-batches.
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(enabled)
 
 
 def _full(value: torch.Tensor) -> torch.Tensor:
@@ -122,9 +110,10 @@ class Trainer:
         pipeline = self.recipe.supports.pipeline
         self.model = stage_union(self.model_parts, pipeline) if dims.pp_enabled else self.model_parts[0]
 
-        self.optimizer = build_optimizer(self.model, cfg.train, device.type)
+        # The engine owns the optimizer step (and, for DeepSpeed, data parallelism); see scaletrain/engines.
+        self.engine: Engine = get_engine(cfg.engine.name).build(self.model, cfg, dims, device)
+        self.optimizer = self.engine.optimizer
         self.ema = EMA(self.model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay > 0 else None
-        self.scaler = torch.amp.GradScaler(device.type) if cfg.train.loss_scaler == "dynamic" else None
         dp_rank, dp_size = dims.dp_coordinates()
         self.loader = ShardedLoader(
             dataset,
@@ -134,14 +123,6 @@ class Trainer:
             dp_size=dp_size,
             seed=cfg.job.seed,
             num_workers=getattr(cfg.data, "num_workers", 0),
-        )
-        sharded = dims.fsdp_enabled or dims.hsdp_enabled
-        # FSDP2 casts parameters itself (MixedPrecisionPolicy); elsewhere autocast does it.
-        use_autocast = not sharded and cfg.train.dtype != "fp32"
-        self.autocast = (
-            (lambda: torch.autocast(device.type, dtype=TORCH_DTYPES[cfg.train.dtype]))
-            if use_autocast
-            else contextlib.nullcontext
         )
         self.loss_context = loss_parallel if uses_loss_parallel(cfg, dims) else contextlib.nullcontext
         self.units_per_step = cfg.train.global_batch_size * self.recipe.data.units_per_sample(cfg)
@@ -220,25 +201,24 @@ class Trainer:
                     "to continue this run, or start a new one with --job.name NAME or --checkpoint.resume false"
                 )
         elif ckpt.load_path:
-            _, load_notes = self.checkpointer.load(Path(ckpt.load_path), self.model, None)
+            weights = self.engine.checkpoint_state(with_optimizer=False)
+            _, load_notes = self.checkpointer.load(Path(ckpt.load_path), weights)
             notes += load_notes + [f"loaded initial weights from {ckpt.load_path}"]
         return "\n".join(notes) or None
 
     def _load(self, folder: Path, with_optimizer: bool) -> list[str]:
-        optimizer = self.optimizer if with_optimizer else None
         # rng_seed: restore every rank's RNG states (or re-seed them when the world size changed).
         state, notes = self.checkpointer.load(
             folder,
-            self.model,
-            optimizer,
+            self.engine.checkpoint_state(with_optimizer),
             extra_tensors=self._extra_tensors(),
             verified=True,
             rng_seed=self.cfg.job.seed,
         )
         self.step = state["step"]
         self.loader.load_state_dict(state["data"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        # "scaler": checkpoints written before engines existed held only the native loss scaler.
+        self.engine.load_state_dict(state.get("engine") or {"scaler": state.get("scaler")})
         return notes
 
     def _extra_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -250,7 +230,7 @@ class Trainer:
         trainer_state = {
             "step": self.step,
             "data": self.loader.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "engine": {"name": self.engine.name, **self.engine.state_dict()},
             "recipe": self.cfg.recipe,
             "num_params": self.num_params,
             "config": config_to_dict(self.cfg),  # export and `ckpt info` rebuild the model from it
@@ -258,8 +238,7 @@ class Trainer:
         self.watchdog.arm(f"the checkpoint save of step {self.step}")
         folder = (checkpointer or self.checkpointer).save(
             self.step,
-            self.model,
-            self.optimizer,
+            self.engine.checkpoint_state(with_optimizer=True),
             trainer_state,
             layout=self.dims.describe(),
             extra_tensors=self._extra_tensors(),
@@ -305,30 +284,19 @@ class Trainer:
             if self.schedule is not None:
                 loss_sum += self._pipeline_micro_step(batch)
                 continue
-            _set_grad_sync(self.model, index == len(micro_batches) - 1)
             with self.loss_context():
-                with self.autocast():
-                    output = self.model(*self.recipe.step.model_inputs(batch))
+                with self.engine.autocast():
+                    output = self.engine.model(*self.recipe.step.model_inputs(batch))
                 # Mean over the micro-batch, divided by the accumulation count: summed over
                 # micro-batches and averaged over dp ranks this is the global-batch mean.
                 loss = self.recipe.step.loss(output, batch) / len(micro_batches)
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                self.engine.backward(loss, last_micro_batch=index == len(micro_batches) - 1)
             loss_sum += _full(loss.detach()).float()
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        pp_group = self.dims.axis("pp").get_group() if self.dims.pp_enabled else None
-        grad_norm = clip_grad_norm_(list(self.model.parameters()), self.cfg.train.grad_clip, pp_group)
-        lr = set_lr(self.optimizer, self.step, self.cfg.train)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = self.engine.step(self.step)
         if self.ema is not None:
             self.ema.update(self.model, self.step + 1)  # self.step counts the steps before this one
-        if pp_group is not None:  # only the last stage computed the loss
-            dist.all_reduce(loss_sum, group=pp_group)
+        if self.dims.pp_enabled:  # only the last stage computed the loss
+            dist.all_reduce(loss_sum, group=self.dims.axis("pp").get_group())
         if self.dims.dp_size * self.dims.cp > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG, group=self.dims.axis("dp_cp").get_group())
         self.step += 1
@@ -360,7 +328,7 @@ class Trainer:
             # logits, or the per-microbatch scalar losses of a fused loss, which cannot be concatenated).
             stage_kwargs["return_outputs"] = False
         losses: list[torch.Tensor] = []
-        with self.loss_context(), self.autocast():
+        with self.loss_context(), self.engine.autocast():
             self.schedule.step(*inputs, target=target, losses=losses, **stage_kwargs)
         if not losses:
             return torch.zeros((), device=self.device)
@@ -432,7 +400,7 @@ class Trainer:
         lines = [
             f"scaletrain: recipe {cfg.recipe} | {self.num_params / 1e6:.2f}M params | "
             f"{self.flops_per_sample / 1e9:.3f} GFLOP/sample (fwd+bwd)",
-            f"layout: {dims.describe()} on {dims.world_size} x {self.device.type} | "
+            f"layout: {self.engine.description} on {dims.world_size} x {self.device.type} | "
             f"global batch {cfg.train.global_batch_size} = dp {dims.dp_size} x micro {self.micro_batch_size} x "
             f"accum {grad_accum_steps(cfg, dims)} | dtype {cfg.train.dtype}",
             f"data: {len(self.loader.dataset)} samples | run dir {self.run_dir}",

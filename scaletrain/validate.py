@@ -13,6 +13,8 @@ from collections.abc import Iterable
 import torch
 
 from scaletrain.config.schema import JobConfig
+from scaletrain.engines import get_engine
+from scaletrain.parallel.batching import micro_batch_size, pipeline_microbatches
 from scaletrain.parallel.dims import ParallelDims
 from scaletrain.parallel.pipeline import num_stages, split_layers, validate_pipeline
 from scaletrain.registry import get_recipe
@@ -29,18 +31,6 @@ def check_all(checks: Iterable[tuple[bool, str]]) -> None:
         _check(ok, message)
 
 
-def micro_batch_size(cfg: JobConfig, dims: ParallelDims) -> int:
-    return cfg.train.micro_batch_size or cfg.train.global_batch_size // dims.dp_size
-
-
-def grad_accum_steps(cfg: JobConfig, dims: ParallelDims) -> int:
-    return cfg.train.global_batch_size // (dims.dp_size * micro_batch_size(cfg, dims))
-
-
-def pipeline_microbatches(cfg: JobConfig, dims: ParallelDims) -> int:
-    return cfg.parallel.microbatches or dims.pp
-
-
 def uses_loss_parallel(cfg: JobConfig, dims: ParallelDims) -> bool:
     """Whether the loss runs on vocabulary-sharded logits: the one place this is decided, read by the trainer
     (the loss context) and by the recipe's TP plan (the output projection's layout)."""
@@ -49,7 +39,8 @@ def uses_loss_parallel(cfg: JobConfig, dims: ParallelDims) -> bool:
 
 def validate_config(cfg: JobConfig, world_size: int) -> ParallelDims:
     """Check the whole config for `world_size` processes; returns the resolved parallel dims."""
-    dims = ParallelDims.resolve(cfg.parallel.degrees, world_size)
+    engine = get_engine(cfg.engine.name)
+    dims = ParallelDims.resolve(cfg.parallel.degrees, world_size, engine_data_parallel=engine.owns_data_parallel)
     t, p = cfg.train, cfg.parallel
 
     _check(t.steps >= 1, f"train.steps: {t.steps} is not allowed; use >= 1")
@@ -149,6 +140,7 @@ def validate_config(cfg: JobConfig, world_size: int) -> ParallelDims:
     _check(c.interval >= 1, f"checkpoint.interval: {c.interval} is not allowed; use >= 1")
     _check(c.keep >= 1, f"checkpoint.keep: {c.keep} is not allowed; use >= 1")
 
+    engine.validate(cfg, dims)
     if recipe.validate is not None:
         recipe.validate(cfg, dims)
     return dims

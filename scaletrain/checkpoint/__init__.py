@@ -11,13 +11,15 @@ See docs/checkpoints.md for the user's view.
 """
 
 from scaletrain.checkpoint.format import FORMAT_VERSION, CheckpointError, CheckpointMismatchError, complete_checkpoints
-from scaletrain.checkpoint.store import Checkpointer, load_checkpoint, seed_rng
+from scaletrain.checkpoint.store import Checkpointer, CheckpointState, ModuleState, load_checkpoint, seed_rng
 
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "CheckpointMismatchError",
+    "CheckpointState",
     "Checkpointer",
+    "ModuleState",
     "complete_checkpoints",
     "load_checkpoint",
     "seed_rng",

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -182,12 +182,40 @@ def restore_rng(folder: Path, saved_world_size: int | None, seed: int, step: int
 
 
 # -- state dicts --------------------------------------------------------------------------------
-def _state(model: nn.Module, optimizer: Any | None, extra_tensors: dict[str, dict[str, Any]] | None) -> dict:
-    state: dict[str, Any] = {"model": get_model_state_dict(model)}
-    if optimizer is not None:
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=OPTIMIZER_STATE_OPTIONS)
-    state.update(extra_tensors or {})
-    return state
+class CheckpointState(Protocol):
+    """The model (and optimizer) state a checkpoint stores, under full parameter names and global shapes
+    whatever the layout or engine, so that any layout and engine loads what any other saved.
+
+    state_dict() -> {"model": {...}} plus {"optimizer": {...}} when the optimizer is included; the load
+    path hands the same structure back to load_state_dict() after DCP filled its tensors in place."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class ModuleState:
+    """torch modules and optimizers in any native layout (FSDP2, DDP, TP, pipeline stages), through DCP's
+    state-dict API; `optimizer=None` for weights only."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"model": get_model_state_dict(self.model)}
+        if self.optimizer is not None:
+            state["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer, options=OPTIMIZER_STATE_OPTIONS)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_model_state_dict(self.model, state["model"])
+        if self.optimizer is not None:
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=OPTIMIZER_STATE_OPTIONS)
+
+
+def _state(train_state: CheckpointState, extra_tensors: dict[str, dict[str, Any]] | None) -> dict:
+    return {**train_state.state_dict(), **(extra_tensors or {})}
 
 
 def _tensor_leaves(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -344,8 +372,7 @@ class Checkpointer:
     def save(
         self,
         step: int,
-        model: nn.Module,
-        optimizer: Any,
+        train_state: CheckpointState,
         trainer_state: dict[str, Any],
         *,
         layout: str,
@@ -368,7 +395,7 @@ class Checkpointer:
         (partial / RNG_DIR / f"rank-{rank:05d}.json").write_text(json.dumps(rng_state()))
         if rank == 0:
             (partial / TRAINER_STATE).write_text(json.dumps(trainer_state))
-        state = _state(model, optimizer, extra_tensors)
+        state = _state(train_state, extra_tensors)
         writer = dcp.FileSystemWriter(str(partial))
         extra = {"layout": layout, "world_size": world, "step": step}
         if self.async_mode == "async":
@@ -477,14 +504,13 @@ class Checkpointer:
     def load(
         self,
         folder: Path,
-        model: nn.Module,
-        optimizer: Any | None,
+        train_state: CheckpointState,
         extra_tensors: dict[str, dict[str, Any]] | None = None,
         *,
         verified: bool = False,
         rng_seed: int | None = None,
     ) -> tuple[dict[str, Any], list[str]]:
-        """Load `folder` into model (+ optimizer, + extra tensors in place); returns (trainer state, notes).
+        """Load `folder` into train_state (+ extra tensors in place); returns (trainer state, notes).
 
         `rng_seed` (resuming): also restore the RNG states, see `load_checkpoint`."""
         if not verified:
@@ -492,7 +518,7 @@ class Checkpointer:
             if problem:
                 raise CheckpointError(problem)
         notes: list[str] = []
-        trainer_state = load_checkpoint(folder, model, optimizer, extra_tensors, notes=notes, rng_seed=rng_seed)
+        trainer_state = load_checkpoint(folder, train_state, extra_tensors, notes=notes, rng_seed=rng_seed)
         return trainer_state, notes
 
 
@@ -506,14 +532,13 @@ def _fsync_dir(path: Path) -> None:
 
 def load_checkpoint(
     folder: Path,
-    model: nn.Module,
-    optimizer: Any | None,
+    train_state: CheckpointState,
     extra_tensors: dict[str, dict[str, Any]] | None = None,
     *,
     notes: list[str] | None = None,
     rng_seed: int | None = None,
 ) -> dict[str, Any]:
-    """Load model (and optimizer, and `extra_tensors` in place) from a published checkpoint.
+    """Load train_state (model, and optimizer if it has one; `extra_tensors` in place) from a published checkpoint.
 
     Checks the manifest, format version and file sizes (the Checkpointer also checks
     SHA-256s), then names and shapes against the metadata, then reads. Returns the trainer
@@ -529,7 +554,7 @@ def load_checkpoint(
         problem = check_file(folder, name, entry, checksum=False)
         if problem:
             raise CheckpointError(problem)
-    state = _state(model, optimizer, extra_tensors)
+    state = _state(train_state, extra_tensors)
     check_shapes(folder, state)
     try:
         with one_thread_for_new_threads():
@@ -538,9 +563,7 @@ def load_checkpoint(
         # DCP wraps each rank's (exception, traceback); the first rank's exception is the cause.
         causes = [str(pair[0]) for pair in exc.failures.values()] or [str(exc)]
         raise CheckpointError(f"{folder}: reading the checkpoint failed: {causes[0]}") from exc
-    set_model_state_dict(model, state["model"])
-    if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=OPTIMIZER_STATE_OPTIONS)
+    train_state.load_state_dict({k: v for k, v in state.items() if k in ("model", "optimizer")})
     notes = notes if notes is not None else []
     try:
         trainer_state = json.loads((folder / TRAINER_STATE).read_text())

@@ -91,7 +91,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         for choice in choices:
             if value == choice or (isinstance(value, str) and str(choice) == value):
                 return choice
-        raise ConfigError(f"{where}: {value!r} is not allowed; choose {_describe(tp)}")
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where}: {value!r} is not allowed{hint}; choose {_describe(tp)}")
     if origin in (typing.Union, types.UnionType):
         options = [a for a in get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):

@@ -152,6 +152,33 @@ class EvalSection:
 
 
 @dataclass
+class DeepSpeedSection:
+    zero_stage: int = opt(
+        2, "ZeRO stage: 0 = data parallel, 1 = optimizer states sharded, 2 = + gradients, 3 = + parameters."
+    )
+    offload_optimizer: Literal["none", "cpu", "nvme"] = opt(
+        "none", "Where ZeRO keeps optimizer states and their update (stages 1-3)."
+    )
+    offload_param: Literal["none", "cpu", "nvme"] = opt("none", "Where ZeRO-3 keeps the parameters.")
+    nvme_path: str = opt("", "An existing folder for offload=nvme (a fast local disk).")
+    config: str = opt(
+        "",
+        "An existing ds_config.json, merged with this config: its other keys pass through to DeepSpeed; a value "
+        "that contradicts a scaletrain field (batch sizes, precision, ZeRO stage, clipping) is refused naming both.",
+    )
+
+
+@dataclass
+class EngineSection:
+    name: Literal["native", "deepspeed"] = opt(
+        "native",
+        "Who owns parameters, gradients and optimizer state: native = torch (FSDP2/DDP/TP/PP/CP); deepspeed = "
+        "DeepSpeed's engine (ZeRO 0-3, offload), data parallel only.",
+    )
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+
+
+@dataclass
 class JobConfig:
     recipe: str = opt("gpt", "Model family; `scaletrain recipes` lists the registered ones.")
     job: JobSection = field(default_factory=JobSection)
@@ -163,3 +190,4 @@ class JobConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    engine: EngineSection = field(default_factory=EngineSection)

@@ -33,11 +33,14 @@ class ParallelDims:
     cp: int
     tp: int
     world_size: int
+    # True when a training engine (DeepSpeed, fairscale) replicates or shards over the data axis itself:
+    # recipes' parallelize then applies no FSDP/DDP (apply_data_parallel sees every *_enabled False).
+    engine_data_parallel: bool = False
     _mesh: DeviceMesh | None = field(default=None, repr=False)
     _axes: dict[str, DeviceMesh] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def resolve(cls, degrees: dict[str, int], world_size: int) -> ParallelDims:
+    def resolve(cls, degrees: dict[str, int], world_size: int, engine_data_parallel: bool = False) -> ParallelDims:
         """Fill dp_shard=-1 from the world size and check that the product matches it."""
         for axis in AXES:
             value = degrees[axis]
@@ -59,21 +62,26 @@ class ParallelDims:
                 f"parallel: {desc} = {product} ranks, but the world size is {world_size}; "
                 "make the product equal the number of processes (dp_shard=-1 fills in the rest)"
             )
-        return cls(degrees["pp"], degrees["dp_replicate"], dp_shard, degrees["cp"], degrees["tp"], world_size)
+        pp, dp_replicate, cp, tp = (degrees[a] for a in ("pp", "dp_replicate", "cp", "tp"))
+        return cls(pp, dp_replicate, dp_shard, cp, tp, world_size, engine_data_parallel)
 
     # Which strategies are on.
     @property
     def fsdp_enabled(self) -> bool:
+        if self.engine_data_parallel:
+            return False
         return self.dp_shard > 1 or (self.cp > 1 and not self.ddp_enabled)
 
     @property
     def ddp_enabled(self) -> bool:
         """Plain DDP: replicas and nothing else. With tp/cp/pp, replication goes through HSDP."""
+        if self.engine_data_parallel:
+            return False
         return self.dp_replicate > 1 and self.dp_shard == 1 and self.tp == 1 and self.cp == 1 and self.pp == 1
 
     @property
     def hsdp_enabled(self) -> bool:
-        return self.dp_replicate > 1 and not self.ddp_enabled
+        return self.dp_replicate > 1 and not self.ddp_enabled and not self.engine_data_parallel
 
     @property
     def tp_enabled(self) -> bool:

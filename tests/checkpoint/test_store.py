@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from scaletrain.checkpoint import Checkpointer, CheckpointError
+from scaletrain.checkpoint import Checkpointer, CheckpointError, ModuleState
 from scaletrain.checkpoint.safe_io import SafeFileSystemReader, SafeLoadPlanner, read_metadata
 from scaletrain.checkpoint.store import resume_seed, seed_rng
 
@@ -41,33 +41,33 @@ def test_rng_states_are_saved_and_restored(group, tmp_path):
     model, optimizer = _model_and_optimizer()
     ckpt = Checkpointer(tmp_path, keep=2)
     torch.manual_seed(11), random.seed(12), np.random.seed(13)
-    folder = ckpt.save(1, model, optimizer, {"step": 1}, layout="single process")
+    folder = ckpt.save(1, ModuleState(model, optimizer), {"step": 1}, layout="single process")
     expected = _draws()
     torch.manual_seed(99), random.seed(99), np.random.seed(99)  # training moves the generators on
-    _, notes = ckpt.load(folder, model, optimizer, rng_seed=0)
+    _, notes = ckpt.load(folder, ModuleState(model, optimizer), rng_seed=0)
     assert _draws() == expected and notes == []
 
 
 def test_loading_weights_only_leaves_the_rng_alone(group, tmp_path):
     """checkpoint.load_path, sampling and export load weights: the run's own seeding stands."""
     model, optimizer = _model_and_optimizer()
-    folder = Checkpointer(tmp_path, keep=2).save(1, model, optimizer, {"step": 1}, layout="single process")
+    folder = Checkpointer(tmp_path, keep=2).save(1, ModuleState(model, optimizer), {"step": 1}, layout="single process")
     torch.manual_seed(99), random.seed(99), np.random.seed(99)
     expected = _draws()
     torch.manual_seed(99), random.seed(99), np.random.seed(99)
-    Checkpointer(tmp_path, keep=2).load(folder, model, None)
+    Checkpointer(tmp_path, keep=2).load(folder, ModuleState(model))
     assert _draws() == expected
 
 
 def test_rng_is_reseeded_from_seed_and_step_when_the_world_size_changed(group, tmp_path):
     model, optimizer = _model_and_optimizer()
     ckpt = Checkpointer(tmp_path, keep=2)
-    folder = ckpt.save(7, model, optimizer, {"step": 7}, layout="fsdp")
+    folder = ckpt.save(7, ModuleState(model, optimizer), {"step": 7}, layout="fsdp")
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["world_size"] = 4  # as if saved on 4 ranks; this process is a world of 1
     (folder / "manifest.json").write_text(json.dumps(manifest))
     torch.manual_seed(99), random.seed(99), np.random.seed(99)
-    _, notes = ckpt.load(folder, model, optimizer, rng_seed=5)
+    _, notes = ckpt.load(folder, ModuleState(model, optimizer), rng_seed=5)
     got = _draws()
     assert notes == [
         "RNG states not restored (saved on 4 ranks, now 1): every rank's torch/CUDA/Python/NumPy generators "
@@ -86,7 +86,7 @@ def test_async_save_publishes_only_when_finished_and_keeps_the_saved_values(grou
     model, optimizer = _model_and_optimizer()
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     ckpt = Checkpointer(tmp_path, keep=2, async_mode="async")
-    final = ckpt.save(1, model, optimizer, {"step": 1}, layout="single process")
+    final = ckpt.save(1, ModuleState(model, optimizer), {"step": 1}, layout="single process")
     assert not final.exists()  # not visible until published
     with torch.no_grad():
         for p in model.parameters():
@@ -94,7 +94,7 @@ def test_async_save_publishes_only_when_finished_and_keeps_the_saved_values(grou
     assert ckpt.finish() == final and (final / "manifest.json").is_file()
     assert not list(tmp_path.glob("*.partial"))
     fresh, fresh_optimizer = _model_and_optimizer(seed=1)
-    ckpt.load(final, fresh, fresh_optimizer)
+    ckpt.load(final, ModuleState(fresh, fresh_optimizer))
     for key, value in fresh.state_dict().items():
         assert torch.equal(value, saved[key]), key
 
@@ -103,7 +103,7 @@ def test_keep_prunes_old_checkpoints(group, tmp_path):
     model, optimizer = _model_and_optimizer()
     ckpt = Checkpointer(tmp_path, keep=2)
     for step in (1, 2, 3):
-        ckpt.save(step, model, optimizer, {"step": step}, layout="single process")
+        ckpt.save(step, ModuleState(model, optimizer), {"step": step}, layout="single process")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002", "step-00000003"]
 
 
@@ -121,7 +121,7 @@ def test_metadata_with_a_code_payload_is_refused(group, tmp_path):
     import pickle
 
     model, optimizer = _model_and_optimizer()
-    folder = Checkpointer(tmp_path, keep=2).save(1, model, optimizer, {"step": 1}, layout="single process")
+    folder = Checkpointer(tmp_path, keep=2).save(1, ModuleState(model, optimizer), {"step": 1}, layout="single process")
     proof = tmp_path / "pwned"
     (folder / ".metadata").write_bytes(pickle.dumps(_Payload(str(proof))))
     with pytest.raises(CheckpointError, match="refusing to load"):

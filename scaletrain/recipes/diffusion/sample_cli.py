@@ -91,7 +91,7 @@ def _has_ema(folder: Path) -> bool:
 
 def load_model(folder: Path, recipe_name: str, cfg: JobConfig, ema: str = "auto") -> torch.nn.Module:
     """Build the recipe's model, load the checkpoint's weights (EMA if asked/available). Needs a process group."""
-    from scaletrain.checkpoint import load_checkpoint
+    from scaletrain.checkpoint import ModuleState, load_checkpoint
 
     recipe = get_recipe(recipe_name)
     device = torch.device(training_device_type())
@@ -104,7 +104,7 @@ def load_model(folder: Path, recipe_name: str, cfg: JobConfig, ema: str = "auto"
         if not _has_ema(folder):
             raise ValueError(f"{folder}: --ema yes, but the checkpoint has no EMA weights (train.ema_decay=0)")
         extra["ema"] = {n: torch.empty_like(p) for n, p in model.named_parameters()}
-    load_checkpoint(folder, model, None, extra_tensors=extra)
+    load_checkpoint(folder, ModuleState(model), extra_tensors=extra)
     if use_ema:
         with torch.no_grad():
             for n, p in model.named_parameters():

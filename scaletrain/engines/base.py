@@ -1,0 +1,61 @@
+"""The interface between the train loop and whatever owns the optimizer step.
+
+Per optimizer step the trainer calls, for each micro-batch, `engine.model(*inputs)` (inside
+`engine.autocast()`), then `engine.backward(loss, last_micro_batch)`; after the last one
+`engine.step(step)`, which clips, sets the LR for that step, updates and clears the gradients.
+Checkpoints hold `engine.checkpoint_state(...)` through the core's checkpointer: one format for every engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from scaletrain.checkpoint.store import CheckpointState
+    from scaletrain.config.schema import JobConfig
+    from scaletrain.parallel.dims import ParallelDims
+
+
+class Engine(Protocol):
+    name: str
+    description: str  # for the start-up line, e.g. "dp_shard=2 x tp=2" or "deepspeed ZeRO-3"
+    model: nn.Module  # what the forward runs (the library's wrapper where it has one)
+    optimizer: torch.optim.Optimizer
+
+    def autocast(self) -> AbstractContextManager: ...
+
+    def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None: ...
+
+    def step(self, step: int) -> tuple[float, float]:
+        """Clip, set the LR of optimizer step `step` (0-based), update, zero the gradients.
+        Returns (gradient norm before clipping, LR)."""
+        ...
+
+    def checkpoint_state(self, with_optimizer: bool) -> CheckpointState:
+        """Model (+ optimizer) state under full names: native and engine checkpoints share one format."""
+        ...
+
+    def state_dict(self) -> dict:
+        """What else the engine must restore on resume (e.g. a loss scaler); JSON-serializable."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    name: str
+    # (job config, resolved dims) -> None; raises ValueError naming the field, before any process group.
+    validate: Callable[[JobConfig, ParallelDims], None]
+    # (parallelized + initialized model, job config, dims, device) -> Engine
+    build: Callable[[nn.Module, JobConfig, ParallelDims, torch.device], Engine]
+    # The engine replicates/shards over the data axis itself: recipes' parallelize applies no FSDP/DDP.
+    owns_data_parallel: bool = False
+    # (job config, dims) -> lines `scaletrain config show` prints, e.g. the library's own resolved config.
+    show: Callable[[JobConfig, ParallelDims], list[str]] | None = None

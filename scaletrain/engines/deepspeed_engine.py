@@ -1,0 +1,220 @@
+"""DeepSpeed as the engine: ZeRO stages 0-3 with CPU/NVMe offload, on the recipe's model and scaletrain's data.
+
+The recipe's parallelize still applies activation checkpointing and compile; data parallelism is DeepSpeed's
+(ParallelDims.engine_data_parallel). scaletrain's AdamW (same parameter groups as native) is handed to
+DeepSpeed as the client optimizer, and scaletrain sets its LR every step from the shared schedule, so a
+DeepSpeed run computes what a native run computes: tests/engines/ compare their losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import warnings
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from scaletrain.checkpoint.store import CheckpointState
+from scaletrain.config.schema import JobConfig
+from scaletrain.engines.base import EngineSpec
+from scaletrain.optim import build_optimizer, set_lr
+from scaletrain.parallel.batching import grad_accum_steps, micro_batch_size
+from scaletrain.parallel.dims import ParallelDims
+
+# scaletrain field -> (DeepSpeed JSON path, value from the job): what a user's ds_config.json may not contradict.
+_DERIVED_KEYS = (
+    ("train.global_batch_size", "train_batch_size"),
+    ("train.micro_batch_size", "train_micro_batch_size_per_gpu"),
+    ("train.micro_batch_size", "gradient_accumulation_steps"),
+    ("train.grad_clip", "gradient_clipping"),
+    ("train.dtype", "bf16.enabled"),
+    ("train.dtype", "fp16.enabled"),
+    ("engine.deepspeed.zero_stage", "zero_optimization.stage"),
+    ("engine.deepspeed.offload_optimizer", "zero_optimization.offload_optimizer.device"),
+    ("engine.deepspeed.offload_param", "zero_optimization.offload_param.device"),
+)
+
+
+def _offload(device: str, nvme_path: str) -> dict[str, Any]:
+    entry: dict[str, Any] = {"device": device}
+    if device == "nvme":
+        entry["nvme_path"] = nvme_path
+    return entry
+
+
+def _get(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _user_json(path: str) -> dict[str, Any]:
+    if not path:
+        return {}
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"engine.deepspeed.config: {path!r} does not exist")
+    try:
+        loaded = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"engine.deepspeed.config: {path!r} is not valid JSON: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ValueError(f"engine.deepspeed.config: {path!r} must hold a JSON object")
+    return loaded
+
+
+def deepspeed_config(cfg: JobConfig, dims: ParallelDims) -> dict[str, Any]:
+    """The DeepSpeed JSON this job runs with: derived from the scaletrain config, merged with the user's
+    ds_config.json (engine.deepspeed.config), whose values may add to it but not contradict it."""
+    t, d = cfg.train, cfg.engine.deepspeed
+    zero: dict[str, Any] = {"stage": d.zero_stage}
+    if d.offload_optimizer != "none":
+        zero["offload_optimizer"] = _offload(d.offload_optimizer, d.nvme_path)
+    if d.offload_param != "none":
+        zero["offload_param"] = _offload(d.offload_param, d.nvme_path)
+    derived: dict[str, Any] = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size(cfg, dims),
+        "gradient_accumulation_steps": grad_accum_steps(cfg, dims),
+        "gradient_clipping": t.grad_clip,
+        "bf16": {"enabled": t.dtype == "bf16"},
+        "fp16": {"enabled": t.dtype == "fp16"},  # loss_scale 0 (DeepSpeed's default) = dynamic
+        "zero_optimization": zero,
+        # scaletrain's AdamW is the client optimizer, also with offload: on a CPU host DeepSpeedCPUAdam would
+        # compute the same update; torch's keeps the numbers identical to native runs.
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,  # scaletrain's logger reports progress
+    }
+    user = _user_json(d.config)
+    for field_name, ds_key in _DERIVED_KEYS:
+        theirs, ours = _get(user, ds_key), _get(derived, ds_key)
+        if theirs is not None and ours is not None and theirs != ours:
+            raise ValueError(
+                f"engine.deepspeed.config: {ds_key} = {theirs!r} in {d.config} contradicts {field_name} "
+                f"(which gives {ds_key} = {ours!r}); remove it from the JSON or change {field_name}"
+            )
+    for owned in ("optimizer", "scheduler"):
+        if owned in user:
+            raise ValueError(
+                f"engine.deepspeed.config: {d.config} sets {owned!r}; scaletrain owns the optimizer and LR schedule "
+                "(train.lr, train.schedule, train.beta1/beta2, ...): remove it from the JSON"
+            )
+    return _merge(user, derived)
+
+
+class DeepSpeedEngine:
+    name = "deepspeed"
+
+    def __init__(self, model: nn.Module, cfg: JobConfig, dims: ParallelDims, device: torch.device):
+        if device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # instead of a warning that it guessed so
+        import deepspeed
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)  # its INFO lines would drown scaletrain's progress output
+        # DeepSpeed 0.19 calls torch's older collective names, which warn on every step.
+        warnings.filterwarnings("ignore", message=r".*is deprecated. Please use", category=FutureWarning)
+        self.train = cfg.train
+        self.config = deepspeed_config(cfg, dims)
+        d = cfg.engine.deepspeed
+        offload = [
+            f"{what} offload to {where}"
+            for what, where in (("optimizer", d.offload_optimizer), ("parameter", d.offload_param))
+            if where != "none"
+        ]
+        self.description = f"deepspeed ZeRO-{d.zero_stage}" + "".join(f" + {o}" for o in offload)
+        optimizer = build_optimizer(model, cfg.train, device.type)
+        self.model, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.config, dist_init_required=False
+        )
+
+    def autocast(self) -> AbstractContextManager:
+        return contextlib.nullcontext()  # DeepSpeed casts the model itself for bf16/fp16
+
+    def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
+        # The trainer already divided the loss by the micro-batch count; DeepSpeed reduces (ZeRO-1/2/3 by
+        # reduce-scatter) on the boundary micro-batch only.
+        self.model.set_gradient_accumulation_boundary(last_micro_batch)
+        self.model.backward(loss, scale_wrt_gas=False)
+
+    def step(self, step: int) -> tuple[float, float]:
+        lr = set_lr(self.optimizer, step, self.train)
+        # ZeRO stages report the norm they clipped with; stage 0 does not, so measure its (already
+        # all-reduced) gradients first.
+        norm = self._stage0_grad_norm() if self.config["zero_optimization"]["stage"] == 0 else None
+        self.model.step()
+        if norm is None:
+            norm = self.model.get_global_grad_norm()
+        return float(norm), lr
+
+    def _stage0_grad_norm(self) -> float:
+        grads = [p.grad for p in self.model.module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+    def checkpoint_state(self, with_optimizer: bool) -> CheckpointState:
+        raise NotImplementedError("DeepSpeed checkpoints are refused by validate() until they are implemented")
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def validate(cfg: JobConfig, dims: ParallelDims) -> None:
+    d, t = cfg.engine.deepspeed, cfg.train
+    if d.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"engine.deepspeed.zero_stage: {d.zero_stage} is not allowed; choose 0, 1, 2 or 3")
+    for axis in ("tp", "pp", "cp", "dp_replicate"):
+        if getattr(dims, axis) > 1:
+            raise ValueError(
+                f"parallel.{axis}: {getattr(dims, axis)} is not available with engine.name=deepspeed (its data "
+                "parallel spans every rank, set by dp_shard); use engine.name=native for tensor, pipeline or "
+                "context parallel and HSDP"
+            )
+    if d.offload_optimizer != "none" and d.zero_stage == 0:
+        raise ValueError("engine.deepspeed.offload_optimizer: needs zero_stage 1, 2 or 3")
+    if d.offload_param != "none" and d.zero_stage != 3:
+        raise ValueError(f"engine.deepspeed.offload_param: needs zero_stage 3 (got {d.zero_stage})")
+    if "nvme" in (d.offload_optimizer, d.offload_param):
+        if not d.nvme_path:
+            raise ValueError("engine.deepspeed.nvme_path: offload to nvme needs an existing folder here")
+        if not Path(d.nvme_path).is_dir():
+            raise ValueError(f"engine.deepspeed.nvme_path: {d.nvme_path!r} is not an existing folder")
+    if cfg.checkpoint.enable or cfg.checkpoint.load_path:
+        raise ValueError(
+            "checkpoint.enable: checkpoints of DeepSpeed runs are not written yet (scaletrain will save them in its "
+            "own format, so that they resume under native too); set --checkpoint.enable false for now"
+        )
+    if t.ema_decay > 0 and d.zero_stage == 3:
+        raise ValueError(
+            "train.ema_decay: an EMA of ZeRO-3's partitioned parameters is not supported yet; use zero_stage <= 2"
+        )
+    deepspeed_config(cfg, dims)  # a contradicting ds_config.json fails here, before any process group
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ValueError("engine.name: deepspeed is not installed; pip install 'scaletrain[engines]' (or deepspeed)")
+
+
+def show(cfg: JobConfig, dims: ParallelDims) -> list[str]:
+    text = json.dumps(deepspeed_config(cfg, dims), indent=2)
+    return [f"deepspeed config for {dims.world_size} ranks (what DeepSpeed receives):", *text.splitlines()]
+
+
+SPEC = EngineSpec(name="deepspeed", validate=validate, build=DeepSpeedEngine, owns_data_parallel=True, show=show)

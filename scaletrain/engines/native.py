@@ -1,0 +1,73 @@
+"""The native engine: torch owns everything (FSDP2 / DDP / HSDP from the recipe's parallelize, TP, PP, CP)."""
+
+from __future__ import annotations
+
+import contextlib
+from contextlib import AbstractContextManager
+
+import torch
+from torch import nn
+
+from scaletrain.checkpoint.store import ModuleState
+from scaletrain.config.schema import TORCH_DTYPES, JobConfig
+from scaletrain.engines.base import EngineSpec
+from scaletrain.optim import build_optimizer, set_lr
+from scaletrain.parallel.dims import ParallelDims
+from scaletrain.parallel.grad_norm import clip_grad_norm_
+
+
+class NativeEngine:
+    name = "native"
+
+    def __init__(self, model: nn.Module, cfg: JobConfig, dims: ParallelDims, device: torch.device):
+        self.model, self.train, self.dims = model, cfg.train, dims
+        self.description = dims.describe()
+        self.optimizer = build_optimizer(model, cfg.train, device.type)
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.train.loss_scaler == "dynamic" else None
+        # FSDP2 casts parameters itself (MixedPrecisionPolicy); elsewhere autocast does it.
+        sharded = dims.fsdp_enabled or dims.hsdp_enabled
+        self._autocast_dtype = None if sharded or cfg.train.dtype == "fp32" else TORCH_DTYPES[cfg.train.dtype]
+        self._device_type = device.type
+
+    def autocast(self) -> AbstractContextManager:
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self._device_type, dtype=self._autocast_dtype)
+
+    def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
+        # FSDP2 and composable DDP both skip the gradient reduction on non-final micro-batches.
+        if hasattr(self.model, "set_requires_gradient_sync"):
+            self.model.set_requires_gradient_sync(last_micro_batch)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self, step: int) -> tuple[float, float]:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        # Pipeline stages hold different parameters: the norm sums over the pp group too.
+        pp_group = self.dims.axis("pp").get_group() if self.dims.pp_enabled else None
+        grad_norm = clip_grad_norm_(list(self.model.parameters()), self.train.grad_clip, pp_group)
+        lr = set_lr(self.optimizer, step, self.train)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm), lr
+
+    def checkpoint_state(self, with_optimizer: bool) -> ModuleState:
+        return ModuleState(self.model, self.optimizer if with_optimizer else None)
+
+    def state_dict(self) -> dict:
+        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def validate(cfg: JobConfig, dims: ParallelDims) -> None:
+    """Every native layout is checked by scaletrain.validate itself."""
+
+
+SPEC = EngineSpec(name="native", validate=validate, build=NativeEngine)
