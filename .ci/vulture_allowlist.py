@@ -52,3 +52,6 @@ slurm_cluster  # pytest fixtures, requested by parameter name or autouse
 _no_process_group
 one_thread
 _triton_runs
+
+# Read by DeepSpeed 0.19.8: reset so ZeRO-1/2 relink optimizer-state views (scaletrain/engines/deepspeed_engine.py)
+_._hp_optimizer_states_linked

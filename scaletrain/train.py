@@ -240,7 +240,7 @@ class Trainer:
             self.step,
             self.engine.checkpoint_state(with_optimizer=True),
             trainer_state,
-            layout=self.dims.describe(),
+            layout=self.engine.description,
             extra_tensors=self._extra_tensors(),
         )
         self.watchdog.disarm()

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from scaletrain.checkpoint.store import CheckpointState
+from scaletrain.checkpoint.store import CheckpointState, ModuleState
 from scaletrain.config.schema import JobConfig
 from scaletrain.engines.base import EngineSpec
 from scaletrain.optim import build_optimizer, set_lr
@@ -105,10 +105,11 @@ def deepspeed_config(cfg: JobConfig, dims: ParallelDims) -> dict[str, Any]:
     user = _user_json(d.config)
     for field_name, ds_key in _DERIVED_KEYS:
         theirs, ours = _get(user, ds_key), _get(derived, ds_key)
-        if theirs is not None and ours is not None and theirs != ours:
+        # "auto" (Hugging Face Trainer-style JSONs) means: take it from the job, as scaletrain does anyway.
+        if theirs not in (None, "auto") and ours is not None and theirs != ours:
             raise ValueError(
                 f"engine.deepspeed.config: {ds_key} = {theirs!r} in {d.config} contradicts {field_name} "
-                f"(which gives {ds_key} = {ours!r}); remove it from the JSON or change {field_name}"
+                f"(which gives {ds_key} = {ours!r}); set --{field_name} to match, or remove it from the JSON"
             )
     for owned in ("optimizer", "scheduler"):
         if owned in user:
@@ -141,6 +142,14 @@ class DeepSpeedEngine:
         ]
         self.description = f"deepspeed ZeRO-{d.zero_stage}" + "".join(f" + {o}" for o in offload)
         optimizer = build_optimizer(model, cfg.train, device.type)
+        # Parameter name -> its param group's hyperparameters, for checkpoints in native's format (ZeRO
+        # replaces the groups' parameter lists with flat partitions).
+        group_index = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+        self._group_of = {
+            name: {k: v for k, v in optimizer.param_groups[group_index[id(p)]].items() if k != "params"}
+            for name, p in model.named_parameters()
+            if id(p) in group_index
+        }
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.config, dist_init_required=False
         )
@@ -169,13 +178,123 @@ class DeepSpeedEngine:
         return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
     def checkpoint_state(self, with_optimizer: bool) -> CheckpointState:
-        raise NotImplementedError("DeepSpeed checkpoints are refused by validate() until they are implemented")
+        return DeepSpeedState(self.model, self._group_of, with_optimizer)
 
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class DeepSpeedState:
+    """A DeepSpeed engine's model and optimizer state in native's checkpoint format (full parameter names and
+    shapes, fp32 master weights, AdamW moments per parameter), so that native and DeepSpeed runs of any
+    stage resume each other's checkpoints and `export` / `ckpt info` read them unchanged.
+
+    ZeRO-1/2/3 keep fp32 masters and moments in flat per-rank partitions; DeepSpeed's tensor-fragment API
+    (`safe_get_full_*` / `safe_set_full_*`, collective: every rank calls it per parameter in the same order)
+    gathers and scatters them. Each rank holds one full copy while a checkpoint is written or read.
+    """
+
+    def __init__(self, engine: Any, group_of: dict[str, dict[str, Any]], with_optimizer: bool):
+        self.engine, self.group_of, self.with_optimizer = engine, group_of, with_optimizer
+        self.stage = engine.zero_optimization_stage()
+        self.module: nn.Module = engine.module
+
+    def _base_optimizer(self) -> torch.optim.Optimizer:
+        # Stage 0 hands back the client optimizer; ZeRO wraps it and keeps it as `.optimizer`.
+        return self.engine.optimizer if self.stage == 0 else self.engine.optimizer.optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        if self.stage == 0:  # parameters and optimizer are plain torch ones
+            return ModuleState(self.module, self._base_optimizer() if self.with_optimizer else None).state_dict()
+        params = dict(self.module.named_parameters())
+        model = {
+            name: safe_get_full_fp32_param(params[name]) if name in params else value
+            for name, value in self.module.state_dict(keep_vars=True).items()
+        }
+        state: dict[str, Any] = {"model": model}
+        if self.with_optimizer:
+            optim: dict[str, Any] = {}
+            self._ensure_adam_state()
+            step = self._adam_step()
+            for name, param in params.items():
+                if name not in self.group_of:
+                    continue
+                for key in ("exp_avg", "exp_avg_sq"):
+                    optim[f"state.{name}.{key}"] = safe_get_full_optimizer_state(param, key)
+                optim[f"state.{name}.step"] = step.clone()
+                for key, value in self.group_of[name].items():
+                    optim[f"param_groups.{name}.{key}"] = value
+            state["optimizer"] = optim
+        return state
+
+    def _ensure_adam_state(self) -> None:
+        """Give every flat partition its AdamW state and link the per-parameter views into it.
+
+        Before the first update (a checkpoint being loaded) the state does not exist yet: zeros and step 0 are
+        what AdamW would create itself, so a run that never loads anything trains the same."""
+        base = self._base_optimizer()
+        if self.stage == 3:  # its groups hold the flat partition only while it is being updated
+            flats = list(self.engine.optimizer.fp32_partitioned_groups_flat)
+        else:
+            flats = [flat for group in base.param_groups for flat in group["params"]]
+        for flat in flats:
+            if not base.state.get(flat):
+                base.state[flat] = {
+                    "step": torch.tensor(0.0),
+                    "exp_avg": torch.zeros_like(flat),
+                    "exp_avg_sq": torch.zeros_like(flat),
+                }
+        self._link_moment_views()
+
+    def _link_moment_views(self) -> None:
+        # ZeRO-1/2 point each parameter's fragment at its slice of the flat AdamW state. DeepSpeed 0.19.8 links
+        # them once, right after the first param group's first update, when the other groups have no state
+        # yet: scaletrain's second group (norms and biases) would keep empty views. Relink now, when every
+        # group has state. (ZeRO-3 indexes the flat state directly.)
+        zero = self.engine.optimizer
+        if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
+
+    def _adam_step(self) -> torch.Tensor:
+        states = [s for s in self._base_optimizer().state.values() if "step" in s]
+        step = states[0]["step"] if states else 0.0
+        return torch.as_tensor(step, dtype=torch.float32).clone()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        if self.stage == 0:
+            ModuleState(self.module, self._base_optimizer() if self.with_optimizer else None).load_state_dict(state)
+            return
+        model = state["model"]
+        with torch.no_grad():
+            for name, param in self.module.named_parameters():
+                value = model[name]
+                # The compute copy (full for ZeRO-1/2; gathered and re-partitioned for ZeRO-3) ...
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=self.stage == 3):
+                    param.data.copy_(value.to(param.dtype))
+                safe_set_full_fp32_param(param, value.float())  # ... and the fp32 master in the partitions
+            for name, buffer in self.module.named_buffers():
+                if name in model:
+                    buffer.copy_(model[name])
+        if not self.with_optimizer:
+            return
+        optim = state["optimizer"]
+        self._ensure_adam_state()
+        step = next(v for k, v in optim.items() if k.endswith(".step"))
+        for flat_state in self._base_optimizer().state.values():
+            flat_state["step"] = step.clone()
+        for name, param in self.module.named_parameters():
+            if name in self.group_of:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    safe_set_full_optimizer_state(param, optim[f"state.{name}.{key}"], key)
 
 
 def validate(cfg: JobConfig, dims: ParallelDims) -> None:
@@ -198,11 +317,6 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
             raise ValueError("engine.deepspeed.nvme_path: offload to nvme needs an existing folder here")
         if not Path(d.nvme_path).is_dir():
             raise ValueError(f"engine.deepspeed.nvme_path: {d.nvme_path!r} is not an existing folder")
-    if cfg.checkpoint.enable or cfg.checkpoint.load_path:
-        raise ValueError(
-            "checkpoint.enable: checkpoints of DeepSpeed runs are not written yet (scaletrain will save them in its "
-            "own format, so that they resume under native too); set --checkpoint.enable false for now"
-        )
     if t.ema_decay > 0 and d.zero_stage == 3:
         raise ValueError(
             "train.ema_decay: an EMA of ZeRO-3's partitioned parameters is not supported yet; use zero_stage <= 2"

@@ -37,6 +37,8 @@ LAYOUTS = {
     "tp2xdp2": (4, ["--parallel.tp", "2", "--parallel.dp_shard", "2"]),
     "fsdp4": (4, ["--parallel.dp_shard", "4"]),
     "pp2": (2, ["--parallel.pp", "2", "--parallel.dp_shard", "1"]),  # one stage (layer) per rank
+    "ds_zero2": (2, ["--engine.name", "deepspeed", "--engine.deepspeed.zero_stage", "2", "--parallel.dp_shard", "2"]),
+    "ds_zero3": (2, ["--engine.name", "deepspeed", "--engine.deepspeed.zero_stage", "3", "--parallel.dp_shard", "2"]),
 }
 
 

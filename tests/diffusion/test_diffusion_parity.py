@@ -56,6 +56,9 @@ LAYOUTS = {
     "ac_full": (["--activation_checkpoint.mode", "full"], 1),
     "ac_op_fsdp2": (["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective", "op"]
                     + ["--parallel.dp_shard", "2"], 2),
+    # The same recipe under DeepSpeed (scaletrain/engines): ZeRO shards instead of FSDP2.
+    "deepspeed_zero2": (["--engine.name", "deepspeed", "--engine.deepspeed.zero_stage", "2"], 2),
+    "deepspeed_zero3": (["--engine.name", "deepspeed", "--engine.deepspeed.zero_stage", "3"], 2),
 }
 # Slow: inductor compiles each block on CPU (~45 s).
 SLOW_LAYOUTS = {"compile": (["--train.compile", "true"], 1)}

@@ -2,7 +2,8 @@
 
 Each run is 2 ranks under torchrun (gloo, CPU) from the same layout-independent init and the same global
 batches as the 1-process native baseline; scaletrain's AdamW is DeepSpeed's client optimizer, so the
-arithmetic is the same and fp32 losses agree to 1e-5 relative (observed: equal to the printed digits).
+arithmetic is the same and fp32 losses agree to 1e-5 relative (observed: equal to the printed digits);
+bf16 runs stay within 5e-3 of the fp32 baseline.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from st_common import FAST, TINY
+from st_common import FAST, REPO, TINY
 
 from scaletrain.config import load_config
 from scaletrain.parity import compare, run_layout
@@ -20,6 +21,7 @@ pytest.importorskip("deepspeed")
 
 FP32_LOSS_RTOL = 1e-5
 FP32_GNORM_RTOL = 1e-4
+LOW_PRECISION_LOSS_RTOL = 5e-3
 DS = ["--engine.name", "deepspeed", "--parallel.dp_shard", "2"]
 STAGES = {
     "zero0": ["--engine.deepspeed.zero_stage", "0"],
@@ -51,6 +53,14 @@ def test_deepspeed_stage_matches_native_single_process(stage, native_baseline, t
     assert report.max_grad_norm_rel_diff <= FP32_GNORM_RTOL, report.table()
 
 
+def test_deepspeed_bf16_trains_close_to_fp32(native_baseline, tmp_path):
+    """DeepSpeed's bf16 mode (bf16 compute copy, fp32 masters in the optimizer) against the fp32 run."""
+    bf16 = ["--engine.deepspeed.zero_stage", "2", "--train.dtype", "bf16"]
+    report = compare(native_baseline, run_layout(TINY, FAST + DS + bf16, tmp_path, "bf16", nproc=2))
+    assert report.max_loss_rel_diff <= LOW_PRECISION_LOSS_RTOL, report.table()
+    assert report.max_loss_rel_diff > 0, "bf16 equal to fp32 to the last digit: did bf16 run at all?"
+
+
 def _cfg(*overrides: str):
     return load_config(TINY, ["--engine.name", "deepspeed", "--checkpoint.enable", "false", *overrides])
 
@@ -73,6 +83,13 @@ def test_a_users_ds_config_adds_keys_but_cannot_contradict(tmp_path):
     cfg = _cfg("--engine.deepspeed.config", str(mine))
     ds = deepspeed_config(cfg, validate_config(cfg, 2))
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True} and ds["wall_clock_breakdown"] is True
+
+    # Hugging Face Trainer-style "auto" values are filled from the job, as if absent.
+    shipped = REPO / "examples" / "deepspeed" / "ds_config.json"
+    cfg = _cfg("--engine.deepspeed.config", str(shipped), "--train.micro_batch_size", "4")
+    ds = deepspeed_config(cfg, validate_config(cfg, 2))
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
+    assert ds["bf16"] == {"enabled": False} and ds["zero_optimization"]["overlap_comm"] is True
 
     mine.write_text(json.dumps({"train_batch_size": 32}))
     with pytest.raises(ValueError, match=r"train_batch_size = 32 in .* contradicts train\.global_batch_size"):

@@ -1,0 +1,45 @@
+"""Checkpoints across engines: a DeepSpeed run resumes bitwise after a kill, and native and DeepSpeed runs
+continue each other's checkpoints.
+
+DeepSpeed runs save in scaletrain's own format (full names, fp32 masters, AdamW moments per parameter;
+scaletrain/engines/deepspeed_engine.py: DeepSpeedState), so the same files serve both engines. Across engines
+the reduction order differs, so the continued losses match the uninterrupted run of the engine that saved
+within 1e-5 relative (observed: equal to the printed digits); within one engine they are bitwise equal.
+"""
+
+from __future__ import annotations
+
+import pytest
+from ckpt_harness import copy_checkpoint, metrics, torchrun
+
+pytest.importorskip("deepspeed")
+
+CROSS_ENGINE_LOSS_RTOL = 1e-5
+
+
+@pytest.mark.parametrize("layout", ["ds_zero2", pytest.param("ds_zero3", marks=pytest.mark.slow)])
+def test_deepspeed_kill_and_rerun_continues_bitwise(layout, straight, tmp_path):
+    ref_dir, ref_name, _ = straight(layout)
+    kill = [{"rank": 0, "step": 6, "where": "step", "action": "kill", "marker": str(tmp_path / "fired")}]
+    first = torchrun(layout, tmp_path, "run", faults=kill, check=False)
+    assert first.returncode != 0, "the first invocation should have been killed"
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000005"]
+    torchrun(layout, tmp_path, "run")  # the same command again: auto-resume
+    resumed, reference = metrics(tmp_path, "run"), metrics(ref_dir, ref_name)
+    assert sorted(resumed) == list(range(1, 11))
+    for step in range(1, 11):
+        assert resumed[step]["loss"] == reference[step]["loss"], f"step {step}"
+        assert resumed[step]["grad_norm"] == reference[step]["grad_norm"], f"step {step}"
+
+
+@pytest.mark.parametrize(("saved_by", "resumed_by"), [("fsdp2", "ds_zero2"), ("ds_zero3", "fsdp2")])
+def test_a_checkpoint_continues_under_the_other_engine(saved_by, resumed_by, straight, tmp_path):
+    ref_dir, ref_name, _ = straight(saved_by)
+    copy_checkpoint(ref_dir / ref_name, 5, tmp_path / "run")
+    done = torchrun(resumed_by, tmp_path, "run")
+    assert "resumed from" in done.stdout + done.stderr
+    resumed, reference = metrics(tmp_path, "run"), metrics(ref_dir, ref_name)
+    assert sorted(resumed) == list(range(6, 11))  # steps 1-5 came from the checkpoint
+    for step in range(6, 11):
+        a, b = resumed[step]["loss"], reference[step]["loss"]
+        assert abs(a - b) <= CROSS_ENGINE_LOSS_RTOL * abs(b), f"step {step}: {a} vs {b}"
