@@ -284,13 +284,14 @@ class Trainer:
             if self.schedule is not None:
                 loss_sum += self._pipeline_micro_step(batch)
                 continue
-            with self.loss_context():
+            # Only the last micro-batch's backward reduces gradients across data-parallel ranks.
+            with self.loss_context(), self.engine.micro_batch(last=index == len(micro_batches) - 1):
                 with self.engine.autocast():
                     output = self.engine.model(*self.recipe.step.model_inputs(batch))
                 # Mean over the micro-batch, divided by the accumulation count: summed over
                 # micro-batches and averaged over dp ranks this is the global-batch mean.
                 loss = self.recipe.step.loss(output, batch) / len(micro_batches)
-                self.engine.backward(loss, last_micro_batch=index == len(micro_batches) - 1)
+                self.engine.backward(loss)
             loss_sum += _full(loss.detach()).float()
         grad_norm, lr = self.engine.step(self.step)
         if self.ema is not None:

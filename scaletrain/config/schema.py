@@ -169,13 +169,23 @@ class DeepSpeedSection:
 
 
 @dataclass
+class FairscaleSection:
+    mode: Literal["oss", "sharded_ddp"] = opt(
+        "sharded_ddp",
+        "oss = optimizer states sharded (ZeRO-1) under torch DDP; sharded_ddp = OSS + ShardedDDP, gradients sharded "
+        "too (ZeRO-2).",
+    )
+
+
+@dataclass
 class EngineSection:
-    name: Literal["native", "deepspeed"] = opt(
+    name: Literal["native", "deepspeed", "fairscale"] = opt(
         "native",
         "Who owns parameters, gradients and optimizer state: native = torch (FSDP2/DDP/TP/PP/CP); deepspeed = "
-        "DeepSpeed's engine (ZeRO 0-3, offload), data parallel only.",
+        "DeepSpeed's engine (ZeRO 0-3, offload); fairscale = OSS / ShardedDDP. The last two: data parallel only.",
     )
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    fairscale: FairscaleSection = field(default_factory=FairscaleSection)
 
 
 @dataclass

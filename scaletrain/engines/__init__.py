@@ -17,6 +17,7 @@ from scaletrain.engines.base import Engine, EngineSpec
 _MODULES = {
     "native": "scaletrain.engines.native",
     "deepspeed": "scaletrain.engines.deepspeed_engine",
+    "fairscale": "scaletrain.engines.fairscale_engine",
 }
 
 

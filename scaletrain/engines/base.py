@@ -1,8 +1,14 @@
 """The interface between the train loop and whatever owns the optimizer step.
 
-Per optimizer step the trainer calls, for each micro-batch, `engine.model(*inputs)` (inside
-`engine.autocast()`), then `engine.backward(loss, last_micro_batch)`; after the last one
-`engine.step(step)`, which clips, sets the LR for that step, updates and clears the gradients.
+Per optimizer step the trainer runs, for each micro-batch,
+
+    with engine.micro_batch(last=...):        # gradients are reduced across ranks on the last one only
+        with engine.autocast():
+            output = engine.model(*inputs)
+        engine.backward(loss(output))
+
+and after the last one `engine.step(step)`, which clips, sets the LR for that step, updates and clears
+the gradients.
 Checkpoints hold `engine.checkpoint_state(...)` through the core's checkpointer: one format for every engine.
 """
 
@@ -30,7 +36,9 @@ class Engine(Protocol):
 
     def autocast(self) -> AbstractContextManager: ...
 
-    def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None: ...
+    def micro_batch(self, last: bool) -> AbstractContextManager: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
 
     def step(self, step: int) -> tuple[float, float]:
         """Clip, set the LR of optimizer step `step` (0-based), update, zero the gradients.

@@ -157,11 +157,13 @@ class DeepSpeedEngine:
     def autocast(self) -> AbstractContextManager:
         return contextlib.nullcontext()  # DeepSpeed casts the model itself for bf16/fp16
 
-    def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
-        # The trainer already divided the loss by the micro-batch count; DeepSpeed reduces (ZeRO-1/2/3 by
-        # reduce-scatter) on the boundary micro-batch only.
-        self.model.set_gradient_accumulation_boundary(last_micro_batch)
-        self.model.backward(loss, scale_wrt_gas=False)
+    def micro_batch(self, last: bool) -> AbstractContextManager:
+        # DeepSpeed reduces (ZeRO-1/2/3 by reduce-scatter) on the boundary micro-batch only.
+        self.model.set_gradient_accumulation_boundary(last)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.model.backward(loss, scale_wrt_gas=False)  # the trainer already divided by the micro-batch count
 
     def step(self, step: int) -> tuple[float, float]:
         lr = set_lr(self.optimizer, step, self.train)

@@ -34,10 +34,13 @@ class NativeEngine:
             return contextlib.nullcontext()
         return torch.autocast(self._device_type, dtype=self._autocast_dtype)
 
-    def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
+    def micro_batch(self, last: bool) -> AbstractContextManager:
         # FSDP2 and composable DDP both skip the gradient reduction on non-final micro-batches.
         if hasattr(self.model, "set_requires_gradient_sync"):
-            self.model.set_requires_gradient_sync(last_micro_batch)
+            self.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def step(self, step: int) -> tuple[float, float]:

@@ -39,6 +39,7 @@ LAYOUTS = {
     "pp2": (2, ["--parallel.pp", "2", "--parallel.dp_shard", "1"]),  # one stage (layer) per rank
     "ds_zero2": (2, ["--engine.name", "deepspeed", "--engine.deepspeed.zero_stage", "2", "--parallel.dp_shard", "2"]),
     "ds_zero3": (2, ["--engine.name", "deepspeed", "--engine.deepspeed.zero_stage", "3", "--parallel.dp_shard", "2"]),
+    "fairscale": (2, ["--engine.name", "fairscale", "--engine.fairscale.mode", "sharded_ddp", "--parallel.dp_shard=2"]),
 }
 
 
