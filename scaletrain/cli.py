@@ -156,8 +156,22 @@ def cmd_bench(argv: list[str]) -> int:
     from scaletrain.bench import bench, bench_pipeline
     from scaletrain.distributed import world_size_from_env
 
-    options, rest = _take_options(argv, {"bench-steps": int, "bench-warmup": int, "bench-rounds": int})
+    options, rest = _take_options(
+        argv,
+        {"bench-steps": int, "bench-warmup": int, "bench-rounds": int, "engines": str, "nproc": int, "out": str},
+    )
     path, overrides = _split_config(rest)
+    if "engines" in options:
+        from scaletrain.bench_engines import bench_engines, table
+
+        nproc = int(options.get("nproc", 2))
+        out = Path(str(options.get("out", "runs/bench-engines")))
+        engines = [e for e in str(options["engines"]).split(",") if e]
+        rows = bench_engines(path, engines, nproc, overrides, out, warmup=int(options.get("bench-warmup", 2)))
+        unit = get_recipe(load_config(path, overrides).recipe).data.unit
+        print(table(rows, unit))
+        print(f"written: {out / 'engines.csv'}, {out / 'engines.md'}, {out / 'engines.png'}")
+        return 0
     cfg = load_config(path, overrides)
     if world_size_from_env() > 1:
         result = bench_pipeline(
@@ -219,9 +233,12 @@ Train CONFIG under two layouts (torchrun, as many processes as each needs) and p
 grad-norm differences; exit 0 when the losses agree within --rtol (default 1e-5). Both layouts are checked
 before anything starts. Shared overrides go after the options.""",
     "bench": """usage: scaletrain bench CONFIG [--bench-steps N] [--bench-warmup N] [--bench-rounds N] [overrides]
+       scaletrain bench CONFIG --engines native,deepspeed:zero2,... [--nproc N] [--out DIR] [overrides]
        scaletrain bench kernels [--help]
 Throughput of CONFIG's training step against plain PyTorch baselines measured in the same run (ratios,
-median of rounds), and MFU where the device has a peak-FLOPs entry.""",
+median of rounds), and MFU where the device has a peak-FLOPs entry. With --engines: the same model, data and
+world size under each engine (ENGINE or ENGINE:PRESET), tokens/s, peak memory and ratio to native, written as
+CSV, Markdown and PNG.""",
     "sample": """usage: scaletrain sample CHECKPOINT [recipe options]
 Sample from a checkpoint with its recipe's sampler; scaletrain sample CHECKPOINT --help lists its options.""",
     "ckpt": """usage: scaletrain ckpt info DIR

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -67,3 +67,5 @@ class EngineSpec:
     owns_data_parallel: bool = False
     # (job config, dims) -> lines `scaletrain config show` prints, e.g. the library's own resolved config.
     show: Callable[[JobConfig, ParallelDims], list[str]] | None = None
+    # Named settings `scaletrain bench --engines NAME:PRESET` runs (e.g. deepspeed:zero3-offload), as overrides.
+    presets: dict[str, list[str]] = field(default_factory=dict)

@@ -333,4 +333,24 @@ def show(cfg: JobConfig, dims: ParallelDims) -> list[str]:
     return [f"deepspeed config for {dims.world_size} ranks (what DeepSpeed receives):", *text.splitlines()]
 
 
-SPEC = EngineSpec(name="deepspeed", validate=validate, build=DeepSpeedEngine, owns_data_parallel=True, show=show)
+def _preset(stage: int, offload: bool = False) -> list[str]:
+    flags = ["--engine.deepspeed.zero_stage", str(stage)]
+    if offload:
+        flags += ["--engine.deepspeed.offload_optimizer", "cpu"] + (
+            ["--engine.deepspeed.offload_param", "cpu"] if stage == 3 else []
+        )
+    return flags
+
+
+SPEC = EngineSpec(
+    name="deepspeed",
+    validate=validate,
+    build=DeepSpeedEngine,
+    owns_data_parallel=True,
+    show=show,
+    presets={
+        **{f"zero{stage}": _preset(stage) for stage in range(4)},
+        "zero2-offload": _preset(2, offload=True),  # optimizer states and update on the CPU
+        "zero3-offload": _preset(3, offload=True),  # and the parameters too
+    },
+)

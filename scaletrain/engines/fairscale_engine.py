@@ -153,4 +153,10 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
         raise ValueError("engine.name: fairscale is not installed; pip install 'scaletrain[engines]' (or fairscale)")
 
 
-SPEC = EngineSpec(name="fairscale", validate=validate, build=FairscaleEngine, owns_data_parallel=True)
+SPEC = EngineSpec(
+    name="fairscale",
+    validate=validate,
+    build=FairscaleEngine,
+    owns_data_parallel=True,
+    presets={mode: ["--engine.fairscale.mode", mode] for mode in _DESCRIPTIONS},
+)

@@ -21,6 +21,7 @@ import pytest
 from st_common import REPO
 
 from scaletrain import cli
+from scaletrain.bench_engines import engine_overrides
 from scaletrain.config import MissingDataError, load_config
 from scaletrain.launchers import ray_launcher, sbatch, slurm, torchrun
 from scaletrain.launchers.argv import split_overrides
@@ -115,7 +116,7 @@ def _torchrun(argv: list[str]) -> None:
         raise AssertionError(f"no check for torchrun -m {options.module}")
 
 
-BENCH_OPTIONS = {"bench-steps": int, "bench-warmup": int, "bench-rounds": int}
+BENCH_OPTIONS = {"bench-steps": int, "bench-warmup": int, "bench-rounds": int, "engines": str, "nproc": int, "out": str}
 LAUNCHERS = {"torchrun": torchrun, "sbatch": sbatch, "slurm": slurm, "ray": ray_launcher}
 
 
@@ -143,8 +144,13 @@ def check(argv: list[str], capsys) -> None:  # noqa: ANN001
     elif command == "train":
         _validate(rest[0], rest[1:], 1)
     elif command == "bench":
-        _, overrides = cli._take_options(rest[1:], BENCH_OPTIONS)
-        _validate(rest[0], overrides, 1)
+        options, overrides = cli._take_options(rest[1:], BENCH_OPTIONS)
+        if "engines" in options:  # each engine's config, for --nproc ranks, as bench_engines checks them
+            nproc = int(options.get("nproc", 2))
+            for entry in str(options["engines"]).split(","):
+                _validate(rest[0], overrides + engine_overrides(entry, nproc), nproc)
+        else:
+            _validate(rest[0], overrides, 1)
     elif command == "parity":
         options, common = cli._take_options(rest, {"a": str, "b": str, "rtol": float})
         for layout in (options.get("a", ""), options.get("b", "")):
