@@ -66,6 +66,9 @@ class ModelSpec:
     build: Callable[[Any], nn.Module]
     parallelize: Callable[[nn.Module, ParallelDims, JobConfig], nn.Module]
     startup_notes: Callable[[nn.Module, JobConfig, ParallelDims], list[str]] | None = None
+    # (model on meta, model config) -> the parameters one token uses, for models that route (MoE); `config
+    # show` prints it beside the total. FLOPs need no hook: they are counted on the routed path.
+    active_parameters: Callable[[nn.Module, Any], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -89,10 +92,16 @@ class DataSpec:
 @dataclass(frozen=True)
 class StepSpec:
     """What one micro-batch computes: the model is called with `model_inputs(batch)` and the trainer
-    back-propagates `loss(output, batch)`, a scalar mean over the micro-batch."""
+    back-propagates `loss(output, batch)`, a scalar mean over the micro-batch.
+
+    after_step: (model, dims) -> metrics; called on every rank after each optimizer step, for state that is
+    not trained by gradients (e.g. MoE routing biases set from the experts' load, summed over the ranks).
+    The metrics join the step's logged ones.
+    """
 
     model_inputs: Callable[[dict[str, torch.Tensor]], tuple]
     loss: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]
+    after_step: Callable[[nn.Module, ParallelDims], dict[str, float]] | None = None
 
 
 @dataclass(frozen=True)

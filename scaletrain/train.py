@@ -294,6 +294,7 @@ class Trainer:
                 self.engine.backward(loss)
             loss_sum += _full(loss.detach()).float()
         grad_norm, lr = self.engine.step(self.step)
+        recipe_metrics = self.recipe.step.after_step(self.model, self.dims) if self.recipe.step.after_step else {}
         if self.ema is not None:
             self.ema.update(self.model, self.step + 1)  # self.step counts the steps before this one
         if self.dims.pp_enabled:  # only the last stage computed the loss
@@ -301,7 +302,7 @@ class Trainer:
         if self.dims.dp_size * self.dims.cp > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG, group=self.dims.axis("dp_cp").get_group())
         self.step += 1
-        return {"loss": loss_sum.item(), "grad_norm": float(grad_norm), "lr": lr}
+        return {"loss": loss_sum.item(), "grad_norm": float(grad_norm), "lr": lr, **recipe_metrics}
 
     def _local_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Move to the device; with cp > 1 keep this rank's load-balanced slice of the sequence."""

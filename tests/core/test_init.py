@@ -31,6 +31,8 @@ STYLES = {
         "--model.tie_embeddings",
         "true",
     ],
+    # Router, stacked expert weights, shared expert and the balancing buffers.
+    "moe": ["--model.moe.num_experts", "4", "--model.moe.num_shared_experts", "1", "--model.moe.first_dense", "1"],
 }
 
 

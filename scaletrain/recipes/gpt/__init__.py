@@ -20,6 +20,7 @@ from scaletrain.parallel.dims import ParallelDims
 from scaletrain.recipes.gpt import hf
 from scaletrain.recipes.gpt.bench_baselines import bench_baselines
 from scaletrain.recipes.gpt.model import GPT, GPTConfig
+from scaletrain.recipes.gpt.moe import MoE, active_parameters, update_balancing
 from scaletrain.recipes.gpt.parallelize import parallelize_gpt
 from scaletrain.registry import (
     DataSpec,
@@ -70,11 +71,24 @@ def example_batch(cfg: JobConfig, batch_size: int) -> dict[str, torch.Tensor]:
     }
 
 
-def loss(logits_BTV: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    if logits_BTV.dim() == 0:  # train.fused_cross_entropy: the model already returned the mean loss
-        return logits_BTV
+def loss(output: torch.Tensor | tuple[torch.Tensor, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    balancing = 0.0
+    if isinstance(output, tuple):  # MoE: (logits, the blocks' balancing losses)
+        output, balancing = output
+    if output.dim() == 0:  # train.fused_cross_entropy: the model already returned the mean loss
+        return output
     # fp32 softmax: bf16 logits lose the small probabilities that cross-entropy depends on.
-    return F.cross_entropy(logits_BTV.flatten(0, 1).float(), batch["target"].flatten())
+    return F.cross_entropy(output.flatten(0, 1).float(), batch["target"].flatten()) + balancing
+
+
+def after_step(model: GPT, dims: ParallelDims) -> dict[str, float]:
+    """MoE: sum the experts' loads over the ranks that saw other tokens, move the auxiliary-loss-free routing
+    biases, report the load; nothing for a dense model."""
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    if not layers:
+        return {}
+    group = dims.axis("dp_cp").get_group() if dims.dp_size * dims.cp > 1 else None
+    return update_balancing(layers, group)
 
 
 def attention_choice(cfg: JobConfig) -> ops.AttentionChoice:
@@ -120,6 +134,58 @@ def parallelize(model: GPT, dims: ParallelDims, cfg: JobConfig) -> GPT:
 
 def startup_notes(model: GPT, cfg: JobConfig, dims: ParallelDims) -> list[str]:
     return _kernel_notes(cfg, dims, attention_choice(cfg))
+
+
+def _validate_moe(cfg: JobConfig, dims: ParallelDims) -> None:
+    m, moe = cfg.model, cfg.model.moe
+    for name in ("num_experts", "num_shared_experts", "expert_hidden", "first_dense", "groups", "topk_groups"):
+        if getattr(moe, name) < 0:
+            raise ValueError(f"model.moe.{name}: {getattr(moe, name)} is not allowed; use >= 0")
+    for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+        if getattr(moe, name) < 0:
+            raise ValueError(f"model.moe.{name}: {getattr(moe, name)} is not allowed; use 0 (off) or > 0")
+    moe_blocks = [i for i in range(m.n_layers) if moe.is_moe_block(i)]
+    checks = [
+        (
+            1 <= moe.top_k <= moe.num_experts,
+            f"model.moe.top_k: {moe.top_k} must be in [1, num_experts={moe.num_experts}]",
+        ),
+        (moe.every >= 1, f"model.moe.every: {moe.every} is not allowed; use >= 1"),
+        (
+            moe.capacity_factor >= 0,
+            f"model.moe.capacity_factor: {moe.capacity_factor} is not allowed; use 0 (dropless) or > 0",
+        ),
+        (bool(moe_blocks), f"model.moe.first_dense: {moe.first_dense} leaves no MoE block in {m.n_layers} layers"),
+        (m.mlp == "swiglu", f"model.mlp: the experts are SwiGLU MLPs; MoE needs mlp=swiglu (got {m.mlp})"),
+        (
+            dims.tp == 1,
+            f"parallel.tp: {dims.tp} with MoE is not supported yet (experts have no tensor-parallel plan); "
+            "use data parallel (dp_shard / dp_replicate) with tp=1",
+        ),
+        (
+            dims.pp == 1 or (moe.aux_loss_coef == 0 and moe.z_loss_coef == 0),
+            "model.moe.aux_loss_coef: the balancing losses of earlier pipeline stages cannot reach the last "
+            f"stage's loss (parallel.pp={dims.pp}); set aux_loss_coef=0 and z_loss_coef=0 and balance with "
+            "bias_update_rate > 0",
+        ),
+    ]
+    if moe.groups:
+        checks += [
+            (
+                moe.num_experts % moe.groups == 0,
+                f"model.moe.groups: {moe.groups} does not divide num_experts={moe.num_experts}",
+            ),
+            (
+                1 <= moe.topk_groups <= moe.groups,
+                f"model.moe.topk_groups: {moe.topk_groups} must be in [1, groups={moe.groups}]",
+            ),
+            (
+                moe.top_k <= moe.topk_groups * (moe.num_experts // moe.groups),
+                f"model.moe.top_k: {moe.top_k} is more than the {moe.topk_groups} kept groups hold "
+                f"({moe.topk_groups * (moe.num_experts // moe.groups)} experts)",
+            ),
+        ]
+    check_all(checks)
 
 
 def validate(cfg: JobConfig, dims: ParallelDims) -> None:
@@ -189,6 +255,8 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
             ),
         ]
     check_all(checks)
+    if m.moe.enabled or m.moe.num_experts < 0:
+        _validate_moe(cfg, dims)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > m.vocab_size:
         raise ValueError(
@@ -210,7 +278,13 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
 RECIPE = register_recipe(
     Recipe(
         name="gpt",
-        model=ModelSpec(config=GPTConfig, build=GPT, parallelize=parallelize, startup_notes=startup_notes),
+        model=ModelSpec(
+            config=GPTConfig,
+            build=GPT,
+            parallelize=parallelize,
+            startup_notes=startup_notes,
+            active_parameters=active_parameters,
+        ),
         data=DataSpec(
             config=TextDataConfig,
             build_dataset=build_dataset,
@@ -218,7 +292,7 @@ RECIPE = register_recipe(
             units_per_sample=lambda cfg: cfg.data.seq_len,
             example_batch=example_batch,
         ),
-        step=StepSpec(model_inputs=model_inputs, loss=loss),
+        step=StepSpec(model_inputs=model_inputs, loss=loss, after_step=after_step),
         validate=validate,
         supports=ParallelSupport(
             tensor_parallel=True,

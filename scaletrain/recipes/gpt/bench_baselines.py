@@ -99,6 +99,8 @@ def bench_baselines(cfg: JobConfig) -> dict[str, Callable[[], nn.Module]]:
     transformers' model whenever transformers is installed and can express the architecture."""
     model = cfg.model
     baselines: dict[str, Callable[[], nn.Module]] = {}
+    if model.moe.enabled:  # neither baseline has experts: only the plain loop on scaletrain's model compares
+        return baselines
     llama_style = model.pos == "rope" and model.norm == "rmsnorm" and model.mlp == "swiglu"
     if llama_style and not (model.bias or model.tie_embeddings or model.sliding_window):
         baselines["independent plain llama"] = lambda: PlainLlama(model)

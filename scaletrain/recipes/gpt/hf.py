@@ -37,6 +37,11 @@ _LLAMA_LAYER = {
 
 def hf_architecture(cfg: GPTConfig) -> str:
     """'llama', 'mistral' (Llama with a sliding window) or 'gpt2', or a ValueError naming the fields that fit none."""
+    if cfg.moe.enabled:
+        raise ValueError(
+            "model.moe.num_experts: Hugging Face export of MoE models is not written yet; export it with "
+            "--format safetensors instead"
+        )
     if cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
         return "mistral" if cfg.sliding_window else "llama"
     if cfg.pos == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu":

@@ -10,7 +10,7 @@ Shape legend: B batch, T sequence, D model dim, H heads, K kv heads, E head dim,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -19,6 +19,7 @@ from torch import nn
 
 from scaletrain import ops
 from scaletrain.config.schema import opt
+from scaletrain.recipes.gpt.moe import MoE, MoEConfig
 
 
 @dataclass
@@ -57,6 +58,9 @@ class GPTConfig:
     fused_rope: bool = opt(False, "RoPE through the fused Triton kernel (model.pos=rope only).")
     fused_swiglu: bool = opt(False, "SwiGLU activation through the fused Triton kernel (model.mlp=swiglu only).")
     init_std: float = opt(0.02, "Std of the normal init of weights (output projections scaled by 1/sqrt(2L)).")
+    moe: MoEConfig = field(
+        default_factory=MoEConfig, metadata={"help": "Mixture of experts (scaletrain/recipes/gpt/moe.py)."}
+    )
 
     @property
     def kv_heads(self) -> int:
@@ -163,13 +167,14 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, hidden: int = 0):
         super().__init__()
+        hidden = hidden or cfg.hidden_dim
         self.swiglu = cfg.mlp == "swiglu"
         self.fused_swiglu = cfg.fused_swiglu
-        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.bias)
-        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.bias)
-        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.bias) if self.swiglu else None
+        self.w1 = nn.Linear(cfg.dim, hidden, bias=cfg.bias)
+        self.w2 = nn.Linear(hidden, cfg.dim, bias=cfg.bias)
+        self.w3 = nn.Linear(cfg.dim, hidden, bias=cfg.bias) if self.swiglu else None
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
@@ -178,17 +183,26 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, index: int = 0):
         super().__init__()
         self.attention_norm = _norm(cfg)
         self.attention = Attention(cfg)
         self.ffn_norm = _norm(cfg)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward: nn.Module = FeedForward(cfg)
+        if cfg.moe.is_moe_block(index):
+            moe = cfg.moe
+            shared_hidden = (moe.expert_hidden or cfg.hidden_dim) * moe.num_shared_experts
+            shared = FeedForward(cfg, shared_hidden) if moe.num_shared_experts else None
+            self.feed_forward = MoE(cfg.dim, cfg.hidden_dim, moe, shared)
 
     def forward(
         self, x_BTD: torch.Tensor, cos_table: torch.Tensor | None, sin_table: torch.Tensor | None
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """-> x [B, T, D]; an MoE block returns (x, its balancing losses)."""
         x_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), cos_table, sin_table)
+        if isinstance(self.feed_forward, MoE):
+            out_BTD, losses = self.feed_forward(self.ffn_norm(x_BTD))
+            return x_BTD + out_BTD, losses
         return x_BTD + self.feed_forward(self.ffn_norm(x_BTD))
 
 
@@ -200,7 +214,7 @@ class GPT(nn.Module):
         self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.pos == "learned" else None
         # A dict keyed by the layer index: pipeline stages delete layers and the rest keep
         # their names, so checkpoints line up across layouts.
-        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
         self.norm = _norm(cfg)
         # Tied embeddings reuse the embedding table in forward instead of sharing a Parameter
         # between two modules: shared Parameters do not survive meta -> to_empty.
@@ -219,9 +233,14 @@ class GPT(nn.Module):
     # replaces it with the load-balanced positions of this rank's shard.
     positions = staticmethod(arange_positions)
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, T] -> logits [B, T, V]. Pipeline stages lack some modules: a stage without
         embeddings takes hidden states [B, T, D] as `x`; one without the head returns them.
+
+        With MoE blocks (model.moe.num_experts > 0) the result is (logits, balancing losses summed over the
+        blocks), and the recipe's loss adds the latter; a fused loss (below) has them added already.
 
         With `fused_cross_entropy` and targets [B, T], returns the fp32 mean cross-entropy instead,
         computed chunk by chunk by the fused kernel inside this forward (where FSDP has the output
@@ -233,10 +252,25 @@ class GPT(nn.Module):
             h_BTD = self.tok_embeddings(x)  # x: tokens [B, T]
             if self.pos_embeddings is not None:
                 h_BTD = h_BTD + self.pos_embeddings(self.positions(x.shape[1], x.device))
+        balancing = None
         for layer in self.layers.values():
             h_BTD = layer(h_BTD, self.rope_cos, self.rope_sin)
+            if isinstance(h_BTD, tuple):  # an MoE block
+                h_BTD, losses = h_BTD
+                balancing = losses if balancing is None else balancing + losses
         if self.norm is not None:
             h_BTD = self.norm(h_BTD)
+        out = self._head(h_BTD, targets)
+        if not self.cfg.moe.enabled:
+            return out
+        if balancing is None:  # a pipeline stage without MoE blocks
+            balancing = h_BTD.new_zeros((), dtype=torch.float32)
+        if out.ndim == 0:  # the fused loss
+            return out + balancing
+        return out, balancing
+
+    def _head(self, h_BTD: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+        """Logits, the fused loss, or (a pipeline stage without the head) the hidden states."""
         head_VD = self.output.weight if self.output is not None else None
         if head_VD is None and self.cfg.tie_embeddings and self.tok_embeddings is not None:
             head_VD = self.tok_embeddings.weight
@@ -258,6 +292,11 @@ class GPT(nn.Module):
             angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), inv_freq)
             angles = torch.cat((angles, angles), dim=-1)
             tensor.copy_(angles.cos() if name == "rope_cos" else angles.sin())
+        elif leaf in ("expert_bias", "tokens_per_expert", "dropped"):  # MoE balancing state starts at zero
+            tensor.zero_()
+        elif leaf in ("w1", "w2", "w3"):  # MoE experts' stacked [E, in, out] weights
+            std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if leaf == "w2" else cfg.init_std
+            nn.init.trunc_normal_(tensor, std=std, a=-3 * std, b=3 * std, generator=generator)
         elif "norm" in name:
             tensor.fill_(1.0 if leaf == "weight" else 0.0)
         elif leaf == "bias":

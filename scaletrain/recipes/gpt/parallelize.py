@@ -30,6 +30,7 @@ from scaletrain.parallel import (
 )
 from scaletrain.parallel.context_parallel import attention_function, load_balanced_positions
 from scaletrain.recipes.gpt.model import GPT
+from scaletrain.recipes.gpt.moe import MoE
 from scaletrain.validate import uses_loss_parallel
 
 
@@ -105,6 +106,8 @@ def apply_context_parallel(model: GPT, dims: ParallelDims, method: str, attentio
     for block in model.layers.values():
         block.attention.attention_fn = attention
         block.attention.positions_fn = positions
+        if isinstance(block.feed_forward, MoE):  # its sequence-wise balancing loss counts whole sequences
+            block.feed_forward.cp_group = group
     model.positions = positions
 
 

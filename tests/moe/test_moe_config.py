@@ -1,0 +1,56 @@
+"""MoE configs: bad ones fail before any process starts, naming the field; `config show` counts active
+parameters."""
+
+from __future__ import annotations
+
+import pytest
+from st_common import REPO
+
+from scaletrain import cli
+from scaletrain.config import load_config
+from scaletrain.validate import validate_config
+
+CONFIG = str(REPO / "scaletrain" / "recipes" / "gpt" / "configs" / "tiny-moe.yaml")
+DIT = str(REPO / "scaletrain" / "recipes" / "diffusion" / "configs" / "dit-tiny.yaml")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "message"),
+    [
+        (["--model.moe.top_k", "9"], 1, r"model\.moe\.top_k: 9 must be in \[1, num_experts=8\]"),
+        (["--model.moe.capacity_factor", "-1"], 1, r"model\.moe\.capacity_factor: -1\.0 is not allowed"),
+        (["--model.moe.num_shared_experts", "-1"], 1, r"model\.moe\.num_shared_experts: -1 is not allowed"),
+        (["--model.moe.first_dense", "4"], 1, r"model\.moe\.first_dense: 4 leaves no MoE block in 4 layers"),
+        (["--model.moe.groups", "3", "--model.moe.topk_groups", "1"], 1, r"model\.moe\.groups: 3 does not divide"),
+        (["--model.moe.groups", "4", "--model.moe.topk_groups", "1", "--model.moe.top_k", "3"], 1,
+         r"model\.moe\.top_k: 3 is more than the 1 kept groups hold \(2 experts\)"),
+        (["--model.mlp", "gelu"], 1, r"model\.mlp: the experts are SwiGLU MLPs"),
+        (["--parallel.tp", "2", "--parallel.dp_shard", "1"], 2, r"parallel\.tp: 2 with MoE is not supported yet"),
+        (["--parallel.pp", "2", "--parallel.dp_shard", "1"], 2, r"model\.moe\.aux_loss_coef: the balancing losses"),
+        (["--model.moe.aux_loss_scope", "batch"], 1, r"model\.moe\.aux_loss_scope: 'batch' is not allowed"),
+    ],
+    ids=["top_k", "capacity", "shared", "first_dense", "groups", "top_k_groups", "gelu", "tp", "pp_aux", "scope"],
+)  # fmt: skip
+def test_bad_moe_configs_fail_before_any_process_starts(overrides, world, message):
+    with pytest.raises(ValueError, match=message):
+        validate_config(load_config(CONFIG, overrides), world)
+
+
+def test_moe_options_on_a_family_without_moe_are_unknown_keys():
+    with pytest.raises(ValueError, match=r"model\.moe: unknown key"):
+        load_config(DIT, ["--model.moe.num_experts", "4"])
+
+
+def test_pipeline_with_bias_balancing_only_is_allowed():
+    cfg = load_config(CONFIG, ["--parallel.pp", "2", "--parallel.dp_shard", "1", "--model.moe.aux_loss_coef", "0",
+                               "--model.moe.bias_update_rate", "0.001"])  # fmt: skip
+    validate_config(cfg, 2)
+
+
+def test_config_show_counts_active_parameters(capsys):
+    assert cli.main(["config", "show", CONFIG]) == 0
+    out = capsys.readouterr().out.splitlines()
+    lines = dict(line.strip("# ").split(": ") for line in out if line.startswith("#   "))
+    total, active = (int(lines[k].replace(",", "")) for k in ("parameters", "active_parameters"))
+    per_expert = 3 * 128 * 128  # w1, w3: dim x expert_hidden; w2 back
+    assert total - active == 3 * (8 - 2) * per_expert  # 3 MoE blocks (first_dense 1 of 4), 6 unused experts each
