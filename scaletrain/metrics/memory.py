@@ -8,6 +8,7 @@ that includes the interpreter and libraries, so treat it as an upper bound.
 
 from __future__ import annotations
 
+import gc
 import resource
 import sys
 
@@ -61,3 +62,28 @@ def reset_peak_memory(device: torch.device) -> None:
     module = _accelerator_module(device)
     if module is not None:
         module.reset_peak_memory_stats(device)
+
+
+def live_tensor_bytes(device_type: str) -> int:
+    """Bytes of every tensor storage alive in this process on `device_type`, each storage counted once.
+
+    A census of the tensors Python holds (parameters, gradients, optimizer states, an engine's flat
+    partitions and buffers): what "model-state memory" means in the ZeRO paper, measured the same way under
+    every engine. Taken at a step boundary, activations are gone; the difference from a census before the
+    model was built is the model state (plus the engine's communication buffers, which it also holds).
+    """
+    from torch.distributed.tensor import DTensor
+
+    storages: dict[int, int] = {}
+    for obj in gc.get_objects():
+        if not isinstance(obj, torch.Tensor):
+            continue
+        tensor = obj._local_tensor if isinstance(obj, DTensor) else obj
+        if tensor.device.type != device_type or tensor.is_meta:
+            continue
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # e.g. sparse or functional wrappers without storage
+            continue
+        storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(storages.values())

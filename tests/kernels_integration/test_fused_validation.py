@@ -86,7 +86,8 @@ def test_fused_cross_entropy_under_pp_needs_the_recipes_target_keyword(monkeypat
     from scaletrain import registry
 
     gpt = registry.get_recipe("gpt")
-    no_keyword = dataclasses.replace(gpt, pipeline=dataclasses.replace(gpt.pipeline, target_kwarg=None))
+    pipeline = dataclasses.replace(gpt.supports.pipeline, target_kwarg=None)
+    no_keyword = dataclasses.replace(gpt, supports=dataclasses.replace(gpt.supports, pipeline=pipeline))
     monkeypatch.setitem(registry._RECIPES, "gpt", no_keyword)
     with pytest.raises(ValueError, match=r"train.fused_cross_entropy: recipe 'gpt' names no forward keyword"):
         _validate(2, "--train.fused_cross_entropy", "true", "--parallel.pp", "2")
