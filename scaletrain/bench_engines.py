@@ -6,7 +6,9 @@
 Each entry is `ENGINE` or `ENGINE:PRESET` (the presets an engine declares, e.g. deepspeed:zero3-offload);
 native runs as FSDP2 over the same ranks. Every entry is validated before the first one starts. Each trains
 under torchrun (one thread per process) with checkpoints and evaluation off; the rate is the median of the
-steps after the warm-up, the memory the peak resident set (CPU) or peak allocated (GPU) of rank 0. Results
+steps after the warm-up; model state = the bytes of the tensors rank 0 holds at the second step's boundary
+(parameters, gradients, optimizer states, the engine's buffers) less those it held before the model existed
+(scaletrain.metrics.live_tensor_bytes); peak memory = the peak resident set (CPU) or allocated (GPU). Results
 are printed and written as CSV, Markdown and a PNG bar chart (matplotlib, when installed).
 """
 
@@ -28,6 +30,7 @@ class EngineRow:
     entry: str
     rate: float  # units (tokens or samples) per second, median over the timed steps
     peak_mem_gib: float
+    model_state_gib: float  # live tensors at the second step's boundary, less those before the model (rank 0)
     final_loss: float
 
 
@@ -64,6 +67,7 @@ def bench_engines(
                 entry=entry,
                 rate=statistics.median(r["throughput"] for r in timed),
                 peak_mem_gib=max(r["mem_gib"] for r in metrics),
+                model_state_gib=next(r["model_state_gib"] for r in metrics if "model_state_gib" in r),
                 final_loss=metrics[-1]["loss"],
             )
         )
@@ -80,11 +84,15 @@ def _ratios(rows: list[EngineRow]) -> tuple[str, list[float]]:
 def table(rows: list[EngineRow], unit: str) -> str:
     base, ratios = _ratios(rows)
     lines = [
-        f"| engine | {unit}/s | vs {base} | peak memory, rank 0 (GiB) | final loss |",
-        "|---|---|---|---|---|",
+        f"| engine | {unit}/s | vs {base} | model state per rank (MiB) | peak memory, rank 0 (GiB) | final loss |",
+        "|---|---|---|---|---|---|",
     ]
     for row, ratio in zip(rows, ratios, strict=True):
-        lines.append(f"| {row.entry} | {row.rate:,.0f} | {ratio:.2f} | {row.peak_mem_gib:.2f} | {row.final_loss:.4f} |")
+        state_mib = row.model_state_gib * 1024
+        lines.append(
+            f"| {row.entry} | {row.rate:,.0f} | {ratio:.2f} | {state_mib:,.1f} | {row.peak_mem_gib:.2f} | "
+            f"{row.final_loss:.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -92,9 +100,14 @@ def write_reports(rows: list[EngineRow], unit: str, out_dir: Path) -> None:
     base, ratios = _ratios(rows)
     with open(out_dir / "engines.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["engine", f"{unit}_per_s", f"ratio_to_{base}", "peak_mem_gib", "final_loss"])
+        writer.writerow(
+            ["engine", f"{unit}_per_s", f"ratio_to_{base}", "model_state_mib", "peak_mem_gib", "final_loss"]
+        )
         for row, ratio in zip(rows, ratios, strict=True):
-            writer.writerow([row.entry, f"{row.rate:.1f}", f"{ratio:.3f}", f"{row.peak_mem_gib:.3f}", row.final_loss])
+            state_mib = f"{row.model_state_gib * 1024:.2f}"
+            writer.writerow(
+                [row.entry, f"{row.rate:.1f}", f"{ratio:.3f}", state_mib, f"{row.peak_mem_gib:.3f}", row.final_loss]
+            )
     (out_dir / "engines.md").write_text(table(rows, unit) + "\n")
     try:
         import matplotlib
@@ -104,14 +117,14 @@ def write_reports(rows: list[EngineRow], unit: str, out_dir: Path) -> None:
     except ImportError:
         print("bench: matplotlib is not installed; no engines.png (the CSV has the numbers)")
         return
-    fig, (speed, memory) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, (speed, state) = plt.subplots(1, 2, figsize=(10, 3.5))
     names = [r.entry for r in rows]
     speed.barh(names, [r.rate for r in rows], color="tab:blue")
     speed.set_xlabel(f"{unit}/s")
-    memory.barh(names, [r.peak_mem_gib for r in rows], color="tab:orange")
-    memory.set_xlabel("peak memory, rank 0 (GiB)")
-    memory.set_yticks([])
-    for axis in (speed, memory):
+    state.barh(names, [r.model_state_gib * 1024 for r in rows], color="tab:orange")
+    state.set_xlabel("model state per rank (MiB)")
+    state.set_yticks([])
+    for axis in (speed, state):
         axis.invert_yaxis()
     fig.tight_layout()
     fig.savefig(out_dir / "engines.png", dpi=120)

@@ -83,14 +83,11 @@ def model_summary(cfg: JobConfig) -> dict[str, float]:
         model = recipe.model.build(cfg.model)
     flops = flops_per_sample(recipe, cfg, model)
     units = recipe.data.units_per_sample(cfg)
-    active = (
-        {"active_parameters": recipe.model.active_parameters(model, cfg.model)}
-        if recipe.model.active_parameters
-        else {}
-    )
+    total = count_params(model)
+    active = recipe.model.active_parameters(model, cfg.model) if recipe.model.active_parameters else total
     return {
-        "parameters": count_params(model),
-        **active,
+        "parameters": total,
+        **({"active_parameters": active} if active != total else {}),  # models that route (MoE)
         "train_flops_per_sample": flops,
         f"train_flops_per_{recipe.data.unit[:-1]}": flops / units,
         "train_flops_per_step": flops * cfg.train.global_batch_size,

@@ -36,7 +36,7 @@ from scaletrain.data import ShardedLoader
 from scaletrain.distributed import destroy_distributed, init_distributed, run_as_worker, world_size_from_env
 from scaletrain.ema import EMA
 from scaletrain.engines import Engine, get_engine
-from scaletrain.metrics import MetricLogger, count_train_flops, mfu, peak_memory_gib, peak_tflops
+from scaletrain.metrics import MetricLogger, count_train_flops, live_tensor_bytes, mfu, peak_memory_gib, peak_tflops
 from scaletrain.parallel import ParallelDims, init_model
 from scaletrain.parallel.batching import grad_accum_steps, micro_batch_size, pipeline_microbatches
 from scaletrain.parallel.context_parallel import shard_sequence
@@ -93,6 +93,8 @@ class Trainer:
         if cfg.job.deterministic:
             torch.use_deterministic_algorithms(True)
 
+        # Tensors alive before the model exists (the dataset's, ...): subtracted from the model-state census.
+        self._bytes_before_model = live_tensor_bytes(device.type)
         with torch.device("meta"):
             model = self.recipe.model.build(cfg.model)
         self.num_params = count_params(model)
@@ -293,6 +295,10 @@ class Trainer:
                 loss = self.recipe.step.loss(output, batch) / len(micro_batches)
                 self.engine.backward(loss)
             loss_sum += _full(loss.detach()).float()
+        census = {}
+        if self.step == 1:  # the second step's boundary: gradients and optimizer states both exist
+            state_bytes = live_tensor_bytes(self.device.type) - self._bytes_before_model
+            census["model_state_gib"] = state_bytes / 2**30
         grad_norm, lr = self.engine.step(self.step)
         recipe_metrics = self.recipe.step.after_step(self.model, self.dims) if self.recipe.step.after_step else {}
         if self.ema is not None:
@@ -302,7 +308,7 @@ class Trainer:
         if self.dims.dp_size * self.dims.cp > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG, group=self.dims.axis("dp_cp").get_group())
         self.step += 1
-        return {"loss": loss_sum.item(), "grad_norm": float(grad_norm), "lr": lr, **recipe_metrics}
+        return {"loss": loss_sum.item(), "grad_norm": float(grad_norm), "lr": lr, **recipe_metrics, **census}
 
     def _local_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Move to the device; with cp > 1 keep this rank's load-balanced slice of the sequence."""

@@ -3,7 +3,7 @@
 from scaletrain.metrics.device import HINT_SET_PEAK, PeakSpec, lookup_spec, mfu, peak_tflops
 from scaletrain.metrics.flops import count_forward_flops, count_train_flops
 from scaletrain.metrics.logger import MetricLogger, to_hwc_uint8
-from scaletrain.metrics.memory import peak_memory_gib, reset_peak_memory
+from scaletrain.metrics.memory import live_tensor_bytes, peak_memory_gib, reset_peak_memory
 from scaletrain.metrics.sinks import MissingDependencyError, format_progress
 from scaletrain.metrics.throughput import Throughput
 
@@ -16,6 +16,7 @@ __all__ = [
     "count_forward_flops",
     "count_train_flops",
     "format_progress",
+    "live_tensor_bytes",
     "lookup_spec",
     "mfu",
     "peak_memory_gib",

@@ -23,7 +23,7 @@ def test_bench_engines_writes_one_row_per_engine(tmp_path):
     entries = ["native", "deepspeed:zero1", "fairscale:oss"]
     rows = bench_engines(TINY, entries, 2, SMALL + steps, tmp_path, warmup=1)
     assert [r.entry for r in rows] == entries
-    assert all(r.rate > 0 and r.peak_mem_gib > 0 for r in rows)
+    assert all(r.rate > 0 and r.peak_mem_gib > 0 and r.model_state_gib > 0 for r in rows)
     # The engines compute the same thing: the last loss agrees (what makes the rates comparable).
     assert max(abs(r.final_loss - rows[0].final_loss) for r in rows) <= 1e-5 * rows[0].final_loss
     with open(tmp_path / "engines.csv") as f:
