@@ -128,15 +128,16 @@ class ParallelSupport:
 class EvalSpec:
     """Optional: what a recipe offers beyond the training loss.
 
-    evaluate: (model, job config, step, logger) -> dict of metrics; called every eval.interval steps on every
-              rank, with the EMA weights when train.ema_decay > 0 (e.g. sample grids via logger.log_image).
+    evaluate: (model, job config, dims, step, logger) -> dict of metrics; called every eval.interval steps on
+              every rank, with the EMA weights when train.ema_decay > 0 (e.g. sample grids via
+              logger.log_image); dims is the run's layout, its mesh built (to split work over data ranks).
     sample:   argv -> None; the `scaletrain sample <ckpt> ...` command for this family.
     bench_baselines: job config -> {name: factory of a module whose forward(batch) returns the mean loss}:
               `scaletrain bench`'s independent baselines, sharing no code with the recipe's model, so a
               slow model file shows.
     """
 
-    evaluate: Callable[[nn.Module, JobConfig, int, Any], dict[str, float]] | None = None
+    evaluate: Callable[[nn.Module, JobConfig, ParallelDims, int, Any], dict[str, float]] | None = None
     sample: Callable[[list[str]], None] | None = None
     bench_baselines: Callable[[JobConfig], dict[str, Callable[[], nn.Module]]] | None = None
 

@@ -395,7 +395,7 @@ class Trainer:
         ema = self.ema.swapped_into(self.model) if self.ema is not None else contextlib.nullcontext(self.model)
         try:
             with torch.no_grad(), ema as model:
-                results = self.recipe.evaluation.evaluate(model, self.cfg, self.step, logger) or {}
+                results = self.recipe.evaluation.evaluate(model, self.cfg, self.dims, self.step, logger) or {}
         finally:
             self.model.train()
         if results:

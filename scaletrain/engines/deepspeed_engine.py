@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from scaletrain.checkpoint.store import CheckpointState, ModuleState
-from scaletrain.config.schema import JobConfig
+from scaletrain.config.schema import TORCH_DTYPES, JobConfig
 from scaletrain.engines.base import EngineSpec
 from scaletrain.optim import build_optimizer, set_lr
 from scaletrain.parallel.batching import grad_accum_steps, micro_batch_size
@@ -134,6 +134,8 @@ class DeepSpeedEngine:
         warnings.filterwarnings("ignore", message=r".*is deprecated. Please use", category=FutureWarning)
         self.train = cfg.train
         self.config = deepspeed_config(cfg, dims)
+        self._low_precision = None if cfg.train.dtype == "fp32" else TORCH_DTYPES[cfg.train.dtype]
+        self._device_type = device.type
         d = cfg.engine.deepspeed
         offload = [
             f"{what} offload to {where}"
@@ -155,7 +157,11 @@ class DeepSpeedEngine:
         )
 
     def autocast(self) -> AbstractContextManager:
-        return contextlib.nullcontext()  # DeepSpeed casts the model itself for bf16/fp16
+        # DeepSpeed casts the weights to bf16/fp16 but not the inputs: autocast makes an fp32 input (an image,
+        # a noise level) meet them in the low precision, and keeps norms and softmax in fp32.
+        if self._low_precision is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self._device_type, dtype=self._low_precision)
 
     def micro_batch(self, last: bool) -> AbstractContextManager:
         # DeepSpeed reduces (ZeRO-1/2/3 by reduce-scatter) on the boundary micro-batch only.

@@ -76,14 +76,16 @@ def live_tensor_bytes(device_type: str) -> int:
 
     storages: dict[int, int] = {}
     for obj in gc.get_objects():
-        if not isinstance(obj, torch.Tensor):
-            continue
-        tensor = obj._local_tensor if isinstance(obj, DTensor) else obj
-        if tensor.device.type != device_type or tensor.is_meta:
+        if type(obj) is DTensor:
+            obj = obj._local_tensor
+        # Plain tensors and parameters only: torch.compile's fake and functional tensors (alive in its
+        # caches) have no data, and other subclasses wrap the plain tensors counted anyway.
+        if type(obj) not in (torch.Tensor, torch.nn.Parameter) or obj.device.type != device_type:
             continue
         try:
-            storage = tensor.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # e.g. sparse or functional wrappers without storage
+            storage = obj.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # e.g. sparse tensors, which have no single storage
             continue
-        storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+        storages[key] = max(storages.get(key, 0), size)
     return sum(storages.values())

@@ -107,6 +107,7 @@ def test_low_precision_trains_close_to_fp32(layout, llama_baseline, tmp_path):
 # latent-dit-tiny is left out: its data is a latent cache built from a trained VAE (tests/diffusion/test_latent.py).
 SMALL_CONFIGS = {
     "gpt/configs/tiny.yaml": "--parallel.dp_shard 2 --parallel.tp 2",
+    "gpt/configs/tiny-moe.yaml": "--parallel.dp_shard 2",
     "diffusion/configs/dit-tiny.yaml": "--parallel.tp 2 --parallel.dp_shard 1",
     "diffusion/configs/unet-tiny.yaml": "--parallel.dp_shard 2",
     "diffusion/configs/vae-tiny.yaml": "--parallel.dp_replicate 2 --parallel.dp_shard 1",

@@ -56,7 +56,7 @@ def main() -> None:
 
         trainer.model.register_forward_pre_hook(count)
         logger = _Logger()
-        metrics = trainer.recipe.evaluation.evaluate(trainer.model, cfg, 0, logger)
+        metrics = trainer.recipe.evaluation.evaluate(trainer.model, cfg, dims, 0, logger)
         Path(out).mkdir(parents=True, exist_ok=True)
         rank = int(os.environ.get("RANK", "0"))
         (Path(out) / f"rank-{rank}.json").write_text(json.dumps({**counts, "metrics": metrics, "text": logger.text}))

@@ -66,6 +66,8 @@ BF16_RTOL, BF16_MIN_DIFF = 1e-3, 1e-6
 BF16_LAYOUTS = {
     "bf16_fsdp2": (["--train.dtype", "bf16", "--parallel.dp_shard", "2"], 2),
     "bf16_autocast": (["--train.dtype", "bf16"], 1),
+    # DeepSpeed casts the weights, autocast the fp32 images and noise levels that meet them.
+    "bf16_deepspeed_zero2": (["--train.dtype", "bf16", "--engine.name", "deepspeed"], 2),
 }
 
 
@@ -99,7 +101,9 @@ def test_dit_layout_parity(layout, reference, tmp_path):
     assert report.max_grad_norm_rel_diff <= 1e-4, report.table()
 
 
-@pytest.mark.parametrize("layout", ["bf16_fsdp2", pytest.param("bf16_autocast", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "layout", ["bf16_fsdp2", "bf16_deepspeed_zero2", pytest.param("bf16_autocast", marks=pytest.mark.slow)]
+)
 def test_dit_bf16_trains_close_to_fp32(layout, reference, tmp_path):
     overrides, nproc = BF16_LAYOUTS[layout]
     rows = _run(CONFIG, COMMON + overrides, tmp_path, layout, nproc=nproc)

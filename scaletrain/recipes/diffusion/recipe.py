@@ -257,21 +257,9 @@ def generate(
     return torch.cat(chunks).clamp(-1, 1)
 
 
-def eval_shard(cfg: JobConfig) -> tuple[int, int, int]:
-    """(dp_rank, dp_size, cp*tp) of this process, from the global rank and the configured degrees.
-
-    Mesh axes are (pp, dp_replicate, dp_shard, cp, tp), outermost first (scaletrain/parallel/dims.py),
-    so the cp*tp ranks of one data-parallel index are neighbours and hold the same samples.
-    """
-    if not dist.is_initialized():
-        return 0, 1, 1
-    world = dist.get_world_size()
-    dims = ParallelDims.resolve(cfg.parallel.degrees, world)
-    inner = dims.cp * dims.tp
-    return (dist.get_rank() // inner) % dims.dp_size, dims.dp_size, inner
-
-
-def generate_sharded(model: nn.Module, cfg: JobConfig, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor | None:
+def generate_sharded(
+    model: nn.Module, cfg: JobConfig, dims: ParallelDims, labels: torch.Tensor, **kwargs: Any
+) -> torch.Tensor | None:
     """`generate` with the samples split across data-parallel ranks; the whole set on rank 0, None elsewhere.
 
     Every rank must run the same forwards (FSDP all-gathers weights inside them, TP all-reduces),
@@ -279,23 +267,27 @@ def generate_sharded(model: nn.Module, cfg: JobConfig, labels: torch.Tensor, **k
     padding — and ranks of one index (tp/cp peers) draw the same ones. Since image k depends on
     (seed, k) only, the set equals a one-process `generate`.
     """
-    dp_rank, dp_size, inner = eval_shard(cfg)
     n = len(labels)
-    if dp_size == 1:
+    if dims.dp_size == 1:
         images = generate(model, cfg.model, labels, **kwargs)
         return images if not dist.is_initialized() or dist.get_rank() == 0 else None
+    dp_rank, dp_size = dims.dp_coordinates()
     per = math.ceil(n / dp_size)
     padded = torch.cat([labels, labels.new_zeros(per * dp_size - n)])
     mine = padded[dp_rank * per : (dp_rank + 1) * per]
     images = generate(model, cfg.model, mine, first_index=dp_rank * per, **kwargs)
-    # Gather on the device the backend serves (NCCL: CUDA), then keep one copy per data index.
+    # Rank 0's data-parallel group (the ranks with its tp and cp coordinates) holds one copy of every
+    # sample: gather over it, on the device the backend serves (NCCL: CUDA). The other groups hold copies.
+    if dims.axis("tp").get_local_rank() != 0 or dims.axis("cp").get_local_rank() != 0:
+        return None
+    group = dims.axis("dp").get_group()
     device = next(model.parameters()).device
     local = images.to(device).contiguous()
-    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())] if dist.get_rank() == 0 else None
-    dist.gather(local, gathered, dst=0)
+    gathered = [torch.empty_like(local) for _ in range(dp_size)] if dp_rank == 0 else None
+    dist.gather(local, gathered, group_dst=0, group=group)
     if dist.get_rank() != 0:
         return None
-    return torch.cat([gathered[d * inner].cpu() for d in range(dp_size)])[:n]
+    return torch.cat([g.cpu() for g in gathered])[:n]
 
 
 def image_grid(x_BCHW: torch.Tensor, ncol: int | None = None, pad: int = 2) -> torch.Tensor:
@@ -318,7 +310,7 @@ def save_png(grid_CHW: torch.Tensor, path: str) -> None:
     Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
 
 
-def evaluate(model: nn.Module, cfg: JobConfig, step: int, logger: Any) -> dict[str, float]:
+def evaluate(model: nn.Module, cfg: JobConfig, dims: ParallelDims, step: int, logger: Any) -> dict[str, float]:
     """Every eval.interval steps: eval.num_samples samples (every class in turn), generated in
     shards across the data-parallel ranks and gathered on rank 0, which writes the grid to
     TensorBoard and computes FID/KID (scaletrain/recipes/diffusion/metrics.py). Other ranks return {}."""
@@ -327,6 +319,7 @@ def evaluate(model: nn.Module, cfg: JobConfig, step: int, logger: Any) -> dict[s
     images = generate_sharded(
         model,
         cfg,
+        dims,
         labels,
         sampler=m.eval_sampler,
         steps=m.eval_steps,

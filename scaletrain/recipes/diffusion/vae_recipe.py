@@ -81,7 +81,7 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, cfg: JobConfig, step: int, logger: Any) -> dict[str, float]:
+def evaluate(model: nn.Module, cfg: JobConfig, dims: ParallelDims, step: int, logger: Any) -> dict[str, float]:
     """Originals (top rows) over reconstructions (bottom rows) of the first eval.num_samples images."""
     data = image_dataset(cfg)
     n = min(cfg.eval.num_samples, len(data))
