@@ -14,6 +14,7 @@ Checkpoints hold `engine.checkpoint_state(...)` through the core's checkpointer:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -54,6 +55,11 @@ class Engine(Protocol):
         ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+def autocast_to(device_type: str, dtype: torch.dtype | None) -> AbstractContextManager:
+    """torch.autocast to `dtype`, or nothing for fp32 (dtype None)."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from torch import nn
 
 from scaletrain.checkpoint.store import CheckpointState, ModuleState
 from scaletrain.config.schema import TORCH_DTYPES, JobConfig
-from scaletrain.engines.base import EngineSpec
+from scaletrain.engines.base import EngineSpec, autocast_to
 from scaletrain.optim import build_optimizer, set_lr
 from scaletrain.parallel.batching import grad_accum_steps, micro_batch_size
 from scaletrain.parallel.dims import ParallelDims
@@ -159,9 +159,7 @@ class DeepSpeedEngine:
     def autocast(self) -> AbstractContextManager:
         # DeepSpeed casts the weights to bf16/fp16 but not the inputs: autocast makes an fp32 input (an image,
         # a noise level) meet them in the low precision, and keeps norms and softmax in fp32.
-        if self._low_precision is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self._device_type, dtype=self._low_precision)
+        return autocast_to(self._device_type, self._low_precision)
 
     def micro_batch(self, last: bool) -> AbstractContextManager:
         # DeepSpeed reduces (ZeRO-1/2/3 by reduce-scatter) on the boundary micro-batch only.

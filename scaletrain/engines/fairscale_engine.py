@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from scaletrain.config.schema import TORCH_DTYPES, JobConfig
-from scaletrain.engines.base import EngineSpec
+from scaletrain.engines.base import EngineSpec, autocast_to
 from scaletrain.optim import build_optimizer, set_lr
 from scaletrain.parallel.dims import ParallelDims
 
@@ -49,9 +49,7 @@ class FairscaleEngine:
         self._device_type = device.type
 
     def autocast(self) -> AbstractContextManager:
-        if self._autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self._device_type, dtype=self._autocast_dtype)
+        return autocast_to(self._device_type, self._autocast_dtype)
 
     def micro_batch(self, last: bool) -> AbstractContextManager:
         # DDP and ShardedDDP both reduce gradients unless inside no_sync() (which must span forward and backward).

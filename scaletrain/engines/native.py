@@ -10,7 +10,7 @@ from torch import nn
 
 from scaletrain.checkpoint.store import ModuleState
 from scaletrain.config.schema import TORCH_DTYPES, JobConfig
-from scaletrain.engines.base import EngineSpec
+from scaletrain.engines.base import EngineSpec, autocast_to
 from scaletrain.optim import build_optimizer, set_lr
 from scaletrain.parallel.dims import ParallelDims
 from scaletrain.parallel.grad_norm import clip_grad_norm_
@@ -30,9 +30,7 @@ class NativeEngine:
         self._device_type = device.type
 
     def autocast(self) -> AbstractContextManager:
-        if self._autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self._device_type, dtype=self._autocast_dtype)
+        return autocast_to(self._device_type, self._autocast_dtype)
 
     def micro_batch(self, last: bool) -> AbstractContextManager:
         # FSDP2 and composable DDP both skip the gradient reduction on non-final micro-batches.
