@@ -140,6 +140,10 @@ def validate_config(cfg: JobConfig, world_size: int) -> ParallelDims:
     _check(c.interval >= 1, f"checkpoint.interval: {c.interval} is not allowed; use >= 1")
     _check(c.keep >= 1, f"checkpoint.keep: {c.keep} is not allowed; use >= 1")
 
+    _check(
+        not cfg.engine.apex or cfg.engine.name == "native",
+        f"engine.apex: apex's FusedAdam replaces the native engine's optimizer; {cfg.engine.name} brings its own",
+    )
     engine.validate(cfg, dims)
     if recipe.validate is not None:
         recipe.validate(cfg, dims)

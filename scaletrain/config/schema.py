@@ -186,6 +186,11 @@ class EngineSection:
     )
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     fairscale: FairscaleSection = field(default_factory=FairscaleSection)
+    apex: bool = opt(
+        False,
+        "NVIDIA apex's FusedAdam (AdamW mode) as the native engine's optimizer; needs apex built with its CUDA "
+        "extensions and a GPU (PyPI's `apex` is another project). Default: torch's fused AdamW.",
+    )
 
 
 @dataclass

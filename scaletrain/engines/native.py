@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from contextlib import AbstractContextManager
 
 import torch
@@ -23,6 +24,8 @@ class NativeEngine:
         self.model, self.train, self.dims = model, cfg.train, dims
         self.description = dims.describe()
         self.optimizer = build_optimizer(model, cfg.train, device.type)
+        if cfg.engine.apex:  # validate() checked that NVIDIA apex and a GPU are there
+            self.optimizer = apex_fused_adamw(self.optimizer)
         self.scaler = torch.amp.GradScaler(device.type) if cfg.train.loss_scaler == "dynamic" else None
         # FSDP2 casts parameters itself (MixedPrecisionPolicy); elsewhere autocast does it.
         sharded = dims.fsdp_enabled or dims.hsdp_enabled
@@ -67,8 +70,35 @@ class NativeEngine:
             self.scaler.load_state_dict(state["scaler"])
 
 
+def apex_fused_adamw(reference: torch.optim.AdamW) -> torch.optim.Optimizer:
+    """NVIDIA apex's FusedAdam in AdamW mode with `reference`'s parameter groups and hyperparameters."""
+    from apex.optimizers import FusedAdam
+
+    d = reference.defaults
+    groups = [dict(group) for group in reference.param_groups]
+    return FusedAdam(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], adam_w_mode=True)
+
+
+def _nvidia_apex_problem() -> str | None:
+    """Why NVIDIA apex's fused optimizer cannot run here, or None."""
+    if importlib.util.find_spec("apex") is None or importlib.util.find_spec("apex.optimizers") is None:
+        return "NVIDIA apex is not installed (PyPI's `apex` is an unrelated project)"
+    if importlib.util.find_spec("fused_adam_cuda") is None and importlib.util.find_spec("amp_C") is None:
+        return "apex is installed without its CUDA extensions (amp_C / fused_adam_cuda)"
+    if not torch.cuda.is_available():
+        return "apex's fused kernels need a CUDA GPU, and none is available"
+    return None
+
+
 def validate(cfg: JobConfig, dims: ParallelDims) -> None:
-    """Every native layout is checked by scaletrain.validate itself."""
+    """Layouts are checked by scaletrain.validate itself; here only the optional apex optimizer."""
+    if cfg.engine.apex and (problem := _nvidia_apex_problem()):
+        raise ValueError(
+            f"engine.apex: {problem}. Build it from https://github.com/NVIDIA/apex (pip install -v "
+            "--no-build-isolation --config-settings '--build-option=--cpp_ext' --config-settings "
+            "'--build-option=--cuda_ext' ./ in its checkout), or leave engine.apex false: torch's fused AdamW "
+            "and scaletrain's kernels are the default"
+        )
 
 
 SPEC = EngineSpec(name="native", validate=validate, build=NativeEngine)

@@ -126,3 +126,4 @@ def test_bad_deepspeed_configs_fail_before_any_process_starts(overrides, message
 def test_unknown_engine_names_the_closest():
     with pytest.raises(ValueError, match=r"engine\.name: 'deepspeedd' is not allowed \(did you mean 'deepspeed'\?\)"):
         load_config(TINY, ["--engine.name", "deepspeedd"])
+
