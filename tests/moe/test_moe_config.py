@@ -54,3 +54,22 @@ def test_config_show_counts_active_parameters(capsys):
     total, active = (int(lines[k].replace(",", "")) for k in ("parameters", "active_parameters"))
     per_expert = 3 * 128 * 128  # w1, w3: dim x expert_hidden; w2 back
     assert total - active == 3 * (8 - 2) * per_expert  # 3 MoE blocks (first_dense 1 of 4), 6 unused experts each
+
+
+def _summary(config: str, capsys) -> dict[str, int]:
+    assert cli.main(["config", "show", config, "--world-size", "8"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = dict(line.strip("# ").split(": ") for line in out if line.startswith("#   "))
+    return {k: int(float(v.replace(",", ""))) for k, v in rows.items()}
+
+
+def test_mixtral_config_has_mixtrals_published_size(capsys):
+    counts = _summary(str(REPO / "scaletrain/recipes/gpt/configs/mixtral-8x7b.yaml"), capsys)
+    assert counts["parameters"] == 46_702_792_704  # Mixtral-8x7B's safetensors hold 46,702,792,704
+    assert counts["active_parameters"] == 12_879_925_248  # "12.9B active": 2 of 8 experts per block
+
+
+def test_deepseek_sized_config_validates_and_routes_a_few_percent(capsys):
+    counts = _summary(str(REPO / "scaletrain/recipes/gpt/configs/deepseek-v3-sized.yaml"), capsys)
+    # GQA instead of multi-head latent attention, no multi-token prediction: near, not equal to, 671B / 37B.
+    assert 600e9 < counts["parameters"] < 700e9 and 30e9 < counts["active_parameters"] < 40e9
