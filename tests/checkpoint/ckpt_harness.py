@@ -40,6 +40,8 @@ LAYOUTS = {
     "ds_zero2": (2, ["--engine.name", "deepspeed", "--engine.deepspeed.zero_stage", "2", "--parallel.dp_shard", "2"]),
     "ds_zero3": (2, ["--engine.name", "deepspeed", "--engine.deepspeed.zero_stage", "3", "--parallel.dp_shard", "2"]),
     "fairscale": (2, ["--engine.name", "fairscale", "--engine.fairscale.mode", "sharded_ddp", "--parallel.dp_shard=2"]),
+    # MoE: the routing biases (moved after every step from the summed loads) are checkpointed state too.
+    "moe_fsdp2": (2, ["--parallel.dp_shard=2", "--model.moe.num_experts=4", "--model.moe.bias_update_rate=0.05"]),
 }
 
 

@@ -17,7 +17,13 @@ from ckpt_harness import LAYOUTS, metrics, torchrun
 # FSDP2 runs in the normal suite; DDP and TP2 x FSDP2 (4 processes) with -m slow, to keep the
 # normal suite near 5 minutes on 2 cores.
 @pytest.mark.parametrize(
-    "layout", [pytest.param("ddp2", marks=pytest.mark.slow), "fsdp2", pytest.param("tp2xdp2", marks=pytest.mark.slow)]
+    "layout",
+    [
+        pytest.param("ddp2", marks=pytest.mark.slow),
+        "fsdp2",
+        pytest.param("tp2xdp2", marks=pytest.mark.slow),
+        "moe_fsdp2",  # the MoE routing biases are restored too
+    ],
 )
 def test_kill_and_rerun_continues_bitwise(layout, straight, tmp_path):
     ref_dir, ref_name, _ = straight(layout)
