@@ -34,6 +34,16 @@ def build_optimizer(model: nn.Module, train: TrainSection, device_type: str) -> 
     )
 
 
+# The tensors torch's AdamW keeps per parameter (the names DCP's flattened state dicts carry).
+ADAMW_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+
+
+def adamw_initial_state(param: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The state torch's AdamW creates for `param` at its first update: engines that keep the state
+    themselves build it before a checkpoint is loaded into it (zeros and step 0 change nothing)."""
+    return {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
+
+
 def lr_multiplier(step: int, train: TrainSection) -> float:
     """LR at optimizer step `step` (0-based) as a fraction of the peak."""
     warmup, total, floor = train.warmup_steps, train.steps, train.min_lr_ratio

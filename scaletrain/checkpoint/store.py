@@ -73,6 +73,20 @@ RNG_DIR = "rng"
 OPTIMIZER_STATE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
+def flat_optimizer_entries(name: str, state: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """One parameter's optimizer state and group hyperparameters in that flattened layout, for engines that
+    keep the state outside a torch optimizer DCP can read (DeepSpeed's and fairscale's partitions)."""
+    return {
+        **{f"state.{name}.{key}": value for key, value in state.items()},
+        **{f"param_groups.{name}.{key}": value for key, value in settings.items()},
+    }
+
+
+def flat_param_state(flat: dict[str, Any], name: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The inverse for one parameter: its `keys` (e.g. exp_avg) from a flattened optimizer state dict."""
+    return {key: flat[f"state.{name}.{key}"] for key in keys}
+
+
 @contextlib.contextmanager
 def one_thread_for_new_threads() -> Iterator[None]:
     """Run checkpoint work with torch's intra-op threads at 1, so threads that first use torch inside it

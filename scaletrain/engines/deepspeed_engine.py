@@ -21,14 +21,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from scaletrain.checkpoint.store import CheckpointState, ModuleState
+from scaletrain.checkpoint.store import CheckpointState, ModuleState, flat_optimizer_entries, flat_param_state
 from scaletrain.config.schema import TORCH_DTYPES, JobConfig
 from scaletrain.engines.base import EngineSpec, autocast_to
-from scaletrain.optim import build_optimizer, set_lr
+from scaletrain.optim import ADAMW_STATE_KEYS, adamw_initial_state, build_optimizer, set_lr
 from scaletrain.parallel.batching import grad_accum_steps, micro_batch_size
 from scaletrain.parallel.dims import ParallelDims
 
-# scaletrain field -> (DeepSpeed JSON path, value from the job): what a user's ds_config.json may not contradict.
+# (scaletrain field, the DeepSpeed JSON key derived from it): what a user's ds_config.json may not contradict.
+# AdamW's per-parameter tensors DeepSpeed partitions; its step count is one scalar for every parameter.
+MOMENTS = tuple(key for key in ADAMW_STATE_KEYS if key != "step")
+
 _DERIVED_KEYS = (
     ("train.global_batch_size", "train_batch_size"),
     ("train.micro_batch_size", "train_micro_batch_size_per_gpu"),
@@ -230,11 +233,8 @@ class DeepSpeedState:
             for name, param in params.items():
                 if name not in self.group_of:
                     continue
-                for key in ("exp_avg", "exp_avg_sq"):
-                    optim[f"state.{name}.{key}"] = safe_get_full_optimizer_state(param, key)
-                optim[f"state.{name}.step"] = step.clone()
-                for key, value in self.group_of[name].items():
-                    optim[f"param_groups.{name}.{key}"] = value
+                moments = {key: safe_get_full_optimizer_state(param, key) for key in MOMENTS}
+                optim.update(flat_optimizer_entries(name, {"step": step.clone(), **moments}, self.group_of[name]))
             state["optimizer"] = optim
         return state
 
@@ -250,11 +250,7 @@ class DeepSpeedState:
             flats = [flat for group in base.param_groups for flat in group["params"]]
         for flat in flats:
             if not base.state.get(flat):
-                base.state[flat] = {
-                    "step": torch.tensor(0.0),
-                    "exp_avg": torch.zeros_like(flat),
-                    "exp_avg_sq": torch.zeros_like(flat),
-                }
+                base.state[flat] = adamw_initial_state(flat)
         self._link_moment_views()
 
     def _link_moment_views(self) -> None:
@@ -299,8 +295,8 @@ class DeepSpeedState:
             flat_state["step"] = step.clone()
         for name, param in self.module.named_parameters():
             if name in self.group_of:
-                for key in ("exp_avg", "exp_avg_sq"):
-                    safe_set_full_optimizer_state(param, optim[f"state.{name}.{key}"], key)
+                for key, value in flat_param_state(optim, name, MOMENTS).items():
+                    safe_set_full_optimizer_state(param, value, key)
 
 
 def validate(cfg: JobConfig, dims: ParallelDims) -> None:

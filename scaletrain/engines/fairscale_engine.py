@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from scaletrain.checkpoint.store import flat_optimizer_entries, flat_param_state
 from scaletrain.config.schema import TORCH_DTYPES, JobConfig
 from scaletrain.engines.base import EngineSpec, autocast_to
-from scaletrain.optim import build_optimizer, set_lr
+from scaletrain.optim import ADAMW_STATE_KEYS, adamw_initial_state, build_optimizer, set_lr
 from scaletrain.parallel.dims import ParallelDims
 
 _DESCRIPTIONS = {"oss": "fairscale OSS (ZeRO-1) + DDP", "sharded_ddp": "fairscale OSS + ShardedDDP (ZeRO-2)"}
@@ -104,27 +105,19 @@ class FairscaleState:
             settings = {k: v for k, v in group.items() if k != "params"}
             for index in group["params"]:
                 name = self.order[index]
-                for key, value in full["state"].get(index, self._empty_state(name)).items():
-                    flat[f"state.{name}.{key}"] = value
-                for key, value in settings.items():
-                    flat[f"param_groups.{name}.{key}"] = value
+                # Before the first step there is no state yet: AdamW's own initial values, as the load template.
+                param_state = full["state"].get(index) or adamw_initial_state(self.module.get_parameter(name))
+                flat.update(flat_optimizer_entries(name, param_state, settings))
         state["optimizer"] = flat
         return state
-
-    def _empty_state(self, name: str) -> dict[str, torch.Tensor]:
-        # Before the first step there is no state yet: AdamW's own initial values, as the load template.
-        param = self.module.get_parameter(name)
-        return {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["model"])
         if self.optimizer is None:
             return
-        flat = state["optimizer"]
-        per_param: dict[int, dict[str, Any]] = {}
-        for index, name in enumerate(self.order):
-            prefix = f"state.{name}."
-            per_param[index] = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+        per_param = {
+            index: flat_param_state(state["optimizer"], name, ADAMW_STATE_KEYS) for index, name in enumerate(self.order)
+        }
         groups, start = [], 0
         for group in self.optimizer.param_groups:
             count = len(group["params"])
