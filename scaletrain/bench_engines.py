@@ -46,14 +46,16 @@ def engine_overrides(entry: str, nproc: int) -> list[str]:
 
 def bench_engines(
     config: str | None, entries: list[str], nproc: int, overrides: list[str], out_dir: Path, warmup: int = 2
-) -> list[EngineRow]:
+) -> tuple[list[EngineRow], str]:
+    """Run every entry; returns the rows and the recipe's throughput unit (tokens or samples)."""
     if not entries:
         raise ValueError("--engines: name at least one engine, e.g. native,deepspeed:zero2")
     runs = {entry: overrides + engine_overrides(entry, nproc) for entry in entries}
     for entry, flags in runs.items():  # every entry is checked before any runs
         if check_layout(config, flags) != nproc:
             raise ValueError(f"--engines: {entry!r} needs another world size than --nproc {nproc}")
-    steps = load_config(config, overrides).train.steps
+    job = load_config(config, overrides)
+    steps = job.train.steps
     if steps <= warmup:
         raise ValueError(f"train.steps: {steps} leaves no timed step after {warmup} warm-up steps; use more")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -71,9 +73,9 @@ def bench_engines(
                 final_loss=metrics[-1]["loss"],
             )
         )
-    unit = get_recipe(load_config(config, overrides).recipe).data.unit
+    unit = get_recipe(job.recipe).data.unit
     write_reports(rows, unit, out_dir)
-    return rows
+    return rows, unit
 
 
 def _ratios(rows: list[EngineRow]) -> tuple[str, list[float]]:

@@ -170,8 +170,7 @@ def cmd_bench(argv: list[str]) -> int:
         nproc = int(options.get("nproc", 2))
         out = Path(str(options.get("out", "runs/bench-engines")))
         engines = [e for e in str(options["engines"]).split(",") if e]
-        rows = bench_engines(path, engines, nproc, overrides, out, warmup=int(options.get("bench-warmup", 2)))
-        unit = get_recipe(load_config(path, overrides).recipe).data.unit
+        rows, unit = bench_engines(path, engines, nproc, overrides, out, warmup=int(options.get("bench-warmup", 2)))
         print(table(rows, unit))
         print(f"written: {out / 'engines.csv'}, {out / 'engines.md'}, {out / 'engines.png'}")
         return 0

@@ -21,7 +21,8 @@ SMALL = ["--model.n_layers", "1", "--data.seq_len", "32", "--train.global_batch_
 def test_bench_engines_writes_one_row_per_engine(tmp_path):
     steps = ["--train.steps", "4", "--train.warmup_steps", "1"]
     entries = ["native", "deepspeed:zero1", "fairscale:oss"]
-    rows = bench_engines(TINY, entries, 2, SMALL + steps, tmp_path, warmup=1)
+    rows, unit = bench_engines(TINY, entries, 2, SMALL + steps, tmp_path, warmup=1)
+    assert unit == "tokens"
     assert [r.entry for r in rows] == entries
     assert all(r.rate > 0 and r.peak_mem_gib > 0 and r.model_state_gib > 0 for r in rows)
     # The engines compute the same thing: the last loss agrees (what makes the rates comparable).
