@@ -91,10 +91,10 @@ def permute(expert_PK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, to
 
 
 def expert_counts(expert_P: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Pairs per expert, zeros included (bincount, but shaped without reading the data: meta-safe)."""
-    return torch.zeros(num_experts, dtype=torch.long, device=expert_P.device).scatter_add_(
-        0, expert_P, torch.ones_like(expert_P)
-    )
+    """Pairs per expert along the last dim, zeros included: [..., P] expert ids -> [..., E] counts (bincount,
+    but batched, and shaped without reading the data, so meta-safe)."""
+    counts = torch.zeros(*expert_P.shape[:-1], num_experts, dtype=torch.long, device=expert_P.device)
+    return counts.scatter_add_(-1, expert_P, torch.ones_like(expert_P))
 
 
 def unpermute(y_PD: torch.Tensor, token_P: torch.Tensor, weight_P: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -189,9 +189,7 @@ class MoE(nn.Module):
         """E * sum_e f_e * P_e, per group of tokens (sequences, or the whole micro-batch), averaged over groups."""
         E, K = self.cfg.num_experts, self.cfg.top_k
         group = seq_len if self.cfg.aux_loss_scope == "sequence" and seq_len else expert_NK.shape[0]
-        expert_SGK = expert_NK.view(-1, group, K)
-        counts_SE = torch.zeros(expert_SGK.shape[0], E, device=expert_NK.device)
-        counts_SE.scatter_add_(1, expert_SGK.flatten(1), torch.ones_like(expert_SGK.flatten(1), dtype=torch.float32))
+        counts_SE = expert_counts(expert_NK.view(-1, group * K), E).float()
         tokens = group
         if self.cp_group is not None and self.cfg.aux_loss_scope == "sequence":
             # The sequence's other parts are on the cp ranks: count the whole sequence. Each rank keeps its
