@@ -122,6 +122,9 @@ class ParallelSupport:
     # Batch entries whose dim 1 is the sequence (sharded across cp ranks); empty = no cp > 1. The
     # recipe's parallelize must then install context-parallel attention.
     context_parallel_keys: tuple[str, ...] = ()
+    # parallelize splits routed experts over the "ep" ranks (scaletrain/parallel/expert_parallel.py); the
+    # recipe's validate checks its own divisibility (experts per ep rank).
+    expert_parallel: bool = False
 
 
 @dataclass(frozen=True)

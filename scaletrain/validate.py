@@ -40,7 +40,9 @@ def uses_loss_parallel(cfg: JobConfig, dims: ParallelDims) -> bool:
 def validate_config(cfg: JobConfig, world_size: int) -> ParallelDims:
     """Check the whole config for `world_size` processes; returns the resolved parallel dims."""
     engine = get_engine(cfg.engine.name)
-    dims = ParallelDims.resolve(cfg.parallel.degrees, world_size, engine_data_parallel=engine.owns_data_parallel)
+    dims = ParallelDims.resolve(
+        cfg.parallel.degrees, world_size, engine_data_parallel=engine.owns_data_parallel, ep=cfg.parallel.ep
+    )
     t, p = cfg.train, cfg.parallel
 
     _check(t.steps >= 1, f"train.steps: {t.steps} is not allowed; use >= 1")
@@ -99,6 +101,16 @@ def validate_config(cfg: JobConfig, world_size: int) -> ParallelDims:
         dims.tp == 1 or recipe.supports.tensor_parallel,
         f"parallel.tp: recipe {cfg.recipe!r} has no tensor-parallel plan (Recipe.supports.tensor_parallel); "
         "use tp=1 and scale with data parallel (dp_shard / dp_replicate)",
+    )
+    _check(
+        dims.ep == 1 or recipe.supports.expert_parallel,
+        f"parallel.ep: recipe {cfg.recipe!r} has no routed experts to split (Recipe.supports.expert_parallel); "
+        "use ep=1",
+    )
+    _check(
+        dims.ep == 1 or not engine.owns_data_parallel,
+        f"parallel.ep: expert parallel runs on the native engine only; engine.name={cfg.engine.name} shards "
+        "over the data-parallel ranks itself",
     )
     if dims.pp > 1:
         pipeline = recipe.supports.pipeline

@@ -77,6 +77,11 @@ class ParallelSection:
     cp: int = opt(1, "Context-parallel degree (sequence split across ranks).")
     tp: int = opt(1, "Tensor-parallel degree.")
     pp: int = opt(1, "Pipeline-parallel degree.")
+    ep: int = opt(
+        1,
+        "Expert-parallel degree: each mixture-of-experts block's routed experts split over this many ranks, "
+        "borrowed from dp_shard x cp (so it must divide dp_shard x cp and adds no processes).",
+    )
     loss_parallel: bool = opt(True, "With tp > 1, compute cross-entropy on vocab-sharded logits.")
     reshard_after_forward: Literal["default", "always", "never"] = opt(
         "default",

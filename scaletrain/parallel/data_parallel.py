@@ -16,6 +16,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 
 from scaletrain.config.schema import TORCH_DTYPES, ParallelSection, TrainSection
 from scaletrain.parallel.dims import ParallelDims
+from scaletrain.parallel.expert_parallel import apply_expert_fsdp
 
 
 def _reshard_after_forward(policy: str, is_root: bool, pipelined: bool) -> bool:
@@ -28,35 +29,34 @@ def _reshard_after_forward(policy: str, is_root: bool, pipelined: bool) -> bool:
     return not is_root and not pipelined
 
 
+def fsdp_options(train: TrainSection, parallel: ParallelSection, is_root: bool, pipelined: bool) -> dict:
+    """fully_shard's keyword arguments other than the mesh, as the job config sets them."""
+    return {
+        "mp_policy": MixedPrecisionPolicy(
+            param_dtype=TORCH_DTYPES[train.dtype], reduce_dtype=TORCH_DTYPES[train.reduce_dtype]
+        ),
+        "offload_policy": CPUOffloadPolicy() if parallel.fsdp_cpu_offload else OffloadPolicy(),
+        "reshard_after_forward": _reshard_after_forward(parallel.reshard_after_forward, is_root, pipelined),
+    }
+
+
 def apply_fsdp(
-    model: nn.Module, blocks: Sequence[nn.Module], dims: ParallelDims, train: TrainSection, parallel: ParallelSection
+    model: nn.Module,
+    blocks: Sequence[nn.Module],
+    dims: ParallelDims,
+    train: TrainSection,
+    parallel: ParallelSection,
+    experts: Sequence[nn.Module] = (),
 ) -> None:
     # HSDP: replicate across the outer axis, shard across the inner (which includes cp,
     # because cp ranks hold identical weights and can share the shards).
     fsdp_mesh = dims.hsdp_mesh() if dims.dp_replicate > 1 else dims.axis("dp_shard_cp")
-    mp_policy = MixedPrecisionPolicy(
-        param_dtype=TORCH_DTYPES[train.dtype], reduce_dtype=TORCH_DTYPES[train.reduce_dtype]
-    )
-    offload: OffloadPolicy = CPUOffloadPolicy() if parallel.fsdp_cpu_offload else OffloadPolicy()
+    block_options = fsdp_options(train, parallel, is_root=False, pipelined=dims.pp_enabled)
+    if experts:  # their own groups first, so the blocks' groups leave their parameters out
+        apply_expert_fsdp(experts, dims, block_options)
     for block in blocks:
-        fully_shard(
-            block,
-            mesh=fsdp_mesh,
-            mp_policy=mp_policy,
-            offload_policy=offload,
-            reshard_after_forward=_reshard_after_forward(
-                parallel.reshard_after_forward, is_root=False, pipelined=dims.pp_enabled
-            ),
-        )
-    fully_shard(
-        model,
-        mesh=fsdp_mesh,
-        mp_policy=mp_policy,
-        offload_policy=offload,
-        reshard_after_forward=_reshard_after_forward(
-            parallel.reshard_after_forward, is_root=True, pipelined=dims.pp_enabled
-        ),
-    )
+        fully_shard(block, mesh=fsdp_mesh, **block_options)
+    fully_shard(model, mesh=fsdp_mesh, **fsdp_options(train, parallel, is_root=True, pipelined=dims.pp_enabled))
 
 
 def apply_ddp(model: nn.Module, dims: ParallelDims) -> None:
@@ -68,13 +68,21 @@ def apply_ddp(model: nn.Module, dims: ParallelDims) -> None:
 
 
 def apply_data_parallel(
-    model: nn.Module, blocks: Sequence[nn.Module], dims: ParallelDims, train: TrainSection, parallel: ParallelSection
+    model: nn.Module,
+    blocks: Sequence[nn.Module],
+    dims: ParallelDims,
+    train: TrainSection,
+    parallel: ParallelSection,
+    experts: Sequence[nn.Module] = (),
 ) -> str:
-    """Apply whichever data parallelism the dims ask for; returns its name for the logs."""
+    """Apply whichever data parallelism the dims ask for; returns its name for the logs.
+
+    experts: modules of routed-expert weights sharded over ep (scaletrain/parallel/expert_parallel.py); under
+    expert parallel they get FSDP groups of their own, over the ranks that hold the same experts."""
     if dims.ddp_enabled:
         apply_ddp(model, dims)
         return "ddp"
     if dims.fsdp_enabled or dims.hsdp_enabled:
-        apply_fsdp(model, blocks, dims, train, parallel)
+        apply_fsdp(model, blocks, dims, train, parallel, experts if dims.ep_enabled else ())
         return "hsdp" if dims.hsdp_enabled else "fsdp"
     return "none"

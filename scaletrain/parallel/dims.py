@@ -6,6 +6,11 @@ least data. Flattened axes used by the core:
   dp          = dp_replicate x dp_shard          (data loading: ranks that see different samples)
   dp_shard_cp = dp_shard x cp                    (FSDP shards over both: cp ranks hold the same weights)
   dp_cp       = dp_replicate x dp_shard x cp     (loss / grad-norm averaging)
+
+Expert parallel (ep) is not a sixth axis: it splits the dp_shard x cp ranks into (edp, ep), ep innermost, as
+a second mesh over the same ranks ("pp", "dp_replicate", "edp", "ep", "tp"). Routed experts are sharded over
+ep; every rank with the same ep coordinate holds the same experts, so FSDP shards them over what is left,
+efsdp = edp x tp (scaletrain/parallel/expert_parallel.py).
 """
 
 from __future__ import annotations
@@ -36,12 +41,17 @@ class ParallelDims:
     # True when a training engine (DeepSpeed, fairscale) replicates or shards over the data axis itself:
     # recipes' parallelize then applies no FSDP/DDP (apply_data_parallel sees every *_enabled False).
     engine_data_parallel: bool = False
+    ep: int = 1  # expert parallel: borrowed from dp_shard x cp, so not part of the world-size product
     _mesh: DeviceMesh | None = field(default=None, repr=False)
     _axes: dict[str, DeviceMesh] = field(default_factory=dict, repr=False)
+    _expert_root: DeviceMesh | None = field(default=None, repr=False)
 
     @classmethod
-    def resolve(cls, degrees: dict[str, int], world_size: int, engine_data_parallel: bool = False) -> ParallelDims:
-        """Fill dp_shard=-1 from the world size and check that the product matches it."""
+    def resolve(
+        cls, degrees: dict[str, int], world_size: int, engine_data_parallel: bool = False, ep: int = 1
+    ) -> ParallelDims:
+        """Fill dp_shard=-1 from the world size and check that the product matches it (and that ep divides
+        dp_shard x cp, the ranks it borrows)."""
         for axis in AXES:
             value = degrees[axis]
             if value < 1 and not (axis == "dp_shard" and value == -1):
@@ -63,7 +73,13 @@ class ParallelDims:
                 "make the product equal the number of processes (dp_shard=-1 fills in the rest)"
             )
         pp, dp_replicate, cp, tp = (degrees[a] for a in ("pp", "dp_replicate", "cp", "tp"))
-        return cls(pp, dp_replicate, dp_shard, cp, tp, world_size, engine_data_parallel)
+        if ep < 1 or (dp_shard * cp) % ep:
+            raise ValueError(
+                f"parallel.ep: {ep} must be >= 1 and divide dp_shard x cp = {dp_shard} x {cp} = {dp_shard * cp} "
+                "(expert parallel borrows the data-parallel shard and context-parallel ranks); "
+                f"allowed: {', '.join(str(d) for d in range(1, dp_shard * cp + 1) if (dp_shard * cp) % d == 0)}"
+            )
+        return cls(pp, dp_replicate, dp_shard, cp, tp, world_size, engine_data_parallel, ep)
 
     # Which strategies are on.
     @property
@@ -96,11 +112,15 @@ class ParallelDims:
         return self.pp > 1
 
     @property
+    def ep_enabled(self) -> bool:
+        return self.ep > 1
+
+    @property
     def dp_size(self) -> int:
         return self.dp_replicate * self.dp_shard
 
     def describe(self) -> str:
-        on = [f"{a}={getattr(self, a)}" for a in AXES if getattr(self, a) > 1]
+        on = [f"{a}={getattr(self, a)}" for a in (*AXES, "ep") if getattr(self, a) > 1]
         return " x ".join(on) if on else "single process"
 
     @property
@@ -121,10 +141,34 @@ class ParallelDims:
         self._mesh = mesh
         return mesh
 
+    def _build_expert_mesh(self) -> None:
+        """Built on first use (by a recipe with routed experts; collective, like all of parallelize).
+        The same ranks with dp_shard x cp regrouped as (edp, ep): ranks r..r+ep-1 of each dp_shard_cp group
+        form an ep group. A second root mesh, because FSDP2 wants an expert's ep placement and its FSDP
+        mesh to come from one root."""
+        edp = self.dp_shard * self.cp // self.ep
+        names = ("pp", "dp_replicate", "edp", "ep", "tp")
+        shape = (self.pp, self.dp_replicate, edp, self.ep, self.tp)
+        mesh = init_device_mesh(self.mesh.device_type, shape, mesh_dim_names=names)
+        self._axes["ep"] = mesh["ep"]
+        self._axes["efsdp"] = mesh["edp", "tp"]._flatten("efsdp")
+        self._expert_root = mesh
+
     def axis(self, name: str) -> DeviceMesh:
         """The 1-D mesh of one axis (plain or flattened), e.g. axis("tp"), axis("dp_cp")."""
         self.mesh  # noqa: B018 - raises if the mesh was not built
+        if name in ("ep", "efsdp") and self._expert_root is None:
+            self._build_expert_mesh()
         return self._axes[name]
+
+    def expert_fsdp_mesh(self) -> DeviceMesh:
+        """Where routed experts' FSDP shards live: efsdp (edp x tp), with dp_replicate in front for HSDP."""
+        efsdp = self.axis("efsdp")
+        if self.dp_replicate == 1:
+            return efsdp
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # as in hsdp_mesh
+            return self._expert_root["dp_replicate", "efsdp"]
 
     def hsdp_mesh(self) -> DeviceMesh:
         """2-D (dp_replicate, dp_shard_cp) mesh for HSDP."""

@@ -17,17 +17,23 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 
-def global_grad_norm(
-    parameters: Iterable[torch.nn.Parameter], pp_group: dist.ProcessGroup | None = None
-) -> torch.Tensor:
-    groups: dict[object, list[torch.Tensor]] = defaultdict(list)
+def _by_layout(parameters: Iterable[torch.nn.Parameter]) -> list[list[torch.nn.Parameter]]:
+    """Parameters with gradients, grouped by their gradients' (mesh, placements); plain tensors together."""
+    groups: dict[object, list[torch.nn.Parameter]] = defaultdict(list)
     for p in parameters:
         if p.grad is None:
             continue
         key = (p.grad.device_mesh, p.grad.placements) if isinstance(p.grad, DTensor) else None
-        groups[key].append(p.grad)
+        groups[key].append(p)
+    return list(groups.values())
+
+
+def global_grad_norm(
+    parameters: Iterable[torch.nn.Parameter], pp_group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
     total_sq = None
-    for grads in groups.values():
+    for group in _by_layout(parameters):
+        grads = [p.grad for p in group]
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
@@ -44,8 +50,9 @@ def clip_grad_norm_(
     parameters: Iterable[torch.nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup | None = None
 ) -> torch.Tensor:
     """Returns the pre-clip global norm; clips in place when max_norm > 0."""
-    params = [p for p in parameters if p.grad is not None]
-    total = global_grad_norm(params, pp_group)
+    groups = _by_layout(parameters)
+    total = global_grad_norm((p for group in groups for p in group), pp_group)
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        for group in groups:  # one call per layout: DTensor ops refuse to mix meshes (expert parallel has two)
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total

@@ -29,6 +29,7 @@ BASE = [
     "--metrics.tensorboard", "false",
 ]  # fmt: skip
 
+MOE = ["--model.moe.num_experts=4", "--model.moe.bias_update_rate=0.05"]
 LAYOUTS = {
     "single": (1, []),
     "ddp2": (2, ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "1"]),
@@ -41,7 +42,12 @@ LAYOUTS = {
     "ds_zero3": (2, ["--engine.name", "deepspeed", "--engine.deepspeed.zero_stage", "3", "--parallel.dp_shard", "2"]),
     "fairscale": (2, ["--engine.name", "fairscale", "--engine.fairscale.mode", "sharded_ddp", "--parallel.dp_shard=2"]),
     # MoE: the routing biases (moved after every step from the summed loads) are checkpointed state too.
-    "moe_fsdp2": (2, ["--parallel.dp_shard=2", "--model.moe.num_experts=4", "--model.moe.bias_update_rate=0.05"]),
+    "moe_fsdp2": (2, ["--parallel.dp_shard=2", *MOE]),
+    "moe_single": (1, MOE),
+    # Expert parallel: 2 experts per rank; with 4 ranks the experts are FSDP-sharded over the other 2.
+    "moe_ep2": (2, ["--parallel.dp_shard=2", "--parallel.ep=2", *MOE]),
+    "moe_ep2_fsdp4": (4, ["--parallel.dp_shard=4", "--parallel.ep=2", *MOE]),
+    "moe_ep4": (4, ["--parallel.dp_shard=4", "--parallel.ep=4", *MOE]),
 }
 
 

@@ -33,6 +33,10 @@ PAIRS = [
     pytest.param("fsdp4", "fsdp2", id="fsdp4-to-fsdp2"),  # dp 4 -> 2
     pytest.param("ddp2", "tp2", marks=SLOW, id="ddp2-to-tp2"),  # DDP -> tensor parallel (same world size)
     pytest.param("tp2xdp2", "pp2", id="tp2xdp2-to-pp2"),  # TP2 x FSDP2 on 4 ranks -> 2 pipeline stages
+    # Mixture of experts: experts split over ep ranks (and FSDP-sharded over the rest) -> other splits.
+    pytest.param("moe_ep2", "moe_single", id="moe-ep2-to-single"),
+    pytest.param("moe_ep2_fsdp4", "moe_fsdp2", id="moe-ep2xfsdp4-to-fsdp2"),
+    pytest.param("moe_ep2", "moe_ep4", marks=SLOW, id="moe-ep2-to-ep4"),
 ]
 DP_CHANGES = {("fsdp2", "fsdp4"), ("fsdp4", "fsdp2")}
 

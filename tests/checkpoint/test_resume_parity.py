@@ -23,6 +23,7 @@ from ckpt_harness import LAYOUTS, metrics, torchrun
         "fsdp2",
         pytest.param("tp2xdp2", marks=pytest.mark.slow),
         "moe_fsdp2",  # the MoE routing biases are restored too
+        "moe_ep2",  # experts split over 2 ranks
     ],
 )
 def test_kill_and_rerun_continues_bitwise(layout, straight, tmp_path):

@@ -28,8 +28,18 @@ DIT = str(REPO / "scaletrain" / "recipes" / "diffusion" / "configs" / "dit-tiny.
         (["--parallel.tp", "2", "--parallel.dp_shard", "1"], 2, r"parallel\.tp: 2 with MoE is not supported yet"),
         (["--parallel.pp", "2", "--parallel.dp_shard", "1"], 2, r"model\.moe\.aux_loss_coef: the balancing losses"),
         (["--model.moe.aux_loss_scope", "batch"], 1, r"model\.moe\.aux_loss_scope: 'batch' is not allowed"),
+        (["--parallel.dp_shard", "6", "--parallel.ep", "3", "--train.global_batch_size", "12"], 6,
+         r"parallel\.ep: 3 does not divide model\.moe\.num_experts=8; .* \(allowed: 1, 2, 4, 8\)"),
+        (["--parallel.dp_shard", "2", "--parallel.ep", "4"], 2,
+         r"parallel\.ep: 4 must be >= 1 and divide dp_shard x cp = 2 x 1 = 2 .* allowed: 1, 2"),
+        (["--parallel.dp_shard", "2", "--parallel.ep", "2", "--model.moe.num_experts", "0"], 2,
+         r"parallel\.ep: 2 needs routed experts to split, and model\.moe\.num_experts is 0"),
+        (["--parallel.dp_shard", "2", "--parallel.ep", "2", "--engine.name", "deepspeed"], 2,
+         r"parallel\.ep: expert parallel runs on the native engine only"),
+        (["--parallel.ep", "0"], 1, r"parallel\.ep: 0 must be >= 1"),
     ],
-    ids=["top_k", "capacity", "shared", "first_dense", "groups", "top_k_groups", "gelu", "tp", "pp_aux", "scope"],
+    ids=["top_k", "capacity", "shared", "first_dense", "groups", "top_k_groups", "gelu", "tp", "pp_aux", "scope",
+         "ep_experts", "ep_dp_shard_cp", "ep_dense", "ep_engine", "ep_zero"],
 )  # fmt: skip
 def test_bad_moe_configs_fail_before_any_process_starts(overrides, world, message):
     with pytest.raises(ValueError, match=message):
@@ -39,6 +49,11 @@ def test_bad_moe_configs_fail_before_any_process_starts(overrides, world, messag
 def test_moe_options_on_a_family_without_moe_are_unknown_keys():
     with pytest.raises(ValueError, match=r"model\.moe: unknown key"):
         load_config(DIT, ["--model.moe.num_experts", "4"])
+
+
+def test_expert_parallel_on_a_family_without_experts_is_refused():
+    with pytest.raises(ValueError, match=r"parallel\.ep: recipe 'dit' has no routed experts to split"):
+        validate_config(load_config(DIT, ["--parallel.dp_shard", "2", "--parallel.ep", "2"]), 2)
 
 
 def test_pipeline_with_bias_balancing_only_is_allowed():

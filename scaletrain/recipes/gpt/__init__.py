@@ -136,6 +136,10 @@ def startup_notes(model: GPT, cfg: JobConfig, dims: ParallelDims) -> list[str]:
     return _kernel_notes(cfg, dims, attention_choice(cfg))
 
 
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
 def _validate_moe(cfg: JobConfig, dims: ParallelDims) -> None:
     m, moe = cfg.model, cfg.model.moe
     for name in ("num_experts", "num_shared_experts", "expert_hidden", "first_dense", "groups", "topk_groups"):
@@ -157,6 +161,11 @@ def _validate_moe(cfg: JobConfig, dims: ParallelDims) -> None:
         ),
         (bool(moe_blocks), f"model.moe.first_dense: {moe.first_dense} leaves no MoE block in {m.n_layers} layers"),
         (m.mlp == "swiglu", f"model.mlp: the experts are SwiGLU MLPs; MoE needs mlp=swiglu (got {m.mlp})"),
+        (
+            moe.num_experts % dims.ep == 0,
+            f"parallel.ep: {dims.ep} does not divide model.moe.num_experts={moe.num_experts}; each ep rank holds "
+            f"num_experts / ep experts (allowed: {', '.join(str(d) for d in _divisors(moe.num_experts))})",
+        ),
         (
             dims.tp == 1,
             f"parallel.tp: {dims.tp} with MoE is not supported yet (experts have no tensor-parallel plan); "
@@ -257,6 +266,11 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
     check_all(checks)
     if m.moe.enabled or m.moe.num_experts < 0:
         _validate_moe(cfg, dims)
+    elif dims.ep > 1:
+        raise ValueError(
+            f"parallel.ep: {dims.ep} needs routed experts to split, and model.moe.num_experts is 0 (a dense "
+            "model); set model.moe.num_experts or use ep=1"
+        )
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > m.vocab_size:
         raise ValueError(
@@ -297,6 +311,7 @@ RECIPE = register_recipe(
         supports=ParallelSupport(
             tensor_parallel=True,
             loss_parallel=True,
+            expert_parallel=True,
             fused_cross_entropy=True,
             pipeline=PipelineSpec(
                 trunk="layers",

@@ -20,7 +20,12 @@ received on all data-parallel ranks (`update_balancing`). The losses are returne
 A capacity factor > 0 caps each expert at ceil(factor * N * k / E) pairs per micro-batch; the pairs over it
 are dropped (counted).
 
-Shape legend: N tokens, D model dim, E experts, F expert hidden width, K top-k, P = N*K routed pairs.
+Expert parallel (scaletrain/parallel/expert_parallel.py) splits the experts over the ep ranks: the sorted
+rows go to their expert's rank and back between the sort and the scatter; routing, counting and balancing
+stay on the rank that owns the tokens, so they do not depend on ep.
+
+Shape legend: N tokens, D model dim, E experts, F expert hidden width, K top-k, P = N*K routed pairs,
+Q rows received from the ep ranks.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaletrain.config.schema import opt
+from scaletrain.parallel.expert_parallel import combine, dispatch, local_weight
 
 
 @dataclass
@@ -144,9 +150,11 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))  # down
 
     def forward(self, x_PD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        gate_PF = grouped_mm(x_PD, self.w1, counts_E)
-        up_PF = grouped_mm(x_PD, self.w3, counts_E)
-        return grouped_mm(F.silu(gate_PF) * up_PF, self.w2, counts_E)
+        """x_PD: rows in expert order; counts_E: rows per expert this rank holds (all E, or E/ep under ep)."""
+        w1, w2, w3 = (local_weight(w) for w in (self.w1, self.w2, self.w3))
+        gate_PF = grouped_mm(x_PD, w1, counts_E)
+        up_PF = grouped_mm(x_PD, w3, counts_E)
+        return grouped_mm(F.silu(gate_PF) * up_PF, w2, counts_E)
 
 
 class MoE(nn.Module):
@@ -162,8 +170,10 @@ class MoE(nn.Module):
         self.register_buffer("expert_bias", torch.empty(cfg.num_experts))
         self.register_buffer("tokens_per_expert", torch.empty(cfg.num_experts), persistent=False)
         self.register_buffer("dropped", torch.empty(()), persistent=False)
-        # Set by the recipe's parallelize under context parallel: the ranks holding the rest of each sequence.
+        # Set by the recipe's parallelize: under context parallel the ranks holding the rest of each sequence;
+        # under expert parallel the ranks the experts are split over.
         self.cp_group: torch.distributed.ProcessGroup | None = None
+        self.ep_group: torch.distributed.ProcessGroup | None = None
 
     def route(self, x_ND: torch.Tensor, seq_len: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(expert_NK, weight_NK, losses): each token's experts and weights, and the balancing losses.
@@ -212,7 +222,11 @@ class MoE(nn.Module):
         if x_ND.device.type != "meta" and not _recomputing():
             with torch.no_grad():
                 self.tokens_per_expert += counts_E.to(self.tokens_per_expert.dtype)
-        y_PD = self.experts(x_ND[token_P], counts_E)
+        if self.ep_group is not None:
+            x_QD, local_counts, route = dispatch(x_ND[token_P], counts_E, self.ep_group)
+            y_PD = combine(self.experts(x_QD, local_counts), route)
+        else:
+            y_PD = self.experts(x_ND[token_P], counts_E)
         out_ND = unpermute(y_PD, token_P, weight_P, x_ND.shape[0])
         if self.shared is not None:
             out_ND = out_ND + self.shared(x_ND)

@@ -1,4 +1,4 @@
-"""How the GPT recipe is parallelized: TP(+SP) -> activation checkpointing -> compile -> FSDP2/DDP.
+"""How the GPT recipe is parallelized: TP(+SP) -> CP -> EP -> activation checkpointing -> compile -> FSDP2/DDP.
 
 Tensor parallel follows Megatron's split: q/k/v and w1/w3 column-wise (each rank owns a
 slice of heads / hidden units), wo and w2 row-wise (partial sums reduced once per
@@ -29,6 +29,7 @@ from scaletrain.parallel import (
     apply_data_parallel,
 )
 from scaletrain.parallel.context_parallel import attention_function, load_balanced_positions
+from scaletrain.parallel.expert_parallel import apply_expert_parallel
 from scaletrain.recipes.gpt.model import GPT
 from scaletrain.recipes.gpt.moe import MoE
 from scaletrain.validate import uses_loss_parallel
@@ -114,12 +115,19 @@ def apply_context_parallel(model: GPT, dims: ParallelDims, method: str, attentio
 def parallelize_gpt(model: GPT, dims: ParallelDims, cfg: JobConfig, attention_impl: str) -> GPT:
     """The GPT plan; `attention_impl` is the resolved model.attention (scaletrain/recipes/gpt/__init__.py)."""
     blocks = list(model.layers.values())
+    moe_layers = [block.feed_forward for block in blocks if isinstance(block.feed_forward, MoE)]
+    experts = [layer.experts for layer in moe_layers]
     if dims.tp_enabled:
         apply_tensor_parallel(model, dims, loss_parallel=uses_loss_parallel(cfg, dims))
     if dims.cp_enabled:
         apply_context_parallel(model, dims, cfg.parallel.cp_method, attention_impl)
+    if dims.ep_enabled:
+        ep_mesh = dims.axis("ep")
+        apply_expert_parallel(experts, ep_mesh)
+        for layer in moe_layers:
+            layer.ep_group = ep_mesh.get_group()
     apply_activation_checkpointing(blocks, cfg.activation_checkpoint)
     if cfg.train.compile:
         apply_compile(blocks)
-    apply_data_parallel(model, blocks, dims, cfg.train, cfg.parallel)
+    apply_data_parallel(model, blocks, dims, cfg.train, cfg.parallel, experts=experts)
     return model
