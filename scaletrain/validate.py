@@ -113,6 +113,11 @@ def validate_config(cfg: JobConfig, world_size: int) -> ParallelDims:
         "over the data-parallel ranks itself",
     )
     if dims.pp > 1:
+        _check(
+            t.dtype != "fp16",
+            "train.dtype: fp16 needs loss scaling, which the pipeline schedules do not apply (they run their "
+            "own backward); with parallel.pp > 1 use bf16",
+        )
         pipeline = recipe.supports.pipeline
         _check(pipeline is not None, f"parallel.pp: recipe {cfg.recipe!r} does not support pipeline parallel")
         validate_pipeline(

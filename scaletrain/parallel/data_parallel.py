@@ -77,12 +77,16 @@ def apply_data_parallel(
 ) -> str:
     """Apply whichever data parallelism the dims ask for; returns its name for the logs.
 
-    experts: modules of routed-expert weights sharded over ep (scaletrain/parallel/expert_parallel.py); under
-    expert parallel they get FSDP groups of their own, over the ranks that hold the same experts."""
+    experts: modules of routed-expert weights (scaletrain/parallel/expert_parallel.py); under expert or tensor
+    parallel they get FSDP groups of their own, over the ranks that hold the same experts and see other
+    tokens (edp x tp) — also when nothing else is data-parallel (tp alone), to sum their gradients over tp."""
+    own_groups = experts if dims.ep_enabled or dims.tp_enabled else ()
     if dims.ddp_enabled:
         apply_ddp(model, dims)
         return "ddp"
     if dims.fsdp_enabled or dims.hsdp_enabled:
-        apply_fsdp(model, blocks, dims, train, parallel, experts if dims.ep_enabled else ())
+        apply_fsdp(model, blocks, dims, train, parallel, own_groups)
         return "hsdp" if dims.hsdp_enabled else "fsdp"
+    if own_groups:
+        apply_expert_fsdp(own_groups, dims, fsdp_options(train, parallel, is_root=False, pipelined=dims.pp_enabled))
     return "none"

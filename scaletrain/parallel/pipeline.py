@@ -18,7 +18,9 @@ DualPipeV) put stages r and 2pp-1-r on rank r.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -139,6 +141,45 @@ def stage_union(parts: list[nn.Module], spec: PipelineSpec) -> nn.Module:
     return union
 
 
+_inferring_shapes = False
+
+
+def inferring_shapes() -> bool:
+    """True while a pipeline stage runs a forward only to learn its output shapes (torch 2.13 runs it on
+    the device, on uninitialized inputs): state that a forward updates besides its output, e.g. MoE expert
+    load counts, must not count it."""
+    return _inferring_shapes
+
+
+@contextlib.contextmanager
+def _shape_inference() -> Iterator[None]:
+    global _inferring_shapes
+    _inferring_shapes = True
+    try:
+        yield
+    finally:
+        _inferring_shapes = False
+
+
+def _stage_class() -> type:
+    from torch.distributed.pipelining import PipelineStage
+
+    class Stage(PipelineStage):
+        """torch's PipelineStage, with its metadata forward marked (see inferring_shapes). The method is
+        private: torch 2.13 calls it _forward_metadata_inference, earlier releases _shape_inference."""
+
+    for method in ("_forward_metadata_inference", "_shape_inference"):
+        if hasattr(PipelineStage, method):
+            original = getattr(PipelineStage, method)
+
+            def marked(self, *args, _original=original, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+                with _shape_inference():
+                    return _original(self, *args, **kwargs)
+
+            setattr(Stage, method, marked)
+    return Stage
+
+
 def build_schedule(
     stage_modules: list[nn.Module],
     stage_ids: list[int],
@@ -149,10 +190,9 @@ def build_schedule(
     microbatches: int,
     loss_fn,
 ):
-    from torch.distributed.pipelining import PipelineStage
-
+    stage_class = _stage_class()
     pipeline_stages = [
-        PipelineStage(module, stage_index=sid, num_stages=stages, device=device, group=pp_group)
+        stage_class(module, stage_index=sid, num_stages=stages, device=device, group=pp_group)
         for module, sid in zip(stage_modules, stage_ids, strict=True)
     ]
     cls = schedule_class(schedule)

@@ -25,7 +25,6 @@ DIT = str(REPO / "scaletrain" / "recipes" / "diffusion" / "configs" / "dit-tiny.
         (["--model.moe.groups", "4", "--model.moe.topk_groups", "1", "--model.moe.top_k", "3"], 1,
          r"model\.moe\.top_k: 3 is more than the 1 kept groups hold \(2 experts\)"),
         (["--model.mlp", "gelu"], 1, r"model\.mlp: the experts are SwiGLU MLPs"),
-        (["--parallel.tp", "2", "--parallel.dp_shard", "1"], 2, r"parallel\.tp: 2 with MoE is not supported yet"),
         (["--parallel.pp", "2", "--parallel.dp_shard", "1"], 2, r"model\.moe\.aux_loss_coef: the balancing losses"),
         (["--model.moe.aux_loss_scope", "batch"], 1, r"model\.moe\.aux_loss_scope: 'batch' is not allowed"),
         (["--parallel.dp_shard", "6", "--parallel.ep", "3", "--train.global_batch_size", "12"], 6,
@@ -38,7 +37,7 @@ DIT = str(REPO / "scaletrain" / "recipes" / "diffusion" / "configs" / "dit-tiny.
          r"parallel\.ep: expert parallel runs on the native engine only"),
         (["--parallel.ep", "0"], 1, r"parallel\.ep: 0 must be >= 1"),
     ],
-    ids=["top_k", "capacity", "shared", "first_dense", "groups", "top_k_groups", "gelu", "tp", "pp_aux", "scope",
+    ids=["top_k", "capacity", "shared", "first_dense", "groups", "top_k_groups", "gelu", "pp_aux", "scope",
          "ep_experts", "ep_dp_shard_cp", "ep_dense", "ep_engine", "ep_zero"],
 )  # fmt: skip
 def test_bad_moe_configs_fail_before_any_process_starts(overrides, world, message):

@@ -103,7 +103,7 @@ def test_aux_loss_free_bias_moves_towards_the_mean_load_and_steers_the_choice():
     x = torch.ones(1, 6, 8)
     layer(x)
     assert layer.tokens_per_expert.tolist() == [0, 6, 0, 0]
-    metrics = update_balancing([layer], group=None)
+    metrics = update_balancing([layer], groups=[])
     assert metrics["moe/max_load"] == pytest.approx(4.0) and metrics["moe/min_load"] == 0.0
     assert layer.expert_bias.tolist() == [0.5, -0.5, 0.5, 0.5]  # the loaded expert down, the idle ones up
     assert layer.tokens_per_expert.sum() == 0  # counts reset for the next step

@@ -1,8 +1,9 @@
 """MoE layouts train like one process: tiny MoE (4 experts, top-2, a shared expert, the sequence-wise
-balancing loss and auxiliary-loss-free biases), fp32, 5 steps, 2 or 4 ranks, losses and gradient norms within
-1e-5 relative (observed ~1e-7). Dropless routing makes each token's result independent of the others; the balancing
-loss counts whole sequences and the expert loads are summed over the ranks before the biases move, so the
-routing, and the logged load (moe/max_load, moe/min_load), are the same in every layout."""
+balancing loss and auxiliary-loss-free biases), fp32, 5 steps, 2 or 4 ranks: losses and gradient norms within
+1e-5 relative (observed ~1e-7), and the logged loads and balancing loss equal. Dropless routing makes each
+token's result independent of the others; the balancing loss counts whole sequences (summed over the cp and
+tp ranks holding its parts) and the expert loads are summed over the ranks before the biases move, so the
+routing is the same in every layout, with or without expert parallel."""
 
 from __future__ import annotations
 
@@ -39,7 +40,19 @@ LAYOUTS = {
     "ep2_dp_shard4": ["--parallel.dp_shard", "4", "--parallel.ep", "2"],  # experts FSDP-sharded over 2 ranks
     "ep2_hsdp": ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "2", "--parallel.ep", "2"],
     "ep4_cp2": ["--parallel.dp_shard", "2", "--parallel.cp", "2", "--parallel.ep", "4"],
+    # Tensor parallel: each tp rank routes its slice of the sequence; the shared expert is split Megatron-style.
+    "tp2": ["--parallel.tp", "2", "--parallel.dp_shard", "1"],
+    "ep2_tp2": ["--parallel.dp_shard", "2", "--parallel.ep", "2", "--parallel.tp", "2"],
+    "ep2_cp2_tp2": ["--parallel.dp_shard", "1", "--parallel.cp", "2", "--parallel.ep", "2", "--parallel.tp", "2"],
 }
+# Pipeline stages cannot add earlier stages' balancing losses to the last stage's loss (refused): bias
+# balancing only, against its own one-process run.
+NO_AUX = ["--model.moe.aux_loss_coef", "0"]
+PIPELINE_LAYOUTS = {
+    "pp2": ["--parallel.pp", "2", "--parallel.dp_shard", "1"],
+    "pp2_ep2": ["--parallel.pp", "2", "--parallel.dp_shard", "2", "--parallel.ep", "2"],
+}
+METRICS = ("moe/max_load", "moe/min_load", "moe/balancing_loss")
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +60,7 @@ def single(tmp_path_factory):
     return run_layout(CONFIG, SMALL, tmp_path_factory.mktemp("single"), "single", nproc=1)
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_moe_layout_matches_single_process(layout, single, tmp_path):
-    rows = run_layout(CONFIG, SMALL + LAYOUTS[layout], tmp_path, layout)  # as many processes as the degrees name
+def _check(single: list[dict], rows: list[dict], layout: str) -> None:
     report = compare(single, rows)
     assert report.loss_a[0] != report.loss_a[-1]
     assert report.max_loss_rel_diff <= FP32_LOSS_RTOL, report.table()
@@ -57,7 +68,26 @@ def test_moe_layout_matches_single_process(layout, single, tmp_path):
     # divided twice under expert parallel once moved it by 0.1%).
     assert report.max_grad_norm_rel_diff <= FP32_LOSS_RTOL, report.table()
     for ours, theirs in zip(single, rows, strict=True):
-        for key in ("moe/max_load", "moe/min_load"):
-            assert ours[key] == pytest.approx(theirs[key], rel=1e-6), (layout, ours["step"], key)
+        for key in METRICS:
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-5), (layout, ours["step"], key)
     # The biases moved the routing away from collapse: the load was not the same every step.
     assert len({round(r["moe/max_load"], 6) for r in single}) > 1
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_moe_layout_matches_single_process(layout, single, tmp_path):
+    rows = run_layout(CONFIG, SMALL + LAYOUTS[layout], tmp_path, layout)  # as many processes as the degrees name
+    _check(single, rows, layout)
+
+
+@pytest.fixture(scope="module")
+def single_bias_only(tmp_path_factory):
+    return run_layout(CONFIG, SMALL + NO_AUX, tmp_path_factory.mktemp("single_bias_only"), "single", nproc=1)
+
+
+@pytest.mark.parametrize(
+    "layout", ["pp2", pytest.param("pp2_ep2", marks=pytest.mark.slow)]
+)  # fmt: skip
+def test_moe_pipeline_matches_single_process(layout, single_bias_only, tmp_path):
+    rows = run_layout(CONFIG, SMALL + NO_AUX + PIPELINE_LAYOUTS[layout], tmp_path, layout)
+    _check(single_bias_only, rows, layout)

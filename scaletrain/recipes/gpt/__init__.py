@@ -10,6 +10,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Replicate
 
 from scaletrain import ops
 from scaletrain.config import MissingDataError
@@ -78,17 +79,24 @@ def loss(output: torch.Tensor | tuple[torch.Tensor, torch.Tensor], batch: dict[s
     if output.dim() == 0:  # train.fused_cross_entropy: the model already returned the mean loss
         return output
     # fp32 softmax: bf16 logits lose the small probabilities that cross-entropy depends on.
-    return F.cross_entropy(output.flatten(0, 1).float(), batch["target"].flatten()) + balancing
+    ce = F.cross_entropy(output.flatten(0, 1).float(), batch["target"].flatten())
+    if isinstance(ce, DTensor) and isinstance(balancing, torch.Tensor):
+        # Loss parallel: the loss is a DTensor replicated over tp, and so are the balancing losses (MoE.route).
+        balancing = DTensor.from_local(balancing, ce.device_mesh, [Replicate()])
+    return ce + balancing
 
 
 def after_step(model: GPT, dims: ParallelDims) -> dict[str, float]:
     """MoE: sum the experts' loads over the ranks that saw other tokens, move the auxiliary-loss-free routing
     biases, report the load; nothing for a dense model."""
     layers = [m for m in model.modules() if isinstance(m, MoE)]
-    if not layers:
+    if not layers and not dims.pp_enabled:  # a dense model (under pp, another stage may hold MoE layers)
         return {}
-    group = dims.axis("dp_cp").get_group() if dims.dp_size * dims.cp > 1 else None
-    return update_balancing(layers, group)
+    # Every rank of a pipeline stage routed other tokens: the data-parallel ranks and, under sequence-parallel
+    # TP, the tp ranks (each routes a slice of the sequence).
+    groups = [dims.axis(axis).get_group() for axis in ("dp_cp", "tp") if dims.axis(axis).size() > 1]
+    stage_group = dims.axis("pp").get_group() if dims.pp_enabled else None
+    return update_balancing(layers, groups, stage_group)
 
 
 def attention_choice(cfg: JobConfig) -> ops.AttentionChoice:
@@ -165,11 +173,6 @@ def _validate_moe(cfg: JobConfig, dims: ParallelDims) -> None:
             moe.num_experts % dims.ep == 0,
             f"parallel.ep: {dims.ep} does not divide model.moe.num_experts={moe.num_experts}; each ep rank holds "
             f"num_experts / ep experts (allowed: {', '.join(str(d) for d in _divisors(moe.num_experts))})",
-        ),
-        (
-            dims.tp == 1,
-            f"parallel.tp: {dims.tp} with MoE is not supported yet (experts have no tensor-parallel plan); "
-            "use data parallel (dp_shard / dp_replicate) with tp=1",
         ),
         (
             dims.pp == 1 or (moe.aux_loss_coef == 0 and moe.z_loss_coef == 0),

@@ -41,6 +41,7 @@ from torch import nn
 
 from scaletrain.config.schema import opt
 from scaletrain.parallel.expert_parallel import combine, dispatch, local_weight
+from scaletrain.parallel.pipeline import inferring_shapes
 
 
 @dataclass
@@ -170,9 +171,14 @@ class MoE(nn.Module):
         self.register_buffer("expert_bias", torch.empty(cfg.num_experts))
         self.register_buffer("tokens_per_expert", torch.empty(cfg.num_experts), persistent=False)
         self.register_buffer("dropped", torch.empty(()), persistent=False)
-        # Set by the recipe's parallelize: under context parallel the ranks holding the rest of each sequence;
-        # under expert parallel the ranks the experts are split over.
+        # The balancing losses (with their coefficients) summed over this step's forwards, and how many: the
+        # logged moe/balancing_loss.
+        self.register_buffer("balancing_sum", torch.empty(()), persistent=False)
+        self.register_buffer("forwards", torch.empty(()), persistent=False)
+        # Set by the recipe's parallelize: under context and tensor (sequence) parallel the ranks holding the
+        # rest of each sequence; under expert parallel the ranks the experts are split over.
         self.cp_group: torch.distributed.ProcessGroup | None = None
+        self.tp_group: torch.distributed.ProcessGroup | None = None
         self.ep_group: torch.distributed.ProcessGroup | None = None
 
     def route(self, x_ND: torch.Tensor, seq_len: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -193,6 +199,11 @@ class MoE(nn.Module):
             losses = losses + cfg.aux_loss_coef * self._balance_loss(expert_NK, scores_NE, seq_len)
         if cfg.z_loss_coef > 0:
             losses = losses + cfg.z_loss_coef * torch.logsumexp(logits_NE, -1).square().mean()
+        if self.tp_group is not None:
+            # Each tp rank routed a 1/tp slice of every sequence, and the loss is replicated over tp: the
+            # losses of the whole sequences are the mean of the slices' (the balancing loss's load fractions
+            # were summed over the slices already).
+            losses = _mean_over_replicas(losses, self.tp_group)
         return expert_NK, weight_NK, losses
 
     def _balance_loss(self, expert_NK: torch.Tensor, scores_NE: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -201,11 +212,13 @@ class MoE(nn.Module):
         group = seq_len if self.cfg.aux_loss_scope == "sequence" and seq_len else expert_NK.shape[0]
         counts_SE = expert_counts(expert_NK.view(-1, group * K), E).float()
         tokens = group
-        if self.cp_group is not None and self.cfg.aux_loss_scope == "sequence":
-            # The sequence's other parts are on the cp ranks: count the whole sequence. Each rank keeps its
-            # own tokens' mean score; averaging the loss over the cp ranks makes it the whole sequence's.
-            torch.distributed.all_reduce(counts_SE, group=self.cp_group)
-            tokens = group * torch.distributed.get_world_size(self.cp_group)
+        for ranks in (self.cp_group, self.tp_group):
+            if ranks is not None and self.cfg.aux_loss_scope == "sequence":
+                # The sequence's other parts are on these ranks: count the whole sequence. Each rank keeps its
+                # own tokens' mean score; averaging the loss over the ranks makes it the whole sequence's
+                # (over cp: the data-parallel gradient average does; over tp: route does).
+                torch.distributed.all_reduce(counts_SE, group=ranks)
+                tokens *= torch.distributed.get_world_size(ranks)
         fraction_SE = counts_SE / (tokens * K)
         mean_score_SE = scores_NE.view(-1, group, E).mean(1)
         return E * (fraction_SE * mean_score_SE).sum(-1).mean()
@@ -219,9 +232,11 @@ class MoE(nn.Module):
         weight_P = weight_NK.reshape(-1)[order_P]
         if self.cfg.capacity_factor > 0 and x_ND.device.type != "meta":
             token_P, weight_P, counts_E = self._drop_over_capacity(token_P, weight_P, counts_E, x_ND.shape[0])
-        if x_ND.device.type != "meta" and not _recomputing():
+        if _counting(x_ND):
             with torch.no_grad():
                 self.tokens_per_expert += counts_E.to(self.tokens_per_expert.dtype)
+                self.balancing_sum += losses.detach().to(self.balancing_sum.dtype)
+                self.forwards += 1
         if self.ep_group is not None:
             x_QD, local_counts, route = dispatch(x_ND[token_P], counts_E, self.ep_group)
             y_PD = combine(self.experts(x_QD, local_counts), route)
@@ -242,15 +257,31 @@ class MoE(nn.Module):
         expert_P = torch.repeat_interleave(torch.arange(cfg.num_experts, device=counts_E.device), counts_E)
         keep_P = (torch.arange(token_P.numel(), device=token_P.device) - starts_E[expert_P]) < capacity
         kept_E = counts_E.clamp(max=capacity)
-        if not _recomputing():
+        if _counting(token_P):
             with torch.no_grad():
                 self.dropped += (counts_E - kept_E).sum().to(self.dropped.dtype)
         return token_P[keep_P], weight_P[keep_P], kept_E
 
 
-def _recomputing() -> bool:
-    """True while activation checkpointing re-runs this forward inside backward: counts were taken already."""
-    return torch._C._current_graph_task_id() != -1
+def _mean_over_replicas(x: torch.Tensor, group: torch.distributed.ProcessGroup) -> torch.Tensor:
+    """The mean of x over the group's ranks as the value, and x / ranks as what backward sees.
+
+    For a loss replicated over tensor-parallel ranks whose terms each rank computed from its own tokens:
+    DTensor sums the replicated weights' gradients over the ranks, so each rank back-propagates its 1/ranks
+    share, while every rank reports (and adds to its logged loss) the same whole value."""
+    share = x / torch.distributed.get_world_size(group)
+    total = share.detach().clone()
+    torch.distributed.all_reduce(total, group=group)
+    return share + (total - share.detach())
+
+
+def _counting(x: torch.Tensor) -> bool:
+    """Whether this forward's expert loads count: only in training (not under no_grad, as in evaluation),
+    not on meta (FLOP counting), not when activation checkpointing re-runs it inside backward (counted
+    already), not in a pipeline stage's shape inference."""
+    recomputing = torch._C._current_graph_task_id() != -1
+    training = torch.is_grad_enabled() and x.device.type != "meta"
+    return training and not recomputing and not inferring_shapes()
 
 
 def _limit_to_groups(choice_NE: torch.Tensor, groups: int, topk_groups: int) -> torch.Tensor:
@@ -265,28 +296,51 @@ def _limit_to_groups(choice_NE: torch.Tensor, groups: int, topk_groups: int) -> 
 
 
 @torch.no_grad()
-def update_balancing(moe_layers: list[MoE], group: torch.distributed.ProcessGroup | None) -> dict[str, float]:
-    """After an optimizer step: sum each layer's expert counts over the data-parallel ranks, move the routing
-    biases (when auxiliary-loss-free balancing is on), reset the counts; returns load metrics."""
-    if not moe_layers:
+def update_balancing(
+    moe_layers: list[MoE],
+    groups: list[torch.distributed.ProcessGroup],
+    stage_group: torch.distributed.ProcessGroup | None = None,
+) -> dict[str, float]:
+    """After an optimizer step: sum each layer's expert counts over the ranks that routed other tokens (the
+    groups: data-parallel, tensor-parallel), move the routing biases (when auxiliary-loss-free balancing is
+    on), reset the counts; returns load metrics. stage_group: under pipeline parallel the other stages,
+    which hold the other layers (and maybe none), so the metrics cover the whole model on every rank."""
+    # [busiest expert's load / mean, -(idlest's load / mean), dropped pairs, balancing loss, MoE layers]; the
+    # load over the mean is 1 when even.
+    stats = torch.tensor([-math.inf, -math.inf, 0.0, 0.0, 0.0])
+    if moe_layers:
+        counts_LE = torch.stack([m.tokens_per_expert for m in moe_layers])
+        # Per layer: [dropped pairs, summed balancing losses, forwards].
+        sums_L3 = torch.stack([torch.stack([m.dropped, m.balancing_sum, m.forwards]) for m in moe_layers])
+        if groups:
+            both = torch.cat([counts_LE.flatten(), sums_L3.flatten()])
+            for group in groups:
+                torch.distributed.all_reduce(both, group=group)
+            counts_LE, sums_L3 = both[: counts_LE.numel()].view_as(counts_LE), both[counts_LE.numel() :].view(-1, 3)
+        for layer, counts_E in zip(moe_layers, counts_LE, strict=True):
+            rate = layer.cfg.bias_update_rate
+            if rate > 0:
+                layer.expert_bias += rate * torch.sign(counts_E.mean() - counts_E)
+            for counter in (layer.tokens_per_expert, layer.dropped, layer.balancing_sum, layer.forwards):
+                counter.zero_()
+        load_LE = counts_LE / counts_LE.mean(-1, keepdim=True).clamp_min(1e-9)
+        # Each layer's balancing loss averaged over the forwards (micro-batches, ranks), summed over layers:
+        # the term the model's loss adds.
+        balancing = (sums_L3[:, 1] / sums_L3[:, 2].clamp_min(1)).sum()
+        layers = torch.tensor(float(len(moe_layers)))
+        stats = torch.stack([load_LE.max(), -load_LE.min(), sums_L3[:, 0].sum(), balancing, layers]).cpu()
+    if stage_group is not None:
+        extremes, sums = stats[:2].clone(), stats[2:].clone()
+        torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX, group=stage_group)
+        torch.distributed.all_reduce(sums, group=stage_group)
+        stats = torch.cat([extremes, sums])
+    if stats[4] == 0:  # no MoE layer anywhere
         return {}
-    counts_LE = torch.stack([m.tokens_per_expert for m in moe_layers])
-    dropped = torch.stack([m.dropped for m in moe_layers]).sum()
-    if group is not None:
-        both = torch.cat([counts_LE.flatten(), dropped.reshape(1)])
-        torch.distributed.all_reduce(both, group=group)
-        counts_LE, dropped = both[:-1].view_as(counts_LE), both[-1]
-    for layer, counts_E in zip(moe_layers, counts_LE, strict=True):
-        rate = layer.cfg.bias_update_rate
-        if rate > 0:
-            layer.expert_bias += rate * torch.sign(counts_E.mean() - counts_E)
-        layer.tokens_per_expert.zero_()
-        layer.dropped.zero_()
-    mean_E = counts_LE.mean(-1, keepdim=True).clamp_min(1e-9)
     return {
-        "moe/max_load": float((counts_LE / mean_E).max()),  # the busiest expert's load over the mean (1 = even)
-        "moe/min_load": float((counts_LE / mean_E).min()),
-        "moe/dropped": float(dropped),
+        "moe/max_load": float(stats[0]),
+        "moe/min_load": float(-stats[1]),
+        "moe/dropped": float(stats[2]),
+        "moe/balancing_loss": float(stats[3]),
     }
 
 

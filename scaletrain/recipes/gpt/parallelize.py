@@ -72,12 +72,16 @@ def apply_tensor_parallel(model: GPT, dims: ParallelDims, loss_parallel: bool) -
             "attention.wv": ColwiseParallel(),
             "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),
-            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
         }
-        if block.feed_forward.w3 is not None:
-            plan["feed_forward.w3"] = ColwiseParallel()
+        if isinstance(block.feed_forward, MoE):
+            plan.update(_moe_plan(block.feed_forward))
+            block.feed_forward.tp_group = tp_mesh.get_group()
+        else:
+            plan["feed_forward"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+            plan["feed_forward.w1"] = ColwiseParallel()
+            plan["feed_forward.w2"] = RowwiseParallel(output_layouts=Shard(1))
+            if block.feed_forward.w3 is not None:
+                plan["feed_forward.w3"] = ColwiseParallel()
         parallelize_module(block, tp_mesh, plan)
         if learned_pos and index == "0":
             # Turn the replicated embedding sum into the sequence shard the first norm expects.
@@ -90,6 +94,28 @@ def apply_tensor_parallel(model: GPT, dims: ParallelDims, loss_parallel: bool) -
                     use_local_output=True,
                 ),
             )
+
+
+def _moe_plan(moe: MoE) -> dict:
+    """An MoE block under TP keeps its input sharded over the sequence: each tp rank routes its own tokens,
+    which then go to the experts like any data-parallel rank's (the routed experts are not split over tp;
+    their FSDP group includes the tp ranks, which sums their gradients). The router is replicated over tp
+    (DTensor sums its gradient over the ranks); the shared experts are split Megatron-style, on all tokens."""
+    plan = {
+        "feed_forward": PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),), use_local_output=True
+        ),
+        # MoE.route flattens the tokens: the local [B*T/tp, D] rows are shard 0 of all the rows.
+        "feed_forward.router": SequenceParallel(sequence_dim=0, use_local_output=True),
+    }
+    if moe.shared is not None:
+        plan["feed_forward.shared"] = PrepareModuleInput(
+            input_layouts=(Shard(0),), desired_input_layouts=(Replicate(),)
+        )
+        plan["feed_forward.shared.w1"] = ColwiseParallel()
+        plan["feed_forward.shared.w3"] = ColwiseParallel()
+        plan["feed_forward.shared.w2"] = RowwiseParallel(output_layouts=Shard(0))
+    return plan
 
 
 def apply_context_parallel(model: GPT, dims: ParallelDims, method: str, attention_impl: str) -> None:
