@@ -141,6 +141,9 @@ class EvalSpec:
     """
 
     evaluate: Callable[[nn.Module, JobConfig, ParallelDims, int, Any], dict[str, float]] | None = None
+    # Whether evaluate also works when pipeline stages split the model (it then gets this rank's stages, and
+    # combines over the pp ranks itself); otherwise eval.interval is refused with parallel.pp > 1.
+    evaluate_under_pipeline: bool = False
     sample: Callable[[list[str]], None] | None = None
     bench_baselines: Callable[[JobConfig], dict[str, Callable[[], nn.Module]]] | None = None
 

@@ -137,7 +137,9 @@ def validate_config(cfg: JobConfig, world_size: int) -> ParallelDims:
             "(PipelineSpec.target_kwarg), so its last pipeline stage cannot compute the fused loss",
         )
         _check(
-            not (cfg.eval.interval and recipe.evaluation.evaluate is not None),
+            not cfg.eval.interval
+            or recipe.evaluation.evaluate is None
+            or recipe.evaluation.evaluate_under_pipeline,
             f"eval.interval: the evaluation of recipe {cfg.recipe!r} runs the whole model on one rank, which "
             f"pipeline parallel (parallel.pp={dims.pp}) splits across ranks; set eval.interval=0 and evaluate "
             "a checkpoint afterwards (e.g. `scaletrain sample`)",

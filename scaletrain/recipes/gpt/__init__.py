@@ -6,9 +6,11 @@ Configs: scaletrain/recipes/gpt/configs/ (tiny for a CPU; gpt2-small; llama 1B, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate
 
@@ -21,7 +23,7 @@ from scaletrain.parallel.dims import ParallelDims
 from scaletrain.recipes.gpt import hf
 from scaletrain.recipes.gpt.bench_baselines import bench_baselines
 from scaletrain.recipes.gpt.model import GPT, GPTConfig
-from scaletrain.recipes.gpt.moe import MoE, active_parameters, update_balancing
+from scaletrain.recipes.gpt.moe import MoE, active_parameters, load_heatmap, update_balancing
 from scaletrain.recipes.gpt.parallelize import parallelize_gpt
 from scaletrain.registry import (
     DataSpec,
@@ -97,6 +99,35 @@ def after_step(model: GPT, dims: ParallelDims) -> dict[str, float]:
     groups = [dims.axis(axis).get_group() for axis in ("dp_cp", "tp") if dims.axis(axis).size() > 1]
     stage_group = dims.axis("pp").get_group() if dims.pp_enabled else None
     return update_balancing(layers, groups, stage_group)
+
+
+def evaluate(model: GPT, cfg: JobConfig, dims: ParallelDims, step: int, logger: Any) -> dict[str, float]:
+    """MoE: each block's per-expert load since the last evaluation as a heatmap (blocks x experts; PNG in
+    <run>/moe_load/ and the logger's image moe/load) and the busiest expert's load over its block's mean;
+    nothing for a dense model."""
+    if not cfg.model.moe.enabled:
+        return {}
+    # Block index -> pairs per expert (the counts were summed over the ranks at each step's end).
+    rows = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MoE):
+            rows[int(name.split(".")[1])] = module.load_since_eval.cpu().clone()
+            module.load_since_eval.zero_()
+    if dims.pp_enabled:  # each stage holds other blocks
+        parts: list[dict] = [{} for _ in range(dims.pp)]
+        dist.all_gather_object(parts, rows, group=dims.axis("pp").get_group())
+        rows = {block: counts for part in parts for block, counts in part.items()}
+    if (dist.get_rank() if dist.is_initialized() else 0) != 0 or not rows:
+        return {}
+    from PIL import Image  # installed with tensorboard
+
+    image = load_heatmap(rows).numpy()
+    png = Path(cfg.job.run_dir) / cfg.job.name / "moe_load" / f"step-{step:08d}.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(png)
+    logger.log_image(step, "moe/load", image)
+    counts_LE = torch.stack(list(rows.values())).float()
+    return {"moe_max_load": float((counts_LE / counts_LE.mean(-1, keepdim=True).clamp_min(1e-9)).max())}
 
 
 def attention_choice(cfg: JobConfig) -> ops.AttentionChoice:
@@ -325,7 +356,7 @@ RECIPE = register_recipe(
             ),
             context_parallel_keys=("input", "target"),
         ),
-        evaluation=EvalSpec(bench_baselines=bench_baselines),
+        evaluation=EvalSpec(evaluate=evaluate, evaluate_under_pipeline=True, bench_baselines=bench_baselines),
         hf=HFInterop(export=hf.export_hf, import_=hf.import_hf, model_types=hf.HF_MODEL_TYPES),
     )
 )

@@ -292,7 +292,7 @@ class GPT(nn.Module):
             angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), inv_freq)
             angles = torch.cat((angles, angles), dim=-1)
             tensor.copy_(angles.cos() if name == "rope_cos" else angles.sin())
-        elif leaf in ("expert_bias", "tokens_per_expert", "dropped", "balancing_sum", "forwards"):
+        elif leaf in ("expert_bias", "tokens_per_expert", "dropped", "balancing_sum", "forwards", "load_since_eval"):
             # MoE balancing state starts at zero
             tensor.zero_()
         elif leaf in ("w1", "w2", "w3"):  # MoE experts' stacked [E, in, out] weights

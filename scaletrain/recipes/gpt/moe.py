@@ -175,6 +175,8 @@ class MoE(nn.Module):
         # logged moe/balancing_loss.
         self.register_buffer("balancing_sum", torch.empty(()), persistent=False)
         self.register_buffer("forwards", torch.empty(()), persistent=False)
+        # Pairs per expert since the last evaluation, summed over the ranks: the eval's load heatmap.
+        self.register_buffer("load_since_eval", torch.empty(cfg.num_experts), persistent=False)
         # Set by the recipe's parallelize: under context and tensor (sequence) parallel the ranks holding the
         # rest of each sequence; under expert parallel the ranks the experts are split over.
         self.cp_group: torch.distributed.ProcessGroup | None = None
@@ -321,6 +323,7 @@ def update_balancing(
             rate = layer.cfg.bias_update_rate
             if rate > 0:
                 layer.expert_bias += rate * torch.sign(counts_E.mean() - counts_E)
+            layer.load_since_eval += counts_E
             for counter in (layer.tokens_per_expert, layer.dropped, layer.balancing_sum, layer.forwards):
                 counter.zero_()
         load_LE = counts_LE / counts_LE.mean(-1, keepdim=True).clamp_min(1e-9)
@@ -342,6 +345,19 @@ def update_balancing(
         "moe/dropped": float(stats[2]),
         "moe/balancing_loss": float(stats[3]),
     }
+
+
+def load_heatmap(rows: dict[int, torch.Tensor], cell: int = 12) -> torch.Tensor:
+    """Blocks x experts image (HWC uint8) of each expert's load over its block's mean: white = the mean,
+    red up to 2x and more, blue down to 0. rows: block index -> pairs per expert."""
+    blocks = sorted(rows)
+    counts_LE = torch.stack([rows[b].float().cpu() for b in blocks])
+    load_LE = (counts_LE / counts_LE.mean(-1, keepdim=True).clamp_min(1e-9)).clamp(0, 2)
+    over, under = (load_LE - 1).clamp_min(0), (1 - load_LE).clamp_min(0)  # each in [0, 1]
+    # white (1, 1, 1) -> red (1, 0, 0) above the mean; white -> blue (0, 0, 1) below it.
+    rgb_LE3 = torch.stack([1 - under, 1 - over - under, 1 - over], dim=-1)
+    image = rgb_LE3.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+    return (image * 255).round().to(torch.uint8)
 
 
 def active_parameters(model: nn.Module, cfg: object) -> int:
