@@ -2,7 +2,8 @@
 
 A few training steps make a real checkpoint (one process); its weights are exported, loaded
 with `transformers` (Llama with grouped-query attention, untied and tied; Mistral = Llama with a
-sliding window; GPT-2 style), and
+sliding window; GPT-2 style; Qwen3 with q/k norms and decoupled head width; the mixtures of experts
+Mixtral and Qwen3-MoE), and
 the logits compared with scaletrain's model in fp32 (atol/rtol 1e-5). Importing the HF folder
 back must give exactly the exported state.
 """
@@ -36,7 +37,16 @@ STYLES = {
     "mistral-window": ["--model.n_kv_heads", "2", "--model.sliding_window", "8"],
     "gpt2": ["--model.norm", "layernorm", "--model.pos", "learned", "--model.mlp", "gelu", "--model.bias", "true"]
     + ["--model.n_kv_heads", "0"],
-}
+    # Qwen3: per-head q/k norms, heads wider than dim / n_heads (4 x 64 on a 128-wide model).
+    "qwen3": ["--model.n_kv_heads", "2", "--model.qk_norm", "true", "--model.head_dim", "64"],
+    # Mixture of experts (trained with the balancing loss; dropless, no routing biases).
+    "mixtral": ["--model.n_kv_heads", "2", "--model.moe.num_experts", "4", "--model.moe.expert_hidden", "64"],
+    "qwen3-moe": ["--model.n_kv_heads", "2", "--model.qk_norm", "true", "--model.head_dim", "64",
+                  "--model.moe.num_experts", "4", "--model.moe.expert_hidden", "64", "--model.moe.first_dense", "1",
+                  "--model.moe.norm_topk", "false"],
+}  # fmt: skip
+MODEL_TYPES = {"gpt2": "gpt2", "mistral-window": "mistral", "qwen3": "qwen3", "mixtral": "mixtral"}
+MODEL_TYPES["qwen3-moe"] = "qwen3_moe"
 
 
 def _checkpoint(tmp_path: Path, style: str) -> tuple[Path, object]:
@@ -49,7 +59,8 @@ def _our_logits(cfg, state: dict[str, torch.Tensor], tokens: torch.Tensor) -> to
     model = get_recipe("gpt").model.build(cfg.model)
     init_model(model, "cpu", seed=123)  # fills the RoPE buffers; the weights are then overwritten
     model.load_state_dict(state, strict=True)
-    return model.eval()(tokens)
+    logits = model.eval()(tokens)
+    return logits[0] if isinstance(logits, tuple) else logits  # MoE: (logits, balancing losses)
 
 
 @pytest.mark.parametrize("style", list(STYLES))
@@ -59,7 +70,7 @@ def test_hf_export_matches_logits_and_imports_back(style, tmp_path):
     hf_dir = tmp_path / "hf"
     assert cli_main(["export", str(ckpt), "--format", "hf", "--out", str(hf_dir)]) == 0
     config = json.loads((hf_dir / "config.json").read_text())
-    assert config["model_type"] == {"gpt2": "gpt2", "mistral-window": "mistral"}.get(style, "llama")
+    assert config["model_type"] == MODEL_TYPES.get(style, "llama")
 
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -69,12 +80,16 @@ def test_hf_export_matches_logits_and_imports_back(style, tmp_path):
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
     _check_tokenizer_and_files(hf_dir, config, hf_model)
 
-    out = tmp_path / "imported"
-    assert cli_main(["import", "hf", str(hf_dir), "--out", str(out)]) == 0
-    back = consolidated_tensors(out / "step-00000000")
-    assert sorted(back) == sorted(state)
-    for key in state:
-        assert torch.equal(back[key], state[key]), key
+    # Import our folder back, and the folder transformers itself saves (its own layout, e.g. fused experts).
+    resaved = tmp_path / "resaved"
+    hf_model.save_pretrained(resaved)
+    for i, folder in enumerate((hf_dir, resaved)):
+        out = tmp_path / f"imported-{i}"
+        assert cli_main(["import", "hf", str(folder), "--out", str(out)]) == 0
+        back = consolidated_tensors(out / "step-00000000")
+        assert sorted(back) == sorted(state), folder
+        for key in state:
+            assert torch.equal(back[key], state[key]), (folder, key)
 
 
 def _check_tokenizer_and_files(hf_dir: Path, config: dict, hf_model) -> None:

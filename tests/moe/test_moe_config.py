@@ -8,6 +8,7 @@ from st_common import REPO
 
 from scaletrain import cli
 from scaletrain.config import load_config
+from scaletrain.recipes.gpt.hf import hf_architecture
 from scaletrain.validate import validate_config
 
 CONFIG = str(REPO / "scaletrain" / "recipes" / "gpt" / "configs" / "tiny-moe.yaml")
@@ -81,6 +82,24 @@ def test_mixtral_config_has_mixtrals_published_size(capsys):
     counts = _summary(str(REPO / "scaletrain/recipes/gpt/configs/mixtral-8x7b.yaml"), capsys)
     assert counts["parameters"] == 46_702_792_704  # Mixtral-8x7B's safetensors hold 46,702,792,704
     assert counts["active_parameters"] == 12_879_925_248  # "12.9B active": 2 of 8 experts per block
+
+
+def test_qwen3_moe_config_has_its_published_size(capsys):
+    counts = _summary(str(REPO / "scaletrain/recipes/gpt/configs/qwen3-moe-30b-a3b.yaml"), capsys)
+    # Qwen3-30B-A3B: "30.5B in total and 3.3B activated" (its model card); 48 blocks of 128 experts, top-8.
+    assert round(counts["parameters"] / 1e9, 1) == 30.5
+    assert 3.3e9 <= counts["active_parameters"] < 3.4e9  # 3,353,032,704 (all weights but 120 idle experts a block)
+
+
+def test_hf_export_names_what_mixtral_and_qwen3_moe_cannot_express():
+    cfg = load_config(CONFIG, [])  # tiny-moe: a shared expert and a dense first block
+    with pytest.raises(ValueError, match=r"as Mixtral .*model\.moe\.num_shared_experts: 1 .*model\.moe\.first_dense"):
+        hf_architecture(cfg.model)
+    cfg = load_config(CONFIG, ["--model.qk_norm", "true", "--model.moe.score", "sigmoid"])
+    with pytest.raises(ValueError, match=r"as Qwen3-MoE cannot express: .*shared.*model\.moe\.score: sigmoid"):
+        hf_architecture(cfg.model)
+    cfg = load_config(CONFIG, ["--model.qk_norm", "true", "--model.moe.num_shared_experts", "0"])
+    assert hf_architecture(cfg.model) == "qwen3_moe"
 
 
 def test_deepseek_sized_config_validates_and_routes_a_few_percent(capsys):

@@ -1,9 +1,9 @@
 """MoE layouts train like one process: tiny MoE (4 experts, top-2, a shared expert, the sequence-wise
-balancing loss and auxiliary-loss-free biases), fp32, 5 steps, 2 or 4 ranks: losses and gradient norms within
-1e-5 relative (observed ~1e-7), and the logged loads and balancing loss equal. Dropless routing makes each
-token's result independent of the others; the balancing loss counts whole sequences (summed over the cp and
-tp ranks holding its parts) and the expert loads are summed over the ranks before the biases move, so the
-routing is the same in every layout, with or without expert parallel."""
+balancing loss and auxiliary-loss-free biases; Qwen3-style attention), fp32, 5 steps, 2 or 4 ranks: losses
+and gradient norms within 1e-5 relative (observed ~1e-7), and the logged loads and balancing loss equal.
+Dropless routing makes each token's result independent of the others; the balancing loss counts whole
+sequences (summed over the cp and tp ranks holding its parts) and the expert loads are summed over the ranks
+before the biases move, so the routing is the same in every layout, with or without expert parallel."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ CONFIG = str(REPO / "scaletrain" / "recipes" / "gpt" / "configs" / "tiny-moe.yam
 SMALL = [
     "--train.steps", "5", "--train.warmup_steps", "2", "--model.n_layers", "2", "--data.seq_len", "64",
     "--train.global_batch_size", "8", "--model.moe.num_experts", "4", "--model.moe.bias_update_rate", "0.05",
+    # Qwen3-style attention (per-head q/k norms, heads wider than dim / n_heads), so every layout runs it too.
+    "--model.qk_norm", "true", "--model.head_dim", "64",
 ]  # fmt: skip
 FP32_LOSS_RTOL = 1e-5
 LAYOUTS = {

@@ -136,7 +136,7 @@ def attention_choice(cfg: JobConfig) -> ops.AttentionChoice:
         cfg.model.attention,
         device_type=training_device_type(),
         dtype=TORCH_DTYPES[cfg.train.dtype],
-        head_dim=cfg.model.head_dim,
+        head_dim=cfg.model.head_size,
         seq_len=cfg.data.seq_len,
     )
 
@@ -243,16 +243,20 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
     if m.ffn_multiplier <= 0:
         raise ValueError(f"model.ffn_multiplier: {m.ffn_multiplier} is not allowed; use > 0")
     checks = [
-        (m.dim % m.n_heads == 0, f"model.dim: {m.dim} is not divisible by model.n_heads={m.n_heads}"),
-        (m.head_dim % 2 == 0 or m.pos != "rope", f"model.dim/model.n_heads = {m.head_dim} must be even for RoPE"),
+        (m.head_dim >= 0, f"model.head_dim: {m.head_dim} is not allowed; use 0 (dim / n_heads) or >= 1"),
+        (
+            m.head_dim or m.dim % m.n_heads == 0,
+            f"model.dim: {m.dim} is not divisible by model.n_heads={m.n_heads} (or set model.head_dim)",
+        ),
+        (m.head_size % 2 == 0 or m.pos != "rope", f"model.head_dim: the head width {m.head_size} must be even (RoPE)"),
         (m.n_heads % m.kv_heads == 0, f"model.n_kv_heads: {m.kv_heads} does not divide model.n_heads={m.n_heads}"),
         (d.seq_len >= 1, f"data.seq_len: {d.seq_len} is not allowed; use >= 1"),
         (d.seq_len <= m.max_seq_len, f"data.seq_len: {d.seq_len} exceeds model.max_seq_len={m.max_seq_len}"),
         (d.num_workers >= 0, f"data.num_workers: {d.num_workers} is not allowed; use >= 0"),
         (
-            m.attention != "triton" or ops.triton_attention_supports(m.head_dim),
-            f"model.attention: 'triton' needs a head dim (model.dim/model.n_heads = {m.head_dim}) that is a power "
-            "of two in [16, 128]; use 'sdpa'",
+            m.attention != "triton" or ops.triton_attention_supports(m.head_size),
+            f"model.attention: 'triton' needs a head dim (model.head_dim, or dim/n_heads = {m.head_size}) that is "
+            "a power of two in [16, 128]; use 'sdpa'",
         ),
         (
             m.attention != "flex" or ops.flex_available(),

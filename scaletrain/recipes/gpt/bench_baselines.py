@@ -10,6 +10,7 @@ Shape legend: B batch, T sequence, D model dim, H heads, K kv heads, E head dim,
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -19,12 +20,13 @@ from torch import nn
 from scaletrain.config.schema import JobConfig
 from scaletrain.recipes.gpt.hf import _gpt2_config, _llama_config, hf_architecture
 from scaletrain.recipes.gpt.model import GPTConfig
+from scaletrain.recipes.gpt.moe import MoEConfig
 
 
 class _Block(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        D, H, K, E = cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        D, H, K, E = cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_size
         self.H, self.K, self.E, self.eps = H, K, E, cfg.norm_eps
         self.attn_norm = nn.Parameter(torch.ones(D))
         self.qkv = nn.Linear(D, (H + 2 * K) * E, bias=False)
@@ -60,7 +62,7 @@ class PlainLlama(nn.Module):
         self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.Parameter(torch.ones(cfg.dim))
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        inv_freq = cfg.rope_theta ** (-torch.arange(0, cfg.head_dim, 2) / cfg.head_dim)
+        inv_freq = cfg.rope_theta ** (-torch.arange(0, cfg.head_size, 2) / cfg.head_size)
         angles = torch.outer(torch.arange(cfg.max_seq_len).float(), inv_freq).repeat(1, 2)
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
@@ -85,7 +87,8 @@ class TransformersLM(nn.Module):
         super().__init__()
         import transformers
 
-        config = _gpt2_config(cfg) if hf_architecture(cfg) == "gpt2" else _llama_config(cfg)
+        arch = hf_architecture(cfg)
+        config = _gpt2_config(cfg) if arch == "gpt2" else _llama_config(cfg, arch)
         config_class = transformers.AutoConfig.for_model(config.pop("model_type"))
         self.model = transformers.AutoModelForCausalLM.from_config(config_class.from_dict(config))
 
@@ -94,15 +97,28 @@ class TransformersLM(nn.Module):
         return F.cross_entropy(logits_BTV.flatten(0, 1).float(), batch["target"].flatten())
 
 
+def dense_of_active_size(model: GPTConfig) -> GPTConfig:
+    """The dense model whose blocks hold the weights one token uses in an MoE block: its top-k routed and its
+    shared experts as one SwiGLU of their combined width (the router's D x E weights aside). Every block gets
+    that width, so it equals the MoE model's active size when its dense blocks have the same width (tiny-moe:
+    3 x 128 = 384, the automatic SwiGLU width of a 128-wide model)."""
+    moe = model.moe
+    width = (moe.expert_hidden or model.hidden_dim) * (moe.top_k + moe.num_shared_experts)
+    return dataclasses.replace(model, ffn_hidden=width, moe=MoEConfig())
+
+
 def bench_baselines(cfg: JobConfig) -> dict[str, Callable[[], nn.Module]]:
-    """The independent baselines that fit this config: the hand-written Llama for Llama-style models, and
+    """The independent baselines that fit this config: the hand-written Llama for Llama-style models (for an
+    MoE model, the dense one of the same active size: what the experts cost over the weights they use), and
     transformers' model whenever transformers is installed and can express the architecture."""
     model = cfg.model
     baselines: dict[str, Callable[[], nn.Module]] = {}
-    if model.moe.enabled:  # neither baseline has experts: only the plain loop on scaletrain's model compares
-        return baselines
     llama_style = model.pos == "rope" and model.norm == "rmsnorm" and model.mlp == "swiglu"
-    if llama_style and not (model.bias or model.tie_embeddings or model.sliding_window):
+    plain = not (model.bias or model.tie_embeddings or model.sliding_window or model.qk_norm or model.head_dim)
+    if llama_style and plain and model.moe.enabled:
+        dense = dense_of_active_size(model)
+        baselines["independent plain llama, dense of the same active size"] = lambda: PlainLlama(dense)
+    elif llama_style and plain:
         baselines["independent plain llama"] = lambda: PlainLlama(model)
     try:
         import transformers  # noqa: F401

@@ -29,6 +29,10 @@ class GPTConfig:
     n_layers: int = opt(4, "Number of transformer blocks.")
     n_heads: int = opt(4, "Attention heads H.")
     n_kv_heads: int = opt(0, "Key/value heads K for grouped-query attention; 0 = n_heads.")
+    head_dim: int = opt(
+        0, "Width E of each attention head; 0 = dim / n_heads (Qwen3 decouples them: 2048 wide, 32 heads of 128)."
+    )
+    qk_norm: bool = opt(False, "RMSNorm over each head's queries and keys before RoPE (Qwen3).")
     ffn_hidden: int = opt(0, "MLP hidden width; 0 = 4*D for GELU, 8/3*D rounded up to multiple_of for SwiGLU.")
     ffn_multiplier: float = opt(1.0, "Scales the automatic SwiGLU hidden width (Llama-3 uses 1.3 for 8B, 1.5 for 70B).")
     multiple_of: int = opt(64, "SwiGLU hidden width is rounded up to a multiple of this.")
@@ -67,8 +71,9 @@ class GPTConfig:
         return self.n_kv_heads or self.n_heads
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def head_size(self) -> int:
+        """The resolved head width E (model.head_dim, or dim / n_heads)."""
+        return self.head_dim or self.dim // self.n_heads
 
     @property
     def hidden_dim(self) -> int:
@@ -134,7 +139,7 @@ def arange_positions(length: int, device: torch.device) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.head_dim = cfg.head_dim
+        self.head_dim = cfg.head_size
         self.fused_rope = cfg.fused_rope
         # Causal attention over (q, k, v) in B H T E layout (scaletrain.ops, by model.attention).
         # Parallelize plans may swap in another implementation (context-parallel ring/all-to-all);
@@ -144,10 +149,13 @@ class Attention(nn.Module):
         # its load-balanced positions. Computed here, from the attention input, because under
         # sequence parallel the block input is a sequence shard but the attention input is not.
         self.positions_fn = arange_positions
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.bias)
-        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
-        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.bias)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_size, bias=cfg.bias)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_size, bias=cfg.bias)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_size, bias=cfg.bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_size, cfg.dim, bias=cfg.bias)
+        # Per-head norms (shared by all heads): q/k logits stay bounded whatever the weights grow to.
+        self.q_norm = RMSNorm(cfg.head_size, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_size, eps=cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(
         self, x_BTD: torch.Tensor, cos_table: torch.Tensor | None, sin_table: torch.Tensor | None
@@ -157,6 +165,8 @@ class Attention(nn.Module):
         q_BTHE = self.wq(x_BTD).view(B, T, -1, self.head_dim)
         k_BTKE = self.wk(x_BTD).view(B, T, -1, self.head_dim)
         v_BTKE = self.wv(x_BTD).view(B, T, -1, self.head_dim)
+        if self.q_norm is not None:
+            q_BTHE, k_BTKE = self.q_norm(q_BTHE), self.k_norm(k_BTKE)
         if cos_table is not None:
             # Rotate-half convention (pairs are (i, i + E/2)), the layout Hugging Face Llama uses,
             # so exported weights need no permutation.
@@ -224,8 +234,8 @@ class GPT(nn.Module):
         self.fused_cross_entropy = False
         if cfg.pos == "rope":
             # Not persistent: derived from the config, so checkpoints do not carry it.
-            self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
-            self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+            self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_size), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_size), persistent=False)
         else:
             self.rope_cos = self.rope_sin = None
 
@@ -288,7 +298,8 @@ class GPT(nn.Module):
         cfg = self.cfg
         leaf = name.rsplit(".", 1)[-1]
         if name in ("rope_cos", "rope_sin"):
-            inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+            E = cfg.head_size
+            inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, E, 2, dtype=torch.float64) / E))
             angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), inv_freq)
             angles = torch.cat((angles, angles), dim=-1)
             tensor.copy_(angles.cos() if name == "rope_cos" else angles.sin())

@@ -73,6 +73,10 @@ def apply_tensor_parallel(model: GPT, dims: ParallelDims, loss_parallel: bool) -
             "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),
         }
+        if block.attention.q_norm is not None:
+            # Qwen3's per-head norms: one weight shared by the heads, which tp splits (dim 2 of B T H E).
+            plan["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+            plan["attention.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
         if isinstance(block.feed_forward, MoE):
             plan.update(_moe_plan(block.feed_forward))
             block.feed_forward.tp_group = tp_mesh.get_group()
