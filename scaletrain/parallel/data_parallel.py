@@ -41,19 +41,12 @@ def fsdp_options(train: TrainSection, parallel: ParallelSection, is_root: bool, 
 
 
 def apply_fsdp(
-    model: nn.Module,
-    blocks: Sequence[nn.Module],
-    dims: ParallelDims,
-    train: TrainSection,
-    parallel: ParallelSection,
-    experts: Sequence[nn.Module] = (),
+    model: nn.Module, blocks: Sequence[nn.Module], dims: ParallelDims, train: TrainSection, parallel: ParallelSection
 ) -> None:
     # HSDP: replicate across the outer axis, shard across the inner (which includes cp,
     # because cp ranks hold identical weights and can share the shards).
     fsdp_mesh = dims.hsdp_mesh() if dims.dp_replicate > 1 else dims.axis("dp_shard_cp")
     block_options = fsdp_options(train, parallel, is_root=False, pipelined=dims.pp_enabled)
-    if experts:  # their own groups first, so the blocks' groups leave their parameters out
-        apply_expert_fsdp(experts, dims, block_options)
     for block in blocks:
         fully_shard(block, mesh=fsdp_mesh, **block_options)
     fully_shard(model, mesh=fsdp_mesh, **fsdp_options(train, parallel, is_root=True, pipelined=dims.pp_enabled))
@@ -80,13 +73,13 @@ def apply_data_parallel(
     experts: modules of routed-expert weights (scaletrain/parallel/expert_parallel.py); under expert or tensor
     parallel they get FSDP groups of their own, over the ranks that hold the same experts and see other
     tokens (edp x tp) — also when nothing else is data-parallel (tp alone), to sum their gradients over tp."""
-    own_groups = experts if dims.ep_enabled or dims.tp_enabled else ()
-    if dims.ddp_enabled:
+    if dims.ddp_enabled:  # replicas only: no tp, no ep
         apply_ddp(model, dims)
         return "ddp"
+    if experts and (dims.ep_enabled or dims.tp_enabled) and not dims.engine_data_parallel:
+        # Before the blocks' groups, which then leave the experts' parameters out.
+        apply_expert_fsdp(experts, dims, fsdp_options(train, parallel, is_root=False, pipelined=dims.pp_enabled))
     if dims.fsdp_enabled or dims.hsdp_enabled:
-        apply_fsdp(model, blocks, dims, train, parallel, own_groups)
+        apply_fsdp(model, blocks, dims, train, parallel)
         return "hsdp" if dims.hsdp_enabled else "fsdp"
-    if own_groups:
-        apply_expert_fsdp(own_groups, dims, fsdp_options(train, parallel, is_root=False, pipelined=dims.pp_enabled))
     return "none"
