@@ -54,7 +54,7 @@ PIPELINE_LAYOUTS = {
     "pp2": ["--parallel.pp", "2", "--parallel.dp_shard", "1"],
     "pp2_ep2": ["--parallel.pp", "2", "--parallel.dp_shard", "2", "--parallel.ep", "2"],
 }
-METRICS = ("moe/max_load", "moe/min_load", "moe/balancing_loss")
+METRICS = ("moe/max_load", "moe/min_load", "moe/tokens_per_expert", "moe/balancing_loss", "moe/bias_l1")
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,8 @@ def _check(single: list[dict], rows: list[dict], layout: str) -> None:
     for ours, theirs in zip(single, rows, strict=True):
         for key in METRICS:
             assert ours[key] == pytest.approx(theirs[key], rel=1e-5), (layout, ours["step"], key)
+        # The auxiliary-loss-free biases: the same on every rank (and, by bias_l1 above, as in one process).
+        assert theirs["moe/bias_spread"] == 0, (layout, theirs["step"])
     # The biases moved the routing away from collapse: the load was not the same every step.
     assert len({round(r["moe/max_load"], 6) for r in single}) > 1
 

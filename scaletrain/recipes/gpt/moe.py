@@ -297,6 +297,11 @@ def _limit_to_groups(choice_NE: torch.Tensor, groups: int, topk_groups: int) -> 
     return grouped_NGX.masked_fill(~keep_NG.unsqueeze(-1), float("-inf")).view(N, E)
 
 
+# update_balancing's per-stage statistics: combined over pipeline stages by max, or by sum.
+_STAGE_MAX = ("max_load", "neg_min_load", "bias_spread")
+_STAGE_SUM = ("dropped", "balancing_loss", "tokens_per_expert", "bias_l1", "layers")
+
+
 @torch.no_grad()
 def update_balancing(
     moe_layers: list[MoE],
@@ -306,10 +311,14 @@ def update_balancing(
     """After an optimizer step: sum each layer's expert counts over the ranks that routed other tokens (the
     groups: data-parallel, tensor-parallel), move the routing biases (when auxiliary-loss-free balancing is
     on), reset the counts; returns load metrics. stage_group: under pipeline parallel the other stages,
-    which hold the other layers (and maybe none), so the metrics cover the whole model on every rank."""
-    # [busiest expert's load / mean, -(idlest's load / mean), dropped pairs, balancing loss, MoE layers]; the
-    # load over the mean is 1 when even.
-    stats = torch.tensor([-math.inf, -math.inf, 0.0, 0.0, 0.0])
+    which hold the other layers (and maybe none), so the metrics cover the whole model on every rank.
+
+    Metrics: moe/max_load and moe/min_load, the busiest and idlest expert's pairs over its block's mean (1 =
+    even; the max is the imbalance ratio); moe/tokens_per_expert, that mean (pairs per expert per block,
+    averaged over the blocks); moe/dropped; moe/balancing_loss, the balancing terms the loss added; with
+    bias balancing, moe/bias_l1 (sum of |bias|) and moe/bias_spread, the largest difference of a bias
+    between ranks (0: every rank routes alike)."""
+    stats = dict.fromkeys(_STAGE_SUM, 0.0) | dict.fromkeys(_STAGE_MAX, -math.inf)
     if moe_layers:
         counts_LE = torch.stack([m.tokens_per_expert for m in moe_layers])
         # Per layer: [dropped pairs, summed balancing losses, forwards].
@@ -326,25 +335,43 @@ def update_balancing(
             layer.load_since_eval += counts_E
             for counter in (layer.tokens_per_expert, layer.dropped, layer.balancing_sum, layer.forwards):
                 counter.zero_()
-        load_LE = counts_LE / counts_LE.mean(-1, keepdim=True).clamp_min(1e-9)
-        # Each layer's balancing loss averaged over the forwards (micro-batches, ranks), summed over layers:
-        # the term the model's loss adds.
-        balancing = (sums_L3[:, 1] / sums_L3[:, 2].clamp_min(1)).sum()
-        layers = torch.tensor(float(len(moe_layers)))
-        stats = torch.stack([load_LE.max(), -load_LE.min(), sums_L3[:, 0].sum(), balancing, layers]).cpu()
+        mean_L1 = counts_LE.mean(-1, keepdim=True)
+        load_LE = counts_LE / mean_L1.clamp_min(1e-9)
+        stats.update(
+            max_load=float(load_LE.max()),
+            neg_min_load=float(-load_LE.min()),
+            dropped=float(sums_L3[:, 0].sum()),
+            # Each layer's balancing loss averaged over the forwards (micro-batches, ranks), summed over layers.
+            balancing_loss=float((sums_L3[:, 1] / sums_L3[:, 2].clamp_min(1)).sum()),
+            tokens_per_expert=float(mean_L1.sum()),
+            layers=float(len(moe_layers)),
+        )
+        if any(layer.cfg.bias_update_rate > 0 for layer in moe_layers):
+            biases = torch.cat([layer.expert_bias for layer in moe_layers])
+            stats["bias_l1"], stats["bias_spread"] = float(biases.abs().sum()), 0.0
+            if groups:  # the largest and the negated smallest value of each bias over the ranks
+                extremes = torch.cat([biases, -biases])
+                for group in groups:
+                    torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX, group=group)
+                stats["bias_spread"] = float((extremes[: biases.numel()] + extremes[biases.numel() :]).max())
     if stage_group is not None:
-        extremes, sums = stats[:2].clone(), stats[2:].clone()
-        torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX, group=stage_group)
+        maxima = torch.tensor([stats[k] for k in _STAGE_MAX], dtype=torch.float64)
+        sums = torch.tensor([stats[k] for k in _STAGE_SUM], dtype=torch.float64)
+        torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX, group=stage_group)
         torch.distributed.all_reduce(sums, group=stage_group)
-        stats = torch.cat([extremes, sums])
-    if stats[4] == 0:  # no MoE layer anywhere
+        stats = dict(zip(_STAGE_MAX, maxima.tolist(), strict=True)) | dict(zip(_STAGE_SUM, sums.tolist(), strict=True))
+    if stats["layers"] == 0:  # no MoE layer anywhere
         return {}
-    return {
-        "moe/max_load": float(stats[0]),
-        "moe/min_load": float(-stats[1]),
-        "moe/dropped": float(stats[2]),
-        "moe/balancing_loss": float(stats[3]),
+    metrics = {
+        "moe/max_load": stats["max_load"],
+        "moe/min_load": -stats["neg_min_load"],
+        "moe/tokens_per_expert": stats["tokens_per_expert"] / stats["layers"],
+        "moe/dropped": stats["dropped"],
+        "moe/balancing_loss": stats["balancing_loss"],
     }
+    if stats["bias_spread"] > -math.inf:
+        metrics |= {"moe/bias_l1": stats["bias_l1"], "moe/bias_spread": stats["bias_spread"]}
+    return metrics
 
 
 def load_heatmap(rows: dict[int, torch.Tensor], cell: int = 12) -> torch.Tensor:
