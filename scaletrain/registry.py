@@ -165,6 +165,23 @@ class HFInterop:
 
 
 @dataclass(frozen=True)
+class MegatronInterop:
+    """How `engine.name=megatron` trains this family with megatron-core's model (scaletrain/engines/megatron_engine.py).
+
+    refusals: model config -> what of it megatron cannot express (empty = everything maps).
+    build:    model config -> megatron-core's model (on the CPU; megatron's parallel_state initialized), whose
+              forward(tokens, positions, attention_mask=None) returns the recipe's output (logits).
+    to_megatron / from_megatron: (model config, tensors by name) -> the same tensors under the other side's
+              names; applied to weights and to per-weight optimizer state alike.
+    """
+
+    refusals: Callable[[Any], list[str]]
+    build: Callable[[Any], nn.Module]
+    to_megatron: Callable[[Any, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    from_megatron: Callable[[Any, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
 class Recipe:
     """What a model family gives the core: required groups first, optional ones after.
 
@@ -180,6 +197,7 @@ class Recipe:
     supports: ParallelSupport = ParallelSupport()
     evaluation: EvalSpec = EvalSpec()
     hf: HFInterop | None = None
+    megatron: MegatronInterop | None = None
 
 
 # The bundled families are the sub-packages of this package; the core scans it and never names one.

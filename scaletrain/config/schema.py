@@ -184,10 +184,11 @@ class FairscaleSection:
 
 @dataclass
 class EngineSection:
-    name: Literal["native", "deepspeed", "fairscale"] = opt(
+    name: Literal["native", "deepspeed", "fairscale", "megatron"] = opt(
         "native",
         "Who owns parameters, gradients and optimizer state: native = torch (FSDP2/DDP/TP/PP/CP); deepspeed = "
-        "DeepSpeed's engine (ZeRO 0-3, offload); fairscale = OSS / ShardedDDP. The last two: data parallel only.",
+        "DeepSpeed's engine (ZeRO 0-3, offload); fairscale = OSS / ShardedDDP; megatron = megatron-core's "
+        "model (recipes with Recipe.megatron, e.g. gpt). All but native: data parallel only.",
     )
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     fairscale: FairscaleSection = field(default_factory=FairscaleSection)

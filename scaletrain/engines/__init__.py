@@ -18,6 +18,7 @@ _MODULES = {
     "native": "scaletrain.engines.native",
     "deepspeed": "scaletrain.engines.deepspeed_engine",
     "fairscale": "scaletrain.engines.fairscale_engine",
+    "megatron": "scaletrain.engines.megatron_engine",
 }
 
 

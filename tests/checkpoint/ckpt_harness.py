@@ -41,6 +41,7 @@ LAYOUTS = {
     "ds_zero2": (2, ["--engine.name", "deepspeed", "--engine.deepspeed.zero_stage", "2", "--parallel.dp_shard", "2"]),
     "ds_zero3": (2, ["--engine.name", "deepspeed", "--engine.deepspeed.zero_stage", "3", "--parallel.dp_shard", "2"]),
     "fairscale": (2, ["--engine.name", "fairscale", "--engine.fairscale.mode", "sharded_ddp", "--parallel.dp_shard=2"]),
+    "megatron2": (2, ["--engine.name", "megatron", "--parallel.dp_shard=2"]),
     # MoE: the routing biases (moved after every step from the summed loads) are checkpointed state too.
     "moe_fsdp2": (2, ["--parallel.dp_shard=2", *MOE]),
     "moe_single": (1, MOE),

@@ -1,8 +1,9 @@
-"""Checkpoints across engines: a DeepSpeed (or fairscale) run resumes bitwise after a kill, and native,
-DeepSpeed and fairscale runs continue each other's checkpoints.
+"""Checkpoints across engines: a DeepSpeed (fairscale, megatron-core) run resumes bitwise after a kill, and
+native, DeepSpeed, fairscale and megatron-core runs continue each other's checkpoints.
 
 Every engine saves in scaletrain's own format (full names, fp32 masters, AdamW moments per parameter;
-DeepSpeedState, FairscaleState in scaletrain/engines/), so the same files serve all of them. Across engines
+DeepSpeedState, FairscaleState, MegatronState in scaletrain/engines/; megatron's fused tensors, moments
+included, mapped to the recipe's names), so the same files serve all of them. Across engines
 the reduction order differs, so the continued losses match the uninterrupted run of the engine that saved
 within 1e-5 relative (observed: equal to the printed digits); within one engine they are bitwise equal.
 """
@@ -19,7 +20,12 @@ CROSS_ENGINE_LOSS_RTOL = 1e-5
 
 @pytest.mark.parametrize(
     "layout",
-    ["ds_zero2", pytest.param("ds_zero3", marks=pytest.mark.slow), pytest.param("fairscale", marks=pytest.mark.slow)],
+    [
+        "ds_zero2",
+        pytest.param("ds_zero3", marks=pytest.mark.slow),
+        pytest.param("fairscale", marks=pytest.mark.slow),
+        "megatron2",
+    ],
 )
 def test_engine_kill_and_rerun_continues_bitwise(layout, straight, tmp_path):
     ref_dir, ref_name, _ = straight(layout)
@@ -36,7 +42,14 @@ def test_engine_kill_and_rerun_continues_bitwise(layout, straight, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("saved_by", "resumed_by"), [("fsdp2", "ds_zero2"), ("ds_zero3", "fsdp2"), ("ds_zero2", "fairscale")]
+    ("saved_by", "resumed_by"),
+    [
+        ("fsdp2", "ds_zero2"),
+        ("ds_zero3", "fsdp2"),
+        ("ds_zero2", "fairscale"),
+        ("fsdp2", "megatron2"),
+        ("megatron2", "fsdp2"),
+    ],
 )
 def test_a_checkpoint_continues_under_the_other_engine(saved_by, resumed_by, straight, tmp_path):
     ref_dir, ref_name, _ = straight(saved_by)

@@ -3,8 +3,9 @@
 For Llama-style (GQA), Qwen3-style (q/k norms, wide heads) and GPT-2-style (learned positions, LayerNorm,
 tanh GELU, biases, tied embeddings) models: scaletrain's initialized weights, mapped to megatron's names, load
 into megatron-core's GPTModel with nothing missing or left over; both models give the same logits (fp32,
-1e-5) and the same gradients for every weight, mapped back (1e-5 of each gradient's norm); and megatron -> scaletrain returns exactly the
-tensors it was given. The worker is this file run under torchrun (megatron needs its parallel_state)."""
+1e-5) and the same gradients for every weight, mapped back (1e-5 of each gradient's norm); and megatron ->
+scaletrain returns exactly the tensors it was given. The worker is this file run under torchrun (megatron
+needs its parallel_state)."""
 
 from __future__ import annotations
 

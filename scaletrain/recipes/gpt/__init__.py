@@ -20,7 +20,7 @@ from scaletrain.config.schema import TORCH_DTYPES, JobConfig, opt
 from scaletrain.data import TokenWindowDataset, bundled_corpus_path, load_tokenizer, load_tokens
 from scaletrain.distributed import training_device_type
 from scaletrain.parallel.dims import ParallelDims
-from scaletrain.recipes.gpt import hf
+from scaletrain.recipes.gpt import hf, megatron
 from scaletrain.recipes.gpt.bench_baselines import bench_baselines
 from scaletrain.recipes.gpt.model import GPT, GPTConfig
 from scaletrain.recipes.gpt.moe import MoE, active_parameters, load_heatmap, update_balancing
@@ -29,6 +29,7 @@ from scaletrain.registry import (
     DataSpec,
     EvalSpec,
     HFInterop,
+    MegatronInterop,
     ModelSpec,
     ParallelSupport,
     PipelineSpec,
@@ -362,5 +363,11 @@ RECIPE = register_recipe(
         ),
         evaluation=EvalSpec(evaluate=evaluate, evaluate_under_pipeline=True, bench_baselines=bench_baselines),
         hf=HFInterop(export=hf.export_hf, import_=hf.import_hf, model_types=hf.HF_MODEL_TYPES),
+        megatron=MegatronInterop(
+            refusals=megatron.megatron_refusals,
+            build=megatron.build_megatron_gpt,
+            to_megatron=megatron.to_megatron,
+            from_megatron=megatron.from_megatron,
+        ),
     )
 )
