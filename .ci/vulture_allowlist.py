@@ -13,6 +13,9 @@ grad_shape  # the same, first positional argument of the backward formula
 pytest_collection_modifyitems  # pytest hook (tests/conftest.py)
 
 # Read by a library through attribute or parameter names:
+_.get_emb  # megatron-core's RotaryEmbedding calls it (scaletrain/recipes/gpt/megatron.py overrides it)
+_.core_attention  # megatron-core's layer spec field: the module class its attention builds
+_.__class__  # the model's rotary module re-typed to that subclass (megatron.py)
 _.pre_tokenizer  # tokenizers.Tokenizer property, set to configure it (scaletrain/data/tokenizer.py)
 T_BUCKET  # Triton autotune keys: kernel arguments that only select a tuned config
 S_BUCKET

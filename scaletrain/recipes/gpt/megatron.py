@@ -181,7 +181,7 @@ def build_megatron_gpt(cfg: GPTConfig, **parallel: Any) -> torch.nn.Module:
         def __init__(self, config: TransformerConfig, *args: Any, **kwargs: Any) -> None:
             super().__init__(config=config)
 
-        def forward(self, query, key, value, attention_mask, attn_mask_type=None, **kwargs):  # noqa: ANN001, ANN003, ANN201, ARG002
+        def forward(self, query, key, value, attention_mask, **kwargs):  # noqa: ANN001, ANN003, ANN201, ARG002
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, E]
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
             return out.permute(2, 0, 1, 3).flatten(2)
@@ -195,9 +195,7 @@ def build_megatron_gpt(cfg: GPTConfig, **parallel: Any) -> torch.nn.Module:
             return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
 
     config = TransformerConfig(**transformer_config_kwargs(cfg), use_cpu_initialization=True, **parallel)
-    spec = get_gpt_layer_local_spec(
-        normalization=config.normalization, qk_layernorm=cfg.qk_norm
-    )
+    spec = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=cfg.qk_norm)
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     model = GPTModel(config, spec, **gpt_model_kwargs(cfg))
     if model.position_embedding_type == "rope" and not torch.cuda.is_available():
