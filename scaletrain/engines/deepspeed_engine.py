@@ -190,10 +190,21 @@ class DeepSpeedEngine:
         return DeepSpeedState(self.model, self._group_of, with_optimizer)
 
     def state_dict(self) -> dict:
-        return {}
+        """fp16: the dynamic loss scaler's state, so a resumed run scales (and skips overflowing steps) as the
+        uninterrupted one would."""
+        scaler = getattr(self.optimizer, "loss_scaler", None)
+        if scaler is None or not getattr(scaler, "dynamic", False):
+            return {}
+        return {"loss_scaler": {key: getattr(scaler, key) for key in _SCALER_STATE}}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        scaler = getattr(self.optimizer, "loss_scaler", None)
+        for key, value in state.get("loss_scaler", {}).items():
+            setattr(scaler, key, value)
+
+
+# DeepSpeed's DynamicLossScaler: what changes as it trains (runtime/fp16/loss_scaler.py).
+_SCALER_STATE = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
 
 
 class DeepSpeedState:

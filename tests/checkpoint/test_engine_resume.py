@@ -25,6 +25,7 @@ CROSS_ENGINE_LOSS_RTOL = 1e-5
         pytest.param("ds_zero3", marks=pytest.mark.slow),
         pytest.param("fairscale", marks=pytest.mark.slow),
         "megatron2",
+        "ds_zero2_fp16",  # the loss scaler's state is restored
     ],
 )
 def test_engine_kill_and_rerun_continues_bitwise(layout, straight, tmp_path):
