@@ -169,6 +169,7 @@ class MegatronInterop:
     """How `engine.name=megatron` trains this family with megatron-core's model (scaletrain/engines/megatron_engine.py).
 
     refusals: model config -> what of it megatron cannot express (empty = everything maps).
+    arguments: model config -> the arguments megatron's classes get (`scaletrain config show` prints them).
     build:    model config -> megatron-core's model (on the CPU; megatron's parallel_state initialized), whose
               forward(tokens, positions, attention_mask=None) returns the recipe's output (logits).
     to_megatron / from_megatron: (model config, tensors by name) -> the same tensors under the other side's
@@ -176,6 +177,7 @@ class MegatronInterop:
     """
 
     refusals: Callable[[Any], list[str]]
+    arguments: Callable[[Any], dict[str, Any]]
     build: Callable[[Any], nn.Module]
     to_megatron: Callable[[Any, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
     from_megatron: Callable[[Any, dict[str, torch.Tensor]], dict[str, torch.Tensor]]

@@ -178,4 +178,13 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
         raise ValueError("engine.name: megatron-core is not installed; pip install 'scaletrain[engines]'")
 
 
-SPEC = EngineSpec(name="megatron", validate=validate, build=MegatronEngine, owns_data_parallel=True)
+def show(cfg: JobConfig, dims: ParallelDims) -> list[str]:
+    lines = ["megatron-core arguments (what its classes receive; tensor / pipeline size 1):"]
+    for cls, arguments in get_recipe(cfg.recipe).megatron.arguments(cfg.model).items():
+        lines.append(f"  {cls}:")
+        for key, value in arguments.items():
+            lines.append(f"    {key}: {value.__name__ if callable(value) else value}")
+    return lines
+
+
+SPEC = EngineSpec(name="megatron", validate=validate, build=MegatronEngine, owns_data_parallel=True, show=show)

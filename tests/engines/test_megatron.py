@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 from st_common import FAST, REPO, TINY
 
+from scaletrain import cli
 from scaletrain.config import load_config
 from scaletrain.parity import compare, run_layout
 from scaletrain.validate import validate_config
@@ -36,6 +37,15 @@ def test_megatron_matches_native_single_process(layout, native_baseline, tmp_pat
     assert len(report.steps) == 5 and report.loss_a[0] != report.loss_a[-1]
     assert report.max_loss_rel_diff <= FP32_RTOL, report.table()
     assert report.max_grad_norm_rel_diff <= FP32_RTOL, report.table()
+
+
+def test_config_show_prints_what_megatron_receives(capsys):
+    assert cli.main(["config", "show", TINY, *QWEN3, *MEGATRON]) == 0
+    out = capsys.readouterr().out
+    expected = ["#   TransformerConfig:", "#     num_query_groups: 2", "#     kv_channels: 64", "#     qk_layernorm: True",
+                "#     activation_func: silu", "#   GPTModel:", "#     position_embedding_type: rope"]  # fmt: skip
+    for line in expected:
+        assert line in out, line
 
 
 def test_megatron_qwen3_style_matches_native(tmp_path):

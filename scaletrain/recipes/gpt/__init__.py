@@ -365,6 +365,7 @@ RECIPE = register_recipe(
         hf=HFInterop(export=hf.export_hf, import_=hf.import_hf, model_types=hf.HF_MODEL_TYPES),
         megatron=MegatronInterop(
             refusals=megatron.megatron_refusals,
+            arguments=megatron.megatron_arguments,
             build=megatron.build_megatron_gpt,
             to_megatron=megatron.to_megatron,
             from_megatron=megatron.from_megatron,

@@ -44,9 +44,13 @@ def megatron_refusals(cfg: GPTConfig) -> list[str]:
     return problems
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """The GPT recipe's GELU MLP: GPT-2's tanh approximation."""
+    return F.gelu(x, approximate="tanh")
+
+
 def transformer_config_kwargs(cfg: GPTConfig) -> dict[str, Any]:
     """TransformerConfig's arguments for this model (no parallel sizes: the engine adds those)."""
-    gelu_tanh = cfg.mlp == "gelu"
     return {
         "num_layers": cfg.n_layers,
         "hidden_size": cfg.dim,
@@ -57,8 +61,7 @@ def transformer_config_kwargs(cfg: GPTConfig) -> dict[str, Any]:
         "normalization": "RMSNorm" if cfg.norm == "rmsnorm" else "LayerNorm",
         "layernorm_epsilon": cfg.norm_eps,
         "gated_linear_unit": cfg.mlp == "swiglu",
-        # Our GELU MLP is GPT-2's tanh approximation.
-        "activation_func": (lambda x: F.gelu(x, approximate="tanh")) if gelu_tanh else F.silu,
+        "activation_func": gelu_tanh if cfg.mlp == "gelu" else F.silu,
         "add_bias_linear": cfg.bias,
         "add_qkv_bias": cfg.bias,
         "qk_layernorm": cfg.qk_norm,
@@ -84,6 +87,11 @@ def gpt_model_kwargs(cfg: GPTConfig) -> dict[str, Any]:
         "rotary_base": int(cfg.rope_theta),
         "share_embeddings_and_output_weights": cfg.tie_embeddings,
     }
+
+
+def megatron_arguments(cfg: GPTConfig) -> dict[str, Any]:
+    """What megatron's TransformerConfig and GPTModel get, by class."""
+    return {"TransformerConfig": transformer_config_kwargs(cfg), "GPTModel": gpt_model_kwargs(cfg)}
 
 
 def _qkv_groups(cfg: GPTConfig) -> tuple[int, int, int]:
