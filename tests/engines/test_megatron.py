@@ -42,8 +42,9 @@ def test_megatron_matches_native_single_process(layout, native_baseline, tmp_pat
 def test_config_show_prints_what_megatron_receives(capsys):
     assert cli.main(["config", "show", TINY, *QWEN3, *MEGATRON]) == 0
     out = capsys.readouterr().out
-    expected = ["#   TransformerConfig:", "#     num_query_groups: 2", "#     kv_channels: 64", "#     qk_layernorm: True",
-                "#     activation_func: silu", "#   GPTModel:", "#     position_embedding_type: rope"]  # fmt: skip
+    expected = ["#   TransformerConfig:", "#     num_query_groups: 2", "#     kv_channels: 64",
+                "#     qk_layernorm: True", "#     activation_func: silu", "#   GPTModel:",
+                "#     position_embedding_type: rope"]  # fmt: skip
     for line in expected:
         assert line in out, line
 
