@@ -87,7 +87,7 @@ def test_config_show_counts_70b_on_cpu(capsys):
     assert cli_main(["config", "show", str(REPO / "scaletrain/recipes/gpt/configs/llama-70b.yaml")]) == 0
     out = capsys.readouterr().out
     m = load_config(str(REPO / "scaletrain/recipes/gpt/configs/llama-70b.yaml"), []).model
-    kv = m.kv_heads * m.head_dim
+    kv = m.kv_heads * m.head_size
     per_layer = m.dim * m.dim * 2 + 2 * m.dim * kv + 3 * m.dim * m.hidden_dim + 2 * m.dim
     expected = 2 * m.vocab_size * m.dim + m.n_layers * per_layer + m.dim
     assert f"parameters: {expected:,}" in out

@@ -38,7 +38,7 @@ def test_bench_engines_writes_one_row_per_engine(tmp_path):
     ("engines", "message"),
     [
         ("native,deepspeed:zero9", r"engine 'deepspeed' has no preset 'zero9'; known: \['zero0'"),
-        ("native,megatron", r"engine\.name: unknown engine 'megatron'"),
+        ("native,megatrn", r"engine\.name: unknown engine 'megatrn'"),
         ("", r"--engines: name at least one engine"),
     ],
 )
