@@ -24,6 +24,7 @@ Weights (one tensor-parallel rank; Megatron's names on the right):
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -131,45 +132,42 @@ _TOP = {
 }
 
 
+def _one_to_one(cfg: GPTConfig) -> list[tuple[str, str]]:
+    """(ours, megatron's) for every tensor that maps unchanged (those a model has: biases, norms, head)."""
+    pairs = list(_TOP.items())
+    for i in range(cfg.n_layers):
+        for (mine, megatron), leaf in itertools.product(_BLOCK.items(), ("weight", "bias")):
+            pairs.append((f"layers.{i}.{mine}.{leaf}", f"decoder.layers.{i}.{megatron}.{leaf}"))
+    return pairs
+
+
 def to_megatron(cfg: GPTConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """scaletrain's full state dict -> megatron GPTModel's (tensor-parallel size 1)."""
-    out = {theirs: sd[ours] for ours, theirs in _TOP.items() if ours in sd}
-    for i in range(cfg.n_layers):
+    out = {theirs: sd[ours] for ours, theirs in _one_to_one(cfg) if ours in sd}
+    for i, leaf in itertools.product(range(cfg.n_layers), ("weight", "bias")):
         ours, theirs = f"layers.{i}.", f"decoder.layers.{i}."
-        for leaf in ("weight", "bias"):
-            for mine, megatron in _BLOCK.items():
-                if f"{ours}{mine}.{leaf}" in sd:
-                    out[f"{theirs}{megatron}.{leaf}"] = sd[f"{ours}{mine}.{leaf}"]
-            qkv = [sd.get(f"{ours}attention.{w}.{leaf}") for w in ("wq", "wk", "wv")]
-            if qkv[0] is not None:
-                out[f"{theirs}self_attention.linear_qkv.{leaf}"] = _fuse_qkv(cfg, *qkv)
-            fc1 = [sd[f"{ours}feed_forward.{w}.{leaf}"] for w in ("w1", "w3") if f"{ours}feed_forward.{w}.{leaf}" in sd]
-            if fc1:
-                out[f"{theirs}mlp.linear_fc1.{leaf}"] = torch.cat(fc1)
+        if f"{ours}attention.wq.{leaf}" in sd:
+            qkv = (sd[f"{ours}attention.{w}.{leaf}"] for w in ("wq", "wk", "wv"))
+            out[f"{theirs}self_attention.linear_qkv.{leaf}"] = _fuse_qkv(cfg, *qkv)
+        fc1 = [sd[f"{ours}feed_forward.{w}.{leaf}"] for w in ("w1", "w3") if f"{ours}feed_forward.{w}.{leaf}" in sd]
+        if fc1:
+            out[f"{theirs}mlp.linear_fc1.{leaf}"] = torch.cat(fc1)
     return out
 
 
 def from_megatron(cfg: GPTConfig, msd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """megatron GPTModel's state dict (tensor-parallel size 1) -> scaletrain's; the inverse of to_megatron."""
-    out = {ours: msd[theirs] for ours, theirs in _TOP.items() if theirs in msd}
-    for i in range(cfg.n_layers):
+    out = {ours: msd[theirs] for ours, theirs in _one_to_one(cfg) if theirs in msd}
+    for i, leaf in itertools.product(range(cfg.n_layers), ("weight", "bias")):
         ours, theirs = f"layers.{i}.", f"decoder.layers.{i}."
-        for leaf in ("weight", "bias"):
-            for mine, megatron in _BLOCK.items():
-                if f"{theirs}{megatron}.{leaf}" in msd:
-                    out[f"{ours}{mine}.{leaf}"] = msd[f"{theirs}{megatron}.{leaf}"]
-            if f"{theirs}self_attention.linear_qkv.{leaf}" in msd:
-                q, k, v = _split_qkv(cfg, msd[f"{theirs}self_attention.linear_qkv.{leaf}"])
-                for w, t in zip(("wq", "wk", "wv"), (q, k, v), strict=True):
-                    out[f"{ours}attention.{w}.{leaf}"] = t
-            if f"{theirs}mlp.linear_fc1.{leaf}" in msd:
-                fc1 = msd[f"{theirs}mlp.linear_fc1.{leaf}"]
-                if cfg.mlp == "swiglu":
-                    gate, up = fc1.chunk(2)
-                    out[f"{ours}feed_forward.w1.{leaf}"] = gate.contiguous()
-                    out[f"{ours}feed_forward.w3.{leaf}"] = up.contiguous()
-                else:
-                    out[f"{ours}feed_forward.w1.{leaf}"] = fc1
+        if f"{theirs}self_attention.linear_qkv.{leaf}" in msd:
+            qkv = _split_qkv(cfg, msd[f"{theirs}self_attention.linear_qkv.{leaf}"])
+            out.update({f"{ours}attention.{w}.{leaf}": t for w, t in zip(("wq", "wk", "wv"), qkv, strict=True)})
+        if f"{theirs}mlp.linear_fc1.{leaf}" in msd:
+            fc1 = msd[f"{theirs}mlp.linear_fc1.{leaf}"]
+            parts = ("w1", "w3") if cfg.mlp == "swiglu" else ("w1",)  # SwiGLU: gate rows, then up rows
+            for w, t in zip(parts, fc1.chunk(len(parts)), strict=True):
+                out[f"{ours}feed_forward.{w}.{leaf}"] = t.contiguous()
     return out
 
 
