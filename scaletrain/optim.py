@@ -10,17 +10,17 @@ from torch import nn
 from scaletrain.config.schema import TrainSection
 
 
+def group_index(param: torch.Tensor) -> int:
+    """Which of build_optimizer's parameter groups holds `param`: 0 = weight decay (matrices), 1 = none
+    (vectors: norm gains, biases; decaying a gain towards 0 fights the normalization it exists for)."""
+    return 0 if param.ndim >= 2 else 1
+
+
 def build_optimizer(model: nn.Module, train: TrainSection, device_type: str) -> torch.optim.AdamW:
-    # Matrices decay; vectors (norm gains, biases) do not — decaying a gain towards 0
-    # fights the normalization it exists for.
-    decay, no_decay = [], []
+    groups = [{"params": [], "weight_decay": train.weight_decay}, {"params": [], "weight_decay": 0.0}]
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+            groups[group_index(p)]["params"].append(p)
     # fused is fastest on GPUs; on CPU the foreach path is used so that every layout
     # (plain tensors or DTensors) runs the same arithmetic and parity holds exactly.
     fused = train.fused_optimizer and device_type == "cuda"
@@ -35,7 +35,8 @@ def build_optimizer(model: nn.Module, train: TrainSection, device_type: str) -> 
 
 
 # The tensors torch's AdamW keeps per parameter (the names DCP's flattened state dicts carry).
-ADAMW_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+ADAMW_MOMENTS = ("exp_avg", "exp_avg_sq")  # one per element; "step" is one scalar
+ADAMW_STATE_KEYS = ("step", *ADAMW_MOMENTS)
 
 
 def adamw_initial_state(param: torch.Tensor) -> dict[str, torch.Tensor]:

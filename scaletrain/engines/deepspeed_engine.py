@@ -24,14 +24,11 @@ from torch import nn
 from scaletrain.checkpoint.store import CheckpointState, ModuleState, flat_optimizer_entries, flat_param_state
 from scaletrain.config.schema import TORCH_DTYPES, JobConfig
 from scaletrain.engines.base import EngineSpec, autocast_to
-from scaletrain.optim import ADAMW_STATE_KEYS, adamw_initial_state, build_optimizer, set_lr
+from scaletrain.optim import ADAMW_MOMENTS, adamw_initial_state, build_optimizer, set_lr
 from scaletrain.parallel.batching import grad_accum_steps, micro_batch_size
 from scaletrain.parallel.dims import ParallelDims
 
 # (scaletrain field, the DeepSpeed JSON key derived from it): what a user's ds_config.json may not contradict.
-# AdamW's per-parameter tensors DeepSpeed partitions; its step count is one scalar for every parameter.
-MOMENTS = tuple(key for key in ADAMW_STATE_KEYS if key != "step")
-
 _DERIVED_KEYS = (
     ("train.global_batch_size", "train_batch_size"),
     ("train.micro_batch_size", "train_micro_batch_size_per_gpu"),
@@ -244,7 +241,7 @@ class DeepSpeedState:
             for name, param in params.items():
                 if name not in self.group_of:
                     continue
-                moments = {key: safe_get_full_optimizer_state(param, key) for key in MOMENTS}
+                moments = {key: safe_get_full_optimizer_state(param, key) for key in ADAMW_MOMENTS}
                 optim.update(flat_optimizer_entries(name, {"step": step.clone(), **moments}, self.group_of[name]))
             state["optimizer"] = optim
         return state
@@ -306,7 +303,7 @@ class DeepSpeedState:
             flat_state["step"] = step.clone()
         for name, param in self.module.named_parameters():
             if name in self.group_of:
-                for key, value in flat_param_state(optim, name, MOMENTS).items():
+                for key, value in flat_param_state(optim, name, ADAMW_MOMENTS).items():
                     safe_set_full_optimizer_state(param, value, key)
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from scaletrain.checkpoint.store import flat_optimizer_entries, flat_param_state
 from scaletrain.config.schema import TORCH_DTYPES, JobConfig
 from scaletrain.engines.base import EngineSpec, autocast_to
-from scaletrain.optim import ADAMW_STATE_KEYS, adamw_initial_state, build_optimizer, set_lr
+from scaletrain.optim import ADAMW_MOMENTS, ADAMW_STATE_KEYS, adamw_initial_state, build_optimizer, group_index, set_lr
 from scaletrain.parallel.dims import ParallelDims
 from scaletrain.parallel.grad_norm import clip_grad_norm_
 from scaletrain.registry import MegatronInterop, get_recipe
@@ -114,11 +114,11 @@ class MegatronState:
         if self.optimizer is None:
             return state
         per_param = {n: self.optimizer.state.get(p) or adamw_initial_state(p) for n, p in self.params.items()}
-        moments = {key: self._to_recipe({n: s[key] for n, s in per_param.items()}) for key in ("exp_avg", "exp_avg_sq")}
+        moments = {key: self._to_recipe({n: s[key] for n, s in per_param.items()}) for key in ADAMW_MOMENTS}
         step = next(iter(per_param.values()))["step"]  # every weight is updated at every step
         flat: dict[str, Any] = {}
         for name, weight in state["model"].items():
-            group = self.optimizer.param_groups[0 if weight.ndim >= 2 else 1]  # build_optimizer's grouping
+            group = self.optimizer.param_groups[group_index(weight)]
             settings = {k: v for k, v in group.items() if k != "params"}
             param_state = {"step": step.clone(), **{key: moments[key][name] for key in moments}}
             flat.update(flat_optimizer_entries(name, param_state, settings))
@@ -136,7 +136,7 @@ class MegatronState:
         recipe_state = {n: flat_param_state(state["optimizer"], n, ADAMW_STATE_KEYS) for n in names}
         moments = {
             key: to_megatron(self.engine.model_cfg, {n: s[key] for n, s in recipe_state.items()})
-            for key in ("exp_avg", "exp_avg_sq")
+            for key in ADAMW_MOMENTS
         }
         step = recipe_state[names[0]]["step"]
         for name, param in self.params.items():

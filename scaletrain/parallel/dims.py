@@ -25,6 +25,11 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
+def divisors(n: int) -> list[int]:
+    """The allowed degrees that split n ways evenly (for error messages)."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
 def implied_world_size(degrees: dict[str, int]) -> int:
     """The processes a layout names: the product of its degrees, with dp_shard=-1 (auto) counted as 1."""
     return math.prod(max(1, degrees[axis]) for axis in AXES)
@@ -77,7 +82,7 @@ class ParallelDims:
             raise ValueError(
                 f"parallel.ep: {ep} must be >= 1 and divide dp_shard x cp = {dp_shard} x {cp} = {dp_shard * cp} "
                 "(expert parallel borrows the data-parallel shard and context-parallel ranks); "
-                f"allowed: {', '.join(str(d) for d in range(1, dp_shard * cp + 1) if (dp_shard * cp) % d == 0)}"
+                f"allowed: {', '.join(map(str, divisors(dp_shard * cp)))}"
             )
         return cls(pp, dp_replicate, dp_shard, cp, tp, world_size, engine_data_parallel, ep)
 

@@ -19,11 +19,11 @@ from scaletrain.config import MissingDataError
 from scaletrain.config.schema import TORCH_DTYPES, JobConfig, opt
 from scaletrain.data import TokenWindowDataset, bundled_corpus_path, load_tokenizer, load_tokens
 from scaletrain.distributed import training_device_type
-from scaletrain.parallel.dims import ParallelDims
+from scaletrain.parallel.dims import ParallelDims, divisors
 from scaletrain.recipes.gpt import hf, megatron
 from scaletrain.recipes.gpt.bench_baselines import bench_baselines
 from scaletrain.recipes.gpt.model import GPT, GPTConfig
-from scaletrain.recipes.gpt.moe import MoE, active_parameters, load_heatmap, update_balancing
+from scaletrain.recipes.gpt.moe import MoE, active_parameters, load_heatmap, relative_load, update_balancing
 from scaletrain.recipes.gpt.parallelize import parallelize_gpt
 from scaletrain.registry import (
     DataSpec,
@@ -128,7 +128,7 @@ def evaluate(model: GPT, cfg: JobConfig, dims: ParallelDims, step: int, logger: 
     Image.fromarray(image).save(png)
     logger.log_image(step, "moe/load", image)
     counts_LE = torch.stack(list(rows.values())).float()
-    return {"moe_max_load": float((counts_LE / counts_LE.mean(-1, keepdim=True).clamp_min(1e-9)).max())}
+    return {"moe_max_load": float(relative_load(counts_LE).max())}
 
 
 def attention_choice(cfg: JobConfig) -> ops.AttentionChoice:
@@ -176,10 +176,6 @@ def startup_notes(model: GPT, cfg: JobConfig, dims: ParallelDims) -> list[str]:
     return _kernel_notes(cfg, dims, attention_choice(cfg))
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def _validate_moe(cfg: JobConfig, dims: ParallelDims) -> None:
     m, moe = cfg.model, cfg.model.moe
     for name in ("num_experts", "num_shared_experts", "expert_hidden", "first_dense", "groups", "topk_groups"):
@@ -204,7 +200,7 @@ def _validate_moe(cfg: JobConfig, dims: ParallelDims) -> None:
         (
             moe.num_experts % dims.ep == 0,
             f"parallel.ep: {dims.ep} does not divide model.moe.num_experts={moe.num_experts}; each ep rank holds "
-            f"num_experts / ep experts (allowed: {', '.join(str(d) for d in _divisors(moe.num_experts))})",
+            f"num_experts / ep experts (allowed: {', '.join(map(str, divisors(moe.num_experts)))})",
         ),
         (
             dims.pp == 1 or (moe.aux_loss_coef == 0 and moe.z_loss_coef == 0),

@@ -297,6 +297,11 @@ def _limit_to_groups(choice_NE: torch.Tensor, groups: int, topk_groups: int) -> 
     return grouped_NGX.masked_fill(~keep_NG.unsqueeze(-1), float("-inf")).view(N, E)
 
 
+def relative_load(counts_LE: torch.Tensor) -> torch.Tensor:
+    """Each expert's pairs over its block's mean (1 = even): [blocks, experts] -> the same shape."""
+    return counts_LE / counts_LE.mean(-1, keepdim=True).clamp_min(1e-9)
+
+
 # update_balancing's per-stage statistics: combined over pipeline stages by max, or by sum.
 _STAGE_MAX = ("max_load", "neg_min_load", "bias_spread")
 _STAGE_SUM = ("dropped", "balancing_loss", "tokens_per_expert", "bias_l1", "layers")
@@ -335,15 +340,14 @@ def update_balancing(
             layer.load_since_eval += counts_E
             for counter in (layer.tokens_per_expert, layer.dropped, layer.balancing_sum, layer.forwards):
                 counter.zero_()
-        mean_L1 = counts_LE.mean(-1, keepdim=True)
-        load_LE = counts_LE / mean_L1.clamp_min(1e-9)
+        load_LE = relative_load(counts_LE)
         stats.update(
             max_load=float(load_LE.max()),
             neg_min_load=float(-load_LE.min()),
             dropped=float(sums_L3[:, 0].sum()),
             # Each layer's balancing loss averaged over the forwards (micro-batches, ranks), summed over layers.
             balancing_loss=float((sums_L3[:, 1] / sums_L3[:, 2].clamp_min(1)).sum()),
-            tokens_per_expert=float(mean_L1.sum()),
+            tokens_per_expert=float(counts_LE.mean(-1).sum()),
             layers=float(len(moe_layers)),
         )
         if any(layer.cfg.bias_update_rate > 0 for layer in moe_layers):
@@ -379,7 +383,7 @@ def load_heatmap(rows: dict[int, torch.Tensor], cell: int = 12) -> torch.Tensor:
     red up to 2x and more, blue down to 0. rows: block index -> pairs per expert."""
     blocks = sorted(rows)
     counts_LE = torch.stack([rows[b].float().cpu() for b in blocks])
-    load_LE = (counts_LE / counts_LE.mean(-1, keepdim=True).clamp_min(1e-9)).clamp(0, 2)
+    load_LE = relative_load(counts_LE).clamp(0, 2)
     over, under = (load_LE - 1).clamp_min(0), (1 - load_LE).clamp_min(0)  # each in [0, 1]
     # white (1, 1, 1) -> red (1, 0, 0) above the mean; white -> blue (0, 0, 1) below it.
     rgb_LE3 = torch.stack([1 - under, 1 - over - under, 1 - over], dim=-1)
