@@ -168,17 +168,20 @@ class HFInterop:
 class MegatronInterop:
     """How `engine.name=megatron` trains this family with megatron-core's model (scaletrain/engines/megatron_engine.py).
 
-    refusals: model config -> what of it megatron cannot express (empty = everything maps).
+    refusals: (model config, tensor-parallel size) -> what megatron cannot express (empty = everything maps).
     arguments: model config -> the arguments megatron's classes get (`scaletrain config show` prints them).
-    build:    model config -> megatron-core's model (on the CPU; megatron's parallel_state initialized), whose
-              forward(tokens, positions, attention_mask=None) returns the recipe's output (logits).
+    build:    (model config, **TransformerConfig parallel arguments) -> megatron-core's model (on the CPU;
+              megatron's parallel_state initialized). Its forward(tokens, positions, attention_mask=None,
+              labels=None) returns logits, or given labels the per-token loss (megatron's vocab-parallel
+              cross-entropy: under tensor parallel each rank holds a slice of the vocabulary's logits).
     to_megatron / from_megatron: (model config, tensors by name) -> the same tensors under the other side's
-              names; applied to weights and to per-weight optimizer state alike.
+              names, unsplit (tensor-parallel size 1; the engine splits them over the tp ranks from megatron's
+              own parameter attributes); applied to weights and to per-weight optimizer state alike.
     """
 
-    refusals: Callable[[Any], list[str]]
+    refusals: Callable[[Any, int], list[str]]
     arguments: Callable[[Any], dict[str, Any]]
-    build: Callable[[Any], nn.Module]
+    build: Callable[..., nn.Module]
     to_megatron: Callable[[Any, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
     from_megatron: Callable[[Any, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 

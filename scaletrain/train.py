@@ -150,7 +150,8 @@ class Trainer:
             parts = [build_stage_module(model, spec, layer_split[sid], sid, stages) for sid in stage_ids]
         else:
             parts = [model]
-        parts = [self.recipe.model.parallelize(part, dims, cfg) for part in parts]
+        if not get_engine(cfg.engine.name).owns_model_parallel:
+            parts = [self.recipe.model.parallelize(part, dims, cfg) for part in parts]
         for part in parts:
             init_model(part, self.device, cfg.job.seed)
             part.train()

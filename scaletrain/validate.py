@@ -34,6 +34,8 @@ def check_all(checks: Iterable[tuple[bool, str]]) -> None:
 def uses_loss_parallel(cfg: JobConfig, dims: ParallelDims) -> bool:
     """Whether the loss runs on vocabulary-sharded logits: the one place this is decided, read by the trainer
     (the loss context) and by the recipe's TP plan (the output projection's layout)."""
+    if get_engine(cfg.engine.name).owns_model_parallel:  # the engine's own model computes the loss
+        return False
     return dims.tp_enabled and cfg.parallel.loss_parallel and get_recipe(cfg.recipe).supports.loss_parallel
 
 
@@ -137,9 +139,7 @@ def validate_config(cfg: JobConfig, world_size: int) -> ParallelDims:
             "(PipelineSpec.target_kwarg), so its last pipeline stage cannot compute the fused loss",
         )
         _check(
-            not cfg.eval.interval
-            or recipe.evaluation.evaluate is None
-            or recipe.evaluation.evaluate_under_pipeline,
+            not cfg.eval.interval or recipe.evaluation.evaluate is None or recipe.evaluation.evaluate_under_pipeline,
             f"eval.interval: the evaluation of recipe {cfg.recipe!r} runs the whole model on one rank, which "
             f"pipeline parallel (parallel.pp={dims.pp}) splits across ranks; set eval.interval=0 and evaluate "
             "a checkpoint afterwards (e.g. `scaletrain sample`)",

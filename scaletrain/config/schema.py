@@ -188,7 +188,8 @@ class EngineSection:
         "native",
         "Who owns parameters, gradients and optimizer state: native = torch (FSDP2/DDP/TP/PP/CP); deepspeed = "
         "DeepSpeed's engine (ZeRO 0-3, offload); fairscale = OSS / ShardedDDP; megatron = megatron-core's "
-        "model (recipes with Recipe.megatron, e.g. gpt). All but native: data parallel only.",
+        "model (recipes with Recipe.megatron, e.g. gpt; its tensor parallel x data parallel). The others: data "
+        "parallel only.",
     )
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     fairscale: FairscaleSection = field(default_factory=FairscaleSection)

@@ -71,6 +71,9 @@ class EngineSpec:
     build: Callable[[nn.Module, JobConfig, ParallelDims, torch.device], Engine]
     # The engine replicates/shards over the data axis itself: recipes' parallelize applies no FSDP/DDP.
     owns_data_parallel: bool = False
+    # The engine builds the tensor-parallel model itself (megatron's parallel layers): the trainer hands it the
+    # recipe's initialized model whole, and the recipe's parallelize is not applied.
+    owns_model_parallel: bool = False
     # (job config, dims) -> lines `scaletrain config show` prints, e.g. the library's own resolved config.
     show: Callable[[JobConfig, ParallelDims], list[str]] | None = None
     # Named settings `scaletrain bench --engines NAME:PRESET` runs (e.g. deepspeed:zero3-offload), as overrides.

@@ -42,6 +42,7 @@ LAYOUTS = {
     "ds_zero3": (2, ["--engine.name", "deepspeed", "--engine.deepspeed.zero_stage", "3", "--parallel.dp_shard", "2"]),
     "fairscale": (2, ["--engine.name", "fairscale", "--engine.fairscale.mode", "sharded_ddp", "--parallel.dp_shard=2"]),
     "megatron2": (2, ["--engine.name", "megatron", "--parallel.dp_shard=2"]),
+    "megatron_tp2": (2, ["--engine.name", "megatron", "--parallel.tp", "2", "--parallel.dp_shard", "1"]),
     # fp16 with a loss scale of 2^24: steps 1-8 overflow and are skipped while the scale halves, so a resume at
     # step 5 must restore DeepSpeed's loss scaler to match the uninterrupted run.
     "ds_zero2_fp16": (2, ["--engine.name", "deepspeed", "--engine.deepspeed.zero_stage", "2", "--parallel.dp_shard=2",

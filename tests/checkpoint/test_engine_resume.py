@@ -24,7 +24,8 @@ CROSS_ENGINE_LOSS_RTOL = 1e-5
         "ds_zero2",
         pytest.param("ds_zero3", marks=pytest.mark.slow),
         pytest.param("fairscale", marks=pytest.mark.slow),
-        "megatron2",
+        pytest.param("megatron2", marks=pytest.mark.slow),
+        "megatron_tp2",  # megatron's tp-split tensors gathered on save and split again on load
         "ds_zero2_fp16",  # the loss scaler's state is restored
     ],
 )
@@ -48,8 +49,10 @@ def test_engine_kill_and_rerun_continues_bitwise(layout, straight, tmp_path):
         ("fsdp2", "ds_zero2"),
         ("ds_zero3", "fsdp2"),
         ("ds_zero2", "fairscale"),
-        ("fsdp2", "megatron2"),
+        pytest.param("fsdp2", "megatron2", marks=pytest.mark.slow),
         ("megatron2", "fsdp2"),
+        ("fsdp2", "megatron_tp2"),
+        ("megatron_tp2", "fsdp2"),
     ],
 )
 def test_a_checkpoint_continues_under_the_other_engine(saved_by, resumed_by, straight, tmp_path):

@@ -33,9 +33,16 @@ import torch.nn.functional as F
 from scaletrain.recipes.gpt.model import GPTConfig
 
 
-def megatron_refusals(cfg: GPTConfig) -> list[str]:
-    """What of the GPT config the megatron mapping does not express (empty: everything maps)."""
+def megatron_refusals(cfg: GPTConfig, tp: int = 1) -> list[str]:
+    """What of the GPT config the megatron mapping does not express with `tp` tensor-parallel ranks (empty:
+    everything maps)."""
     problems = []
+    # megatron splits these evenly (megatron.core.utils.divide asserts it); core's GPTModel does not pad the
+    # vocabulary as Megatron-LM's training script does (make_vocab_size_divisible_by).
+    for field, value in (("vocab_size", cfg.vocab_size), ("ffn_hidden", cfg.hidden_dim), ("n_heads", cfg.n_heads),
+                         ("n_kv_heads", cfg.kv_heads)):  # fmt: skip
+        if value % tp:
+            problems.append(f"model.{field}: {value} does not split over parallel.tp={tp} (megatron splits it evenly)")
     if cfg.moe.enabled:
         problems.append("model.moe: mixture-of-experts blocks are not mapped to megatron's MoE layer yet")
     if cfg.sliding_window:
