@@ -15,11 +15,16 @@ from torch import nn
 
 
 class EMA:
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True, children: set[str] | None = None):
+        """children: average only these children of the root module (None = every trained parameter)."""
         if not 0.0 < decay < 1.0:
             raise ValueError(f"train.ema_decay: {decay} is not allowed; use a value in (0, 1)")
         self.decay, self.warmup = decay, warmup
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [
+            n
+            for n, p in model.named_parameters()
+            if p.requires_grad and (children is None or n.split(".", 1)[0] in children)
+        ]
         params = dict(model.named_parameters())
         self.shadow = {n: params[n].detach().clone() for n in self.names}
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from scaletrain.config.schema import TrainSection
+
+if TYPE_CHECKING:
+    from scaletrain.registry import Phase
 
 
 def group_index(param: torch.Tensor) -> int:
@@ -16,16 +21,35 @@ def group_index(param: torch.Tensor) -> int:
     return 0 if param.ndim >= 2 else 1
 
 
-def build_optimizer(model: nn.Module, train: TrainSection, device_type: str) -> torch.optim.AdamW:
-    groups = [{"params": [], "weight_decay": train.weight_decay}, {"params": [], "weight_decay": 0.0}]
-    for p in model.parameters():
-        if p.requires_grad:
-            groups[group_index(p)]["params"].append(p)
+def build_optimizer(
+    model: nn.Module, train: TrainSection, device_type: str, phases: Sequence[Phase] = ()
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: decay and no-decay groups, and with phases (a recipe with several
+    networks) those two per trained child, each with the phase's peak LR (`peak_lr`, read by set_lr) and
+    betas. Children no phase trains are left out (the trainer froze them)."""
+    children = {phase.trains: phase for phase in phases}
+    groups: dict[tuple[str, int], dict] = {}
+    for name, p in model.named_parameters():
+        child = name.split(".", 1)[0] if phases else ""
+        if not p.requires_grad or (phases and child not in children):
+            continue
+        key = (child, group_index(p))
+        if key not in groups:
+            phase = children.get(child)
+            groups[key] = {"params": [], "weight_decay": train.weight_decay if key[1] == 0 else 0.0}
+            if phase is not None:
+                groups[key]["peak_lr"] = phase.lr or train.lr
+                groups[key]["betas"] = phase.betas or (train.beta1, train.beta2)
+        groups[key]["params"].append(p)
+    # Without phases, always the two groups (checkpoints index them): add an empty one if a model lacks it.
+    param_groups = [groups.get(("", i), {"params": [], "weight_decay": (train.weight_decay, 0.0)[i]}) for i in (0, 1)]
+    if phases:
+        param_groups = [groups[key] for key in sorted(groups)]
     # fused is fastest on GPUs; on CPU the foreach path is used so that every layout
     # (plain tensors or DTensors) runs the same arithmetic and parity holds exactly.
     fused = train.fused_optimizer and device_type == "cuda"
     return torch.optim.AdamW(
-        groups,
+        param_groups,
         lr=train.lr,
         betas=(train.beta1, train.beta2),
         eps=train.eps,
@@ -68,7 +92,7 @@ def lr_multiplier(step: int, train: TrainSection) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, step: int, train: TrainSection) -> float:
     """Set the LR for optimizer step `step`. Stateless: a pure function of the step, so a
     resumed run (even with a changed schedule) needs no scheduler state."""
-    lr = train.lr * lr_multiplier(step, train)
+    multiplier = lr_multiplier(step, train)
     for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
+        group["lr"] = group.get("peak_lr", train.lr) * multiplier
+    return train.lr * multiplier

@@ -90,6 +90,32 @@ class DataSpec:
 
 
 @dataclass(frozen=True)
+class Phase:
+    """One update inside a training step of a recipe with several networks (a GAN's discriminator, then
+    its generator). The root module's forward is called with `phase=name` and returns that phase's loss; the
+    trainer back-propagates it over the step's micro-batches and updates the child module `trains` alone.
+
+    trains: the root module's child this phase updates (its parameters, its AdamW groups). Gradients the
+            phase's backward leaves on other children (a GAN's generator loss reaches the discriminator's
+            weights) are dropped before the update.
+    every:  run on steps s (1-based) with s % every == 0, e.g. a WGAN critic's n_critic updates per
+            generator update: the critic phase every step, the generator phase every n_critic.
+    lr:     this child's peak LR (None = train.lr), following the job's schedule; two-time-scale GANs give
+            the discriminator a larger one.
+    betas:  this child's AdamW betas (None = train.beta1, train.beta2); GANs use (0.5, 0.999) or (0, 0.9).
+    ema:    whether train.ema_decay keeps an average of this child's weights (a GAN's generator: yes; its
+            discriminator: no).
+    """
+
+    name: str
+    trains: str
+    every: int = 1
+    lr: float | None = None
+    betas: tuple[float, float] | None = None
+    ema: bool = True
+
+
+@dataclass(frozen=True)
 class StepSpec:
     """What one micro-batch computes: the model is called with `model_inputs(batch)` and the trainer
     back-propagates `loss(output, batch)`, a scalar mean over the micro-batch.
@@ -97,11 +123,16 @@ class StepSpec:
     after_step: (model, dims) -> metrics; called on every rank after each optimizer step, for state that is
     not trained by gradients (e.g. MoE routing biases set from the experts' load, summed over the ranks).
     The metrics join the step's logged ones.
+    phases: job config -> the updates of one step, in order (see Phase), for recipes whose root module holds
+    several trained networks; None = one update of every parameter (the usual case). Children no phase
+    trains are frozen (requires_grad False, no optimizer state): a reference or teacher model. Each phase
+    logs `<name>/loss` and `<name>/grad_norm`; `loss` and `grad_norm` are the sums over the phases that ran.
     """
 
     model_inputs: Callable[[dict[str, torch.Tensor]], tuple]
     loss: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]
     after_step: Callable[[nn.Module, ParallelDims], dict[str, float]] | None = None
+    phases: Callable[[JobConfig], list[Phase]] | None = None
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ from scaletrain.parallel.pipeline import (
     stage_ids_for_rank,
     stage_union,
 )
-from scaletrain.registry import Recipe, get_recipe
+from scaletrain.registry import Phase, Recipe, get_recipe
 from scaletrain.validate import uses_loss_parallel, validate_config
 
 
@@ -71,9 +71,31 @@ def count_params(model: torch.nn.Module) -> int:
 
 
 def flops_per_sample(recipe: Recipe, cfg: JobConfig, model: torch.nn.Module, dataset: Any | None = None) -> int:
-    """Training FLOPs (forward + backward) of one sample, counted on the meta device."""
+    """Training FLOPs (forward + backward) of one sample, counted on the meta device; for a recipe with
+    phases, each phase's count over the steps it runs on (a WGAN generator phase every n_critic steps)."""
     batch = example_batch(recipe, cfg, dataset)
-    return count_train_flops(model, recipe.step.model_inputs(batch), loss_fn=lambda out: recipe.step.loss(out, batch))
+    inputs = recipe.step.model_inputs(batch)
+
+    def loss(output: Any) -> torch.Tensor:
+        return recipe.step.loss(output, batch)
+
+    if recipe.step.phases is None:
+        return count_train_flops(model, inputs, loss_fn=loss)
+    phases = recipe.step.phases(cfg)
+    return round(sum(count_train_flops(model, inputs, loss, {"phase": p.name}) / p.every for p in phases))
+
+
+def freeze_untrained(model: torch.nn.Module, phases: list[Phase]) -> None:
+    """requires_grad False on the root's children that no phase trains (a reference or teacher network)."""
+    children = {name for name, _ in model.named_children()}
+    for phase in phases:
+        if phase.trains not in children:
+            raise ValueError(f"phase {phase.name!r} trains {phase.trains!r}, which is not one of the model's "
+                             f"children: {sorted(children)}")  # fmt: skip
+    trained = {phase.trains for phase in phases}
+    for name, param in model.named_parameters():
+        if name.split(".", 1)[0] not in trained:
+            param.requires_grad_(False)
 
 
 def _full(value: torch.Tensor) -> torch.Tensor:
@@ -112,10 +134,16 @@ class Trainer:
         pipeline = self.recipe.supports.pipeline
         self.model = stage_union(self.model_parts, pipeline) if dims.pp_enabled else self.model_parts[0]
 
+        # A recipe with several networks updates them in phases; those no phase trains are frozen.
+        self.phases = self.recipe.step.phases(cfg) if self.recipe.step.phases else []
+        if self.phases:
+            freeze_untrained(self.model, self.phases)
         # The engine owns the optimizer step (and, for DeepSpeed, data parallelism); see scaletrain/engines.
         self.engine: Engine = get_engine(cfg.engine.name).build(self.model, cfg, dims, device)
         self.optimizer = self.engine.optimizer
-        self.ema = EMA(self.model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay > 0 else None
+        ema_children = {phase.trains for phase in self.phases if phase.ema} if self.phases else None
+        t = cfg.train
+        self.ema = EMA(self.model, t.ema_decay, t.ema_warmup, ema_children) if t.ema_decay > 0 else None
         dp_rank, dp_size = dims.dp_coordinates()
         self.loader = ShardedLoader(
             dataset,
@@ -279,37 +307,68 @@ class Trainer:
 
     # -- one optimizer step -------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
-        micro_batches = self.loader.next_step()
+        micro_batches = [self._local_batch(batch) for batch in self.loader.next_step()]
         self._accum_steps = len(micro_batches)
+        if self.phases:
+            metrics = self._phased_updates(micro_batches)
+        else:
+            loss_sum = self._forward_backward(micro_batches)
+            census = self._state_census()
+            grad_norm, lr = self.engine.step(self.step)
+            metrics = {"loss": self._mean_over_ranks(loss_sum), "grad_norm": float(grad_norm), "lr": lr, **census}
+        recipe_metrics = self.recipe.step.after_step(self.model, self.dims) if self.recipe.step.after_step else {}
+        if self.ema is not None:
+            self.ema.update(self.model, self.step + 1)  # self.step counts the steps before this one
+        self.step += 1
+        return {**metrics, **recipe_metrics}
+
+    def _forward_backward(self, micro_batches: list[dict[str, torch.Tensor]], **phase: str) -> torch.Tensor:
+        """Forward and backward over the step's micro-batches; returns this rank's summed loss."""
         loss_sum = torch.zeros((), device=self.device)
         for index, batch in enumerate(micro_batches):
-            batch = self._local_batch(batch)
             if self.schedule is not None:
                 loss_sum += self._pipeline_micro_step(batch)
                 continue
             # Only the last micro-batch's backward reduces gradients across data-parallel ranks.
             with self.loss_context(), self.engine.micro_batch(last=index == len(micro_batches) - 1):
                 with self.engine.autocast():
-                    output = self.engine.model(*self.recipe.step.model_inputs(batch))
+                    output = self.engine.model(*self.recipe.step.model_inputs(batch), **phase)
                 # Mean over the micro-batch, divided by the accumulation count: summed over
                 # micro-batches and averaged over dp ranks this is the global-batch mean.
                 loss = self.recipe.step.loss(output, batch) / len(micro_batches)
                 self.engine.backward(loss)
             loss_sum += _full(loss.detach()).float()
-        census = {}
-        if self.step == 1:  # the second step's boundary: gradients and optimizer states both exist
-            state_bytes = live_tensor_bytes(self.device.type) - self._bytes_before_model
-            census["model_state_gib"] = state_bytes / 2**30
-        grad_norm, lr = self.engine.step(self.step)
-        recipe_metrics = self.recipe.step.after_step(self.model, self.dims) if self.recipe.step.after_step else {}
-        if self.ema is not None:
-            self.ema.update(self.model, self.step + 1)  # self.step counts the steps before this one
+        return loss_sum
+
+    def _phased_updates(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """A recipe with several networks: each phase due at this step runs forward/backward over the
+        micro-batches and updates its own network (scaletrain.registry.Phase)."""
+        metrics: dict[str, float] = {"loss": 0.0, "grad_norm": 0.0}
+        due = [phase for phase in self.phases if (self.step + 1) % phase.every == 0]
+        for index, phase in enumerate(due):
+            loss_sum = self._forward_backward(micro_batches, phase=phase.name)
+            if index == len(due) - 1:
+                metrics.update(self._state_census())
+            grad_norm, metrics["lr"] = self.engine.step(self.step, trains=phase.trains)
+            metrics[f"{phase.name}/loss"] = self._mean_over_ranks(loss_sum)
+            metrics[f"{phase.name}/grad_norm"] = float(grad_norm)
+            metrics["loss"] += metrics[f"{phase.name}/loss"]
+            metrics["grad_norm"] += float(grad_norm)
+        return metrics
+
+    def _state_census(self) -> dict[str, float]:
+        """At the second step's boundary, before its update (gradients and optimizer states both exist): the
+        model state's bytes on this rank."""
+        if self.step != 1:
+            return {}
+        return {"model_state_gib": (live_tensor_bytes(self.device.type) - self._bytes_before_model) / 2**30}
+
+    def _mean_over_ranks(self, loss_sum: torch.Tensor) -> float:
         if self.dims.pp_enabled:  # only the last stage computed the loss
             dist.all_reduce(loss_sum, group=self.dims.axis("pp").get_group())
         if self.dims.dp_size * self.dims.cp > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG, group=self.dims.axis("dp_cp").get_group())
-        self.step += 1
-        return {"loss": loss_sum.item(), "grad_norm": float(grad_norm), "lr": lr, **recipe_metrics, **census}
+        return loss_sum.item()
 
     def _local_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Move to the device; with cp > 1 keep this rank's load-balanced slice of the sequence."""

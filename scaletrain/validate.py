@@ -110,6 +110,11 @@ def validate_config(cfg: JobConfig, world_size: int) -> ParallelDims:
         "use ep=1",
     )
     _check(
+        recipe.step.phases is None or cfg.engine.name == "native",
+        f"engine.name: recipe {cfg.recipe!r} trains several networks in phases (a step per network); "
+        f"engine.name={cfg.engine.name} steps one model with one optimizer: use engine.name=native",
+    )
+    _check(
         dims.ep == 1 or not engine.owns_data_parallel,
         f"parallel.ep: expert parallel runs on the native engine only; engine.name={cfg.engine.name} shards "
         "over the data-parallel ranks itself",

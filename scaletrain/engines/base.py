@@ -43,7 +43,8 @@ class Engine(Protocol):
 
     def step(self, step: int) -> tuple[float, float]:
         """Clip, set the LR of optimizer step `step` (0-based), update, zero the gradients.
-        Returns (gradient norm before clipping, LR)."""
+        Returns (gradient norm before clipping, LR). The native engine also takes `trains=CHILD`: one phase
+        of a recipe with several networks (scaletrain.registry.Phase), which updates that child only."""
         ...
 
     def checkpoint_state(self, with_optimizer: bool) -> CheckpointState:

@@ -15,6 +15,7 @@ from scaletrain.engines.base import EngineSpec, autocast_to
 from scaletrain.optim import build_optimizer, set_lr
 from scaletrain.parallel.dims import ParallelDims
 from scaletrain.parallel.grad_norm import clip_grad_norm_
+from scaletrain.registry import get_recipe
 
 
 class NativeEngine:
@@ -23,7 +24,8 @@ class NativeEngine:
     def __init__(self, model: nn.Module, cfg: JobConfig, dims: ParallelDims, device: torch.device):
         self.model, self.train, self.dims = model, cfg.train, dims
         self.description = dims.describe()
-        self.optimizer = build_optimizer(model, cfg.train, device.type)
+        phases = get_recipe(cfg.recipe).step.phases
+        self.optimizer = build_optimizer(model, cfg.train, device.type, phases(cfg) if phases else ())
         if cfg.engine.apex:  # validate() checked that NVIDIA apex and a GPU are there
             self.optimizer = apex_fused_adamw(self.optimizer)
         self.scaler = torch.amp.GradScaler(device.type) if cfg.train.loss_scaler == "dynamic" else None
@@ -44,12 +46,19 @@ class NativeEngine:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def step(self, step: int) -> tuple[float, float]:
+    def step(self, step: int, trains: str | None = None) -> tuple[float, float]:
+        params = list(self.model.parameters())
+        if trains is not None:  # one phase of a multi-network step: update that child only
+            params = [p for name, p in self.model.named_parameters() if name.split(".", 1)[0] == trains]
+            chosen = {id(p) for p in params}
+            for p in self.model.parameters():
+                if id(p) not in chosen:
+                    p.grad = None  # what this phase's loss left on the other networks
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         # Pipeline stages hold different parameters: the norm sums over the pp group too.
         pp_group = self.dims.axis("pp").get_group() if self.dims.pp_enabled else None
-        grad_norm = clip_grad_norm_(list(self.model.parameters()), self.train.grad_clip, pp_group)
+        grad_norm = clip_grad_norm_(params, self.train.grad_clip, pp_group)
         lr = set_lr(self.optimizer, step, self.train)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)

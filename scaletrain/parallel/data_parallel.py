@@ -52,12 +52,14 @@ def apply_fsdp(
     fully_shard(model, mesh=fsdp_mesh, **fsdp_options(train, parallel, is_root=True, pipelined=dims.pp_enabled))
 
 
-def apply_ddp(model: nn.Module, dims: ParallelDims) -> None:
+def apply_ddp(model: nn.Module, dims: ParallelDims, find_unused_parameters: bool = False) -> None:
     # The composable `replicate` keeps parameter names unchanged (no `.module.` prefix),
     # so checkpoints move freely between DDP and every other layout.
     from torch.distributed._composable.replicate import replicate
 
-    replicate(model, device_mesh=dims.axis("dp_replicate"), bucket_cap_mb=100)
+    replicate(
+        model, device_mesh=dims.axis("dp_replicate"), bucket_cap_mb=100, find_unused_parameters=find_unused_parameters
+    )
 
 
 def apply_data_parallel(
@@ -67,14 +69,17 @@ def apply_data_parallel(
     train: TrainSection,
     parallel: ParallelSection,
     experts: Sequence[nn.Module] = (),
+    find_unused_parameters: bool = False,
 ) -> str:
     """Apply whichever data parallelism the dims ask for; returns its name for the logs.
 
     experts: modules of routed-expert weights (scaletrain/parallel/expert_parallel.py); under expert or tensor
     parallel they get FSDP groups of their own, over the ranks that hold the same experts and see other
-    tokens (edp x tp) — also when nothing else is data-parallel (tp alone), to sum their gradients over tp."""
+    tokens (edp x tp) — also when nothing else is data-parallel (tp alone), to sum their gradients over tp.
+    find_unused_parameters: for DDP, when a forward may leave parameters without gradients (a GAN's
+    discriminator phase runs the generator under no_grad)."""
     if dims.ddp_enabled:  # replicas only: no tp, no ep
-        apply_ddp(model, dims)
+        apply_ddp(model, dims, find_unused_parameters)
         return "ddp"
     if experts and (dims.ep_enabled or dims.tp_enabled) and not dims.engine_data_parallel:
         # Before the blocks' groups, which then leave the experts' parameters out.

@@ -70,11 +70,14 @@ def torchrun(
     restarts: int = 0,
     timeout: float = 300,
     check: bool = True,
+    config: str = TINY,
+    base: list[str] = BASE,
 ) -> subprocess.CompletedProcess:
-    """Train the tiny GPT under `layout` in <run_dir>/<name> (appending: resumes if checkpoints exist)."""
+    """Train `config` (the tiny GPT, with BASE's settings) under `layout` in <run_dir>/<name> (appending:
+    resumes if checkpoints exist)."""
     nproc, overrides = LAYOUTS[layout]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd += [f"--max-restarts={restarts}", WORKER, TINY, *BASE, *overrides, *extra]
+    cmd += [f"--max-restarts={restarts}", WORKER, config, *base, *overrides, *extra]
     cmd += ["--job.run_dir", str(run_dir), "--job.name", name]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ST_FAULTS": json.dumps(faults or [])}
     env.pop("ST_RECORD", None)
