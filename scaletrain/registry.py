@@ -124,15 +124,18 @@ class StepSpec:
     not trained by gradients (e.g. MoE routing biases set from the experts' load, summed over the ranks).
     The metrics join the step's logged ones.
     phases: job config -> the updates of one step, in order (see Phase), for recipes whose root module holds
-    several trained networks; None = one update of every parameter (the usual case). Children no phase
-    trains are frozen (requires_grad False, no optimizer state): a reference or teacher model. Each phase
-    logs `<name>/loss` and `<name>/grad_norm`; `loss` and `grad_norm` are the sums over the phases that ran.
+    several trained networks; None = one update of every parameter (the usual case). Each phase logs
+    `<name>/loss` and `<name>/grad_norm`; `loss` and `grad_norm` are the sums over the phases that ran.
+    frozen: with phases, the root's children no phase trains, on purpose (a reference or teacher model):
+    requires_grad False, no optimizer state. A child with parameters that is neither trained nor named here
+    is refused at start-up (it would silently never learn: a phase forgotten).
     """
 
     model_inputs: Callable[[dict[str, torch.Tensor]], tuple]
     loss: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]
     after_step: Callable[[nn.Module, ParallelDims], dict[str, float]] | None = None
     phases: Callable[[JobConfig], list[Phase]] | None = None
+    frozen: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

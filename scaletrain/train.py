@@ -85,14 +85,19 @@ def flops_per_sample(recipe: Recipe, cfg: JobConfig, model: torch.nn.Module, dat
     return round(sum(count_train_flops(model, inputs, loss, {"phase": p.name}) / p.every for p in phases))
 
 
-def freeze_untrained(model: torch.nn.Module, phases: list[Phase]) -> None:
-    """requires_grad False on the root's children that no phase trains (a reference or teacher network)."""
-    children = {name for name, _ in model.named_children()}
+def freeze_untrained(model: torch.nn.Module, phases: list[Phase], frozen: tuple[str, ...] = ()) -> None:
+    """requires_grad False on the root's children named `frozen` (a reference or teacher network); refuses a
+    phase that trains no child of the root, and a child with parameters that is neither trained nor frozen."""
+    children = {name for name, child in model.named_children() if any(True for _ in child.parameters())}
+    trained = {phase.trains for phase in phases}
     for phase in phases:
         if phase.trains not in children:
             raise ValueError(f"phase {phase.name!r} trains {phase.trains!r}, which is not one of the model's "
-                             f"children: {sorted(children)}")  # fmt: skip
-    trained = {phase.trains for phase in phases}
+                             f"children with parameters: {sorted(children)}")  # fmt: skip
+    forgotten = sorted(children - trained - set(frozen))
+    if forgotten:
+        raise ValueError(f"model: {forgotten} have parameters, but no phase trains them (no optimizer) and "
+                         f"StepSpec.frozen does not name them; phases train {sorted(trained)}")  # fmt: skip
     for name, param in model.named_parameters():
         if name.split(".", 1)[0] not in trained:
             param.requires_grad_(False)
@@ -137,7 +142,7 @@ class Trainer:
         # A recipe with several networks updates them in phases; those no phase trains are frozen.
         self.phases = self.recipe.step.phases(cfg) if self.recipe.step.phases else []
         if self.phases:
-            freeze_untrained(self.model, self.phases)
+            freeze_untrained(self.model, self.phases, self.recipe.step.frozen)
         # The engine owns the optimizer step (and, for DeepSpeed, data parallelism); see scaletrain/engines.
         self.engine: Engine = get_engine(cfg.engine.name).build(self.model, cfg, dims, device)
         self.optimizer = self.engine.optimizer

@@ -10,6 +10,7 @@ near 0 (observed: 5.6e-7 absolute, 6e-4 relative, while its grad norms agree to 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ import pytest
 import torch
 from st_common import REPO
 
+from scaletrain import cli
 from scaletrain.checkpoint.export import consolidated_tensors
 from scaletrain.config import load_config
 from scaletrain.parallel import init_model
@@ -94,12 +96,37 @@ def test_a_phase_updates_its_network_only(tmp_path):
     assert not torch.equal(saved[2][g], initial[g])
 
 
-def test_children_no_phase_trains_are_frozen():
+def test_networks_no_phase_trains_are_frozen_only_when_named():
     model = torch.nn.ModuleDict({"policy": torch.nn.Linear(2, 2), "reference": torch.nn.Linear(2, 2)})
-    freeze_untrained(model, [Phase("policy", trains="policy")])
+    freeze_untrained(model, [Phase("policy", trains="policy")], frozen=("reference",))
     assert model["policy"].weight.requires_grad and not model["reference"].weight.requires_grad
     with pytest.raises(ValueError, match=r"phase 'value' trains 'critic', which is not one of the model's children"):
         freeze_untrained(model, [Phase("value", trains="critic")])
+
+
+def test_a_gan_with_one_optimizer_missing_is_refused():
+    """The generator's phase forgotten: the generator would never learn, silently."""
+    gan = GANModel(load_config(GAN, SMALL).model)
+    with pytest.raises(ValueError, match=r"\['generator'\] have parameters, but no phase trains them"):
+        freeze_untrained(gan, [Phase("discriminator", trains="discriminator")])
+
+
+def test_sample_command_and_eval_metrics(tmp_path, capsys):
+    """Two steps with an EMA generator and an evaluation: the eval row has FID/KID (shapes features) and the
+    class accuracy; `scaletrain sample` writes the grid from the checkpoint (EMA weights: the generator's
+    only, the discriminator has none) and prints the same metrics."""
+    overrides = SMALL + ["--train.steps", "2", "--train.ema_decay", "0.9", "--eval.interval", "2",
+                         "--eval.num_samples", "12", "--model.num_classes", "6", "--checkpoint.enable", "true",
+                         "--job.run_dir", str(tmp_path), "--job.name", "run"]  # fmt: skip
+    subprocess.run([sys.executable, "-m", "scaletrain.train", GAN, *overrides], check=True, capture_output=True)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evaluation = next(r for r in rows if "eval/fid_shapes" in r)
+    assert {"eval/kid_shapes", "eval/class_accuracy_shapes"} <= set(evaluation)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000002"
+    assert cli.main(["sample", str(checkpoint), "--n", "12", "--out", str(tmp_path / "grid.png"), "--metrics"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote" in out and "fid_shapes:" in out and "class_accuracy_shapes:" in out
+    assert (tmp_path / "grid.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize(

@@ -77,7 +77,8 @@ def load_job_config(folder: Path, recipe_name: str, config_path: str | None, ove
     return cfg
 
 
-def _has_ema(folder: Path) -> bool:
+def _ema_names(folder: Path) -> set[str]:
+    """The parameters the checkpoint holds EMA weights of (all trained ones; a GAN's generator only)."""
     try:  # the core's reader that does not unpickle arbitrary objects, when it has one
         from scaletrain.checkpoint.safe_io import read_metadata
 
@@ -86,7 +87,11 @@ def _has_ema(folder: Path) -> bool:
         import torch.distributed.checkpoint as dcp
 
         metadata = dcp.FileSystemReader(str(folder)).read_metadata()
-    return any(k.startswith("ema.") for k in metadata.state_dict_metadata)
+    return {k.removeprefix("ema.") for k in metadata.state_dict_metadata if k.startswith("ema.")}
+
+
+def _has_ema(folder: Path) -> bool:
+    return bool(_ema_names(folder))
 
 
 def load_model(folder: Path, recipe_name: str, cfg: JobConfig, ema: str = "auto") -> torch.nn.Module:
@@ -103,12 +108,14 @@ def load_model(folder: Path, recipe_name: str, cfg: JobConfig, ema: str = "auto"
     if use_ema:
         if not _has_ema(folder):
             raise ValueError(f"{folder}: --ema yes, but the checkpoint has no EMA weights (train.ema_decay=0)")
-        extra["ema"] = {n: torch.empty_like(p) for n, p in model.named_parameters()}
+        names = _ema_names(folder)
+        extra["ema"] = {n: torch.empty_like(p) for n, p in model.named_parameters() if n in names}
     load_checkpoint(folder, ModuleState(model), extra_tensors=extra)
     if use_ema:
         with torch.no_grad():
             for n, p in model.named_parameters():
-                p.copy_(extra["ema"][n])
+                if n in extra["ema"]:
+                    p.copy_(extra["ema"][n])
     return model.eval()
 
 

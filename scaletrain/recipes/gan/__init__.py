@@ -19,8 +19,10 @@ from scaletrain.config.schema import JobConfig
 from scaletrain.parallel import ParallelDims, apply_activation_checkpointing, apply_compile, apply_data_parallel
 from scaletrain.recipes.diffusion.config import ImageDataConfig
 from scaletrain.recipes.diffusion.data import _generator
+from scaletrain.recipes.diffusion.metrics import sample_metrics
 from scaletrain.recipes.diffusion.recipe import image_dataset, image_grid
 from scaletrain.recipes.gan.model import GAN, GANConfig
+from scaletrain.recipes.gan.sample import generate, sample
 from scaletrain.registry import DataSpec, EvalSpec, ModelSpec, Phase, Recipe, StepSpec, register_recipe
 from scaletrain.validate import check_all
 
@@ -113,19 +115,14 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, cfg: JobConfig, dims: ParallelDims, step: int, logger: Any) -> dict[str, float]:
-    """A grid of samples from fixed noise (with the EMA generator when train.ema_decay > 0); one row per class
-    when class-conditional."""
+    """eval.num_samples images from fixed noise (the EMA generator when train.ema_decay > 0): a grid (one
+    column per class when class-conditional), FID/KID against as many real images with the project's
+    shapes-classifier features, and on class-conditional shapes the share drawn as the requested class."""
     m = cfg.model
-    n = cfg.eval.num_samples
-    device = next(model.parameters()).device
-    noise = torch.Generator().manual_seed(cfg.job.seed)
-    z = torch.randn(n, m.latent_dim, generator=noise).to(device)
-    label = (torch.arange(n) % max(1, m.num_classes)).to(device)
-    dummy = torch.zeros(n, device=device)
-    images = model(torch.zeros(n, m.in_channels, m.image_size, m.image_size, device=device), label, z, dummy,
-                   phase="sample").float()  # fmt: skip
-    logger.log_image(step, "samples", image_grid(images.cpu(), max(1, m.num_classes) if m.num_classes else None))
-    return {"sample_std": images.std().item()}
+    labels = (torch.arange(cfg.eval.num_samples) % max(1, m.num_classes)).long()
+    images = generate(model, labels, m.latent_dim, seed=cfg.job.seed)
+    logger.log_image(step, "samples", image_grid(images, m.num_classes or None))
+    return sample_metrics(cfg, images, labels)
 
 
 register_recipe(
@@ -135,6 +132,6 @@ register_recipe(
         data=DataSpec(config=ImageDataConfig, build_dataset=build_dataset, example_batch=example_batch),
         step=StepSpec(model_inputs=model_inputs, loss=loss, phases=phases),
         validate=validate,
-        evaluation=EvalSpec(evaluate=evaluate),
+        evaluation=EvalSpec(evaluate=evaluate, sample=sample),
     )
 )
