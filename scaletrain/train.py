@@ -470,6 +470,9 @@ class Trainer:
     def _announce(self, logger: MetricLogger) -> None:
         cfg, dims = self.cfg, self.dims
         resumed = self.maybe_resume()
+        data_init = self.recipe.model.data_init
+        if data_init is not None and self.step == 0 and not cfg.checkpoint.load_path:
+            resumed = "\n".join(filter(None, [resumed, data_init(self.model, cfg, self.loader.dataset)]))
         lines = [
             f"scaletrain: recipe {cfg.recipe} | {self.num_params / 1e6:.2f}M params | "
             f"{self.flops_per_sample / 1e9:.3f} GFLOP/sample (fwd+bwd)",
