@@ -9,6 +9,9 @@ EMA and the RNG states are one checkpoint.
 - the DDP-2 run's step-5 checkpoint continues in one process: losses within 1e-5 (absolute for the
   generator's WGAN loss, a mean of critic scores near 0).
 
+VQ-VAE: its codebook (embedding, moving averages, update count) lives in buffers; the DDP-2 run's step-5
+checkpoint continues in one process within 1e-5 (losses, grad norms, codebook perplexity).
+
 Glow: its actnorm's data-dependent init lives in buffers, saved with the weights; a resumed run does not
 redo it (it would see the same items, but a checkpoint of a run with another init must win). The DDP-2 run's
 step-5 checkpoint continues in one process within 1e-5.
@@ -86,5 +89,25 @@ def test_glow_ddp2_checkpoint_continues_in_one_process(tmp_path):
     assert sorted(resumed) == list(range(6, 11))
     for step in range(6, 11):
         for key in ("loss", "grad_norm"):
+            a, b = resumed[step][key], reference[step][key]
+            assert abs(a - b) <= 1e-5 * abs(b), f"step {step} {key}: {a} vs {b}"
+
+
+VQVAE = str(REPO / "scaletrain" / "recipes" / "autoencoder" / "configs" / "vqvae-tiny.yaml")
+VQVAE_BASE = [
+    "--model.image_size", "16", "--model.channels", "16", "--model.channel_mult", "1,2", "--model.codebook_size", "16",
+    "--train.global_batch_size", "8", "--train.steps", "10", "--train.warmup_steps", "2",
+    "--checkpoint.interval", "5", "--eval.interval", "0", "--metrics.tensorboard", "false",
+]  # fmt: skip
+
+
+def test_vqvae_ddp2_checkpoint_continues_in_one_process(tmp_path):
+    torchrun("ddp2", tmp_path, "straight", config=VQVAE, base=VQVAE_BASE)
+    copy_checkpoint(tmp_path / "straight", 5, tmp_path / "single")
+    torchrun("single", tmp_path, "single", config=VQVAE, base=VQVAE_BASE)
+    resumed, reference = metrics(tmp_path, "single"), metrics(tmp_path, "straight")
+    assert sorted(resumed) == list(range(6, 11))
+    for step in range(6, 11):
+        for key in ("loss", "grad_norm", "codebook_perplexity"):
             a, b = resumed[step][key], reference[step][key]
             assert abs(a - b) <= 1e-5 * abs(b), f"step {step} {key}: {a} vs {b}"
