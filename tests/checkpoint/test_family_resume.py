@@ -39,7 +39,7 @@ def metrics(run_dir, name) -> dict[int, dict]:
     return rows
 
 
-KEYS = ("discriminator/loss", "generator/loss", "discriminator/grad_norm", "generator/grad_norm", "eval/sample_std")
+KEYS = ("discriminator/loss", "generator/loss", "discriminator/grad_norm", "generator/grad_norm", "eval/fid_shapes")
 
 
 def test_gan_kill_and_rerun_continues_bitwise(tmp_path):
@@ -54,7 +54,7 @@ def test_gan_kill_and_rerun_continues_bitwise(tmp_path):
     for step in range(1, 11):
         for key in KEYS:
             assert resumed[step].get(key) == reference[step].get(key), f"step {step} {key}"
-    assert "eval/sample_std" in reference[10]
+    assert "eval/fid_shapes" in reference[10]
 
 
 def test_gan_ddp2_checkpoint_continues_in_one_process(tmp_path):

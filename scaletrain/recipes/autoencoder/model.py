@@ -9,7 +9,7 @@ beta-VAE (Higgins et al. 2017): loss per sample = (||x - x'||^2 / (2 sigma^2) + 
 VQ-VAE (van den Oord et al. 2017): the encoder's vectors snap to their nearest codebook entry (straight-
   through gradient), commitment loss beta ||z_e - sg(e)||^2; the codebook follows exponential moving
   averages of the vectors assigned to it (not gradients), with Laplace smoothing, and codes whose average
-  use falls below dead_code_threshold restart near the batch's mean vector.
+  use falls below dead_code_threshold restart by splitting the busiest clusters.
 Denoising autoencoder (Vincent et al. 2008): reconstruct the clean image from one with Gaussian noise added.
 
 State that gradients do not train (the codebook, the step count behind beta_t) changes once per optimizer
@@ -102,12 +102,17 @@ class VectorQuantizer(nn.Module):
         self.embedding.copy_(self.embed_sum / smoothed[:, None])
         self.updates.add_(1)
         dead = self.cluster_size < self.dead_threshold
-        if dead.any():  # restart near the batch's mean vector, the same on every rank (seeded, no data order)
+        if dead.any():
+            # Split the busiest clusters (as LBG's k-means splitting does): each dead code restarts at the
+            # centroid of a used code, in order of use, plus a seeded nudge a tenth of the vectors' spread, so
+            # the two share that cluster. From the global sums: the same on every rank, for every layout.
+            used = int((counts > 0).sum())
+            donors = counts.argsort(descending=True)[torch.arange(int(dead.sum())) % max(1, used)]
+            centroids = sums[donors] / counts[donors, None].clamp_min(1)
             mean = sums.sum(0) / counts.sum().clamp_min(1)
             spread = (sums.square().sum() / counts.sum().clamp_min(1) - mean.square().sum()).clamp_min(1e-8).sqrt()
-            jitter = torch.Generator().manual_seed(int(self.updates))
-            noise = torch.randn(int(dead.sum()), mean.numel(), generator=jitter).to(mean.device)
-            fresh = mean + noise * spread / math.sqrt(mean.numel())
+            nudge = torch.randn(centroids.shape, generator=torch.Generator().manual_seed(int(self.updates)))
+            fresh = centroids + nudge.to(centroids.device) * 0.1 * spread / math.sqrt(mean.numel())
             self.embedding[dead] = fresh
             self.embed_sum[dead] = fresh
             self.cluster_size[dead] = 1.0

@@ -196,12 +196,15 @@ class GAN(nn.Module):
         return (scores[n : 2 * n] - scores[:n] + self.cfg.gp_weight * penalty).mean()
 
     def init_tensor(self, name: str, tensor: torch.Tensor, generator: torch.Generator) -> None:
-        """DCGAN's init: weights N(0, 0.02), biases 0, norm gains 1; spectral norm's u a random unit vector."""
+        """DCGAN's init: weights N(0, 0.02), biases 0, norm gains 1; the generator's class embedding N(0, 1);
+        spectral norm's u a random unit vector."""
         leaf = name.rsplit(".", 1)[-1]
         if leaf == "u":
             tensor.copy_(F.normalize(torch.randn(tensor.shape, generator=generator, device=tensor.device), dim=0))
         elif leaf == "bias":
             tensor.zero_()
+        elif name == "generator.embed.weight":  # added to z ~ N(0, I): on the same scale, so the class shows
+            tensor.normal_(0.0, 1.0, generator=generator)
         elif ".norm." in name:
             tensor.fill_(1.0)
         elif leaf == "weight":
