@@ -152,6 +152,22 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported field type {tp!r}")
 
 
+def _did_you_mean(cls: type, key: str, where: str) -> str:
+    """A close spelling at this level, else the section one level down that has `key` (`compile` ->
+    `train.compile`): users often forget which section an option lives in."""
+    prefix = where + "." if where else ""
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean {prefix + close[0]!r}?"
+    hints = typing.get_type_hints(cls)
+    for name in names:
+        section = hints[name]
+        if dataclasses.is_dataclass(section) and key in {f.name for f in dataclasses.fields(section)}:
+            return f"; did you mean {prefix + name + '.' + key!r}?"
+    return ""
+
+
 def build_dataclass(cls: type, values: dict[str, Any], where: str = "") -> Any:
     """Instantiate `cls` from a nested dict, naming any bad field with its dotted path."""
     if not isinstance(values, dict):
@@ -162,8 +178,7 @@ def build_dataclass(cls: type, values: dict[str, Any], where: str = "") -> Any:
     for key, value in values.items():
         path = f"{where}.{key}" if where else key
         if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
-            hint = f"; did you mean {(where + '.' if where else '') + close[0]!r}?" if close else ""
+            hint = _did_you_mean(cls, key, where) or "."
             raise ConfigError(f"{path}: unknown key{hint} Valid keys here: {sorted(fields)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):

@@ -173,3 +173,8 @@ def test_tensor_parallel_needs_a_recipe_that_declares_it(monkeypatch):
     with pytest.raises(ValueError, match=r"parallel\.tp: recipe 'gpt-no-tp' has no tensor-parallel plan"):
         validate_config(cfg, 2)
     validate_config(_load("--recipe", "gpt-no-tp", "--parallel.dp_shard", "2"), 2)  # data parallel is fine
+
+
+def test_unknown_key_points_to_the_section_that_has_it():
+    with pytest.raises(ConfigError, match=r"compile: unknown key; did you mean 'train\.compile'\?"):
+        load_config(TINY, ["--compile", "true"])

@@ -111,6 +111,10 @@ SMALL_CONFIGS = {
     "diffusion/configs/dit-tiny.yaml": "--parallel.tp 2 --parallel.dp_shard 1",
     "diffusion/configs/unet-tiny.yaml": "--parallel.dp_shard 2",
     "diffusion/configs/vae-tiny.yaml": "--parallel.dp_replicate 2 --parallel.dp_shard 1",
+    "gan/configs/dcgan-tiny.yaml": "--parallel.dp_replicate 2 --parallel.dp_shard 2",
+    "gan/configs/sngan-cond-tiny.yaml": "--parallel.dp_shard 2",
+    "flow/configs/glow-tiny.yaml": "--parallel.dp_replicate 2 --parallel.dp_shard 2",
+    "autoencoder/configs/vqvae-tiny.yaml": "--parallel.dp_replicate 2 --parallel.dp_shard 2",
 }
 
 
