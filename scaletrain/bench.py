@@ -119,14 +119,22 @@ class PlainLoop:
             init_model(model, trainer.device, cfg.job.seed)
         self.model = model.to(trainer.device)
         fused = cfg.train.fused_optimizer and trainer.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=cfg.train.lr,
-            betas=(cfg.train.beta1, cfg.train.beta2),
-            weight_decay=cfg.train.weight_decay,
-            fused=fused or None,
-            foreach=None if fused else True,
-        )
+
+        def adamw(params, lr: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+            return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=cfg.train.weight_decay,
+                                     fused=fused or None, foreach=None if fused else True)  # fmt: skip
+
+        default_betas = (cfg.train.beta1, cfg.train.beta2)
+        # Several networks (a GAN): one AdamW per phase over its own network, as a hand-written GAN loop has.
+        self.phases = recipe.step.phases(cfg) if recipe.step.phases and not self.own_loss else [None]
+        self.optimizers = [
+            adamw(self.model.parameters(), cfg.train.lr, default_betas)
+            if phase is None
+            else adamw(self.model.get_submodule(phase.trains).parameters(), phase.lr or cfg.train.lr,
+                       phase.betas or default_betas)  # fmt: skip
+            for phase in self.phases
+        ]
+        self.steps_done = 0
         self.autocast = (
             (lambda: torch.autocast(trainer.device.type, dtype=TORCH_DTYPES[cfg.train.dtype]))
             if cfg.train.dtype != "fp32"
@@ -142,20 +150,27 @@ class PlainLoop:
         )
 
     def train_step(self) -> None:
-        micro_batches = self.loader.next_step()
-        for batch in micro_batches:
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            with self.autocast():
-                if self.own_loss:
-                    loss = self.model(batch)
-                else:
-                    loss = self.recipe.step.loss(self.model(*self.recipe.step.model_inputs(batch)), batch)
-            loss = loss / len(micro_batches)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip or float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.item()  # the trainer reads the loss every step too
+        batches = self.loader.next_step()
+        micro_batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in batches]
+        self.steps_done += 1
+        for phase, optimizer in zip(self.phases, self.optimizers, strict=True):
+            if phase is not None and self.steps_done % phase.every:
+                continue
+            kwargs = {} if phase is None else {"phase": phase.name}
+            for batch in micro_batches:
+                with self.autocast():
+                    if self.own_loss:
+                        loss = self.model(batch)
+                    else:
+                        output = self.model(*self.recipe.step.model_inputs(batch), **kwargs)
+                        loss = self.recipe.step.loss(output, batch)
+                loss = loss / len(micro_batches)
+                loss.backward()
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip or float("inf"))
+            optimizer.step()
+            self.model.zero_grad(set_to_none=True)  # a phase's backward also reaches the other network
+            loss.item()  # the trainer reads the loss every step too
 
 
 def _timed(step_fn, steps: int, device: torch.device) -> float:

@@ -85,8 +85,12 @@ def model_summary(cfg: JobConfig) -> dict[str, float]:
     units = recipe.data.units_per_sample(cfg)
     total = count_params(model)
     active = recipe.model.active_parameters(model, cfg.model) if recipe.model.active_parameters else total
+    # Several networks: each one's size (a GAN's generator and discriminator are sized separately).
+    named = [*(p.trains for p in recipe.step.phases(cfg)), *recipe.step.frozen] if recipe.step.phases else []
+    per_network = {f"parameters.{name}": count_params(model.get_submodule(name)) for name in dict.fromkeys(named)}
     return {
         "parameters": total,
+        **per_network,
         **({"active_parameters": active} if active != total else {}),  # models that route (MoE)
         "train_flops_per_sample": flops,
         f"train_flops_per_{recipe.data.unit[:-1]}": flops / units,

@@ -15,6 +15,7 @@ from pathlib import Path
 from scaletrain.checkpoint.export import export_hf, export_safetensors, import_hf, trainer_state, verified_manifest
 from scaletrain.checkpoint.format import MANIFEST, PARTIAL_SUFFIX, CheckpointError, read_manifest, step_of
 from scaletrain.checkpoint.safe_io import read_metadata
+from scaletrain.registry import get_recipe, known_recipes
 
 
 def _size(folder: Path) -> int:
@@ -62,10 +63,22 @@ def describe(folder: Path) -> dict[str, str]:
         consumed = (state.get("data") or {}).get("consumed_samples")
         if consumed is not None:
             info["consumed samples"] = f"{consumed:,}"
+        if state.get("recipe") in known_recipes() and get_recipe(state["recipe"]).step.phases is not None:
+            info["networks"] = _per_network(read_metadata(folder).state_dict_metadata)
     except (CheckpointError, ValueError):
         pass
     info["format version"] = str(manifest.get("format_version", "?"))
     return info
+
+
+def _per_network(stored: dict) -> str:
+    """Parameters of each child of the root, for recipes that train several networks (a GAN's two)."""
+    counts: dict[str, int] = {}
+    for key, meta in stored.items():
+        if key.startswith("model.") and hasattr(meta, "size"):
+            network = key.split(".")[1]
+            counts[network] = counts.get(network, 0) + _numel(meta.size)
+    return ", ".join(f"{name} {n:,}" for name, n in sorted(counts.items()))
 
 
 def _numel(size: tuple[int, ...]) -> int:
