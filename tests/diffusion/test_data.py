@@ -8,14 +8,8 @@ import torch
 from PIL import Image
 
 from scaletrain.data import ShardedLoader
-from scaletrain.recipes.diffusion.data import (
-    SHAPES,
-    DiffusionItems,
-    ImageFolderDataset,
-    ShapesDataset,
-    auto_repeats,
-    render_shape,
-)
+from scaletrain.images.datasets import SHAPES, ImageFolderDataset, ShapesDataset, render_shape
+from scaletrain.recipes.diffusion.data import DiffusionItems, auto_repeats
 from scaletrain.recipes.diffusion.process import Process
 
 

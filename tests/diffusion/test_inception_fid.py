@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from scaletrain.config import load_config
-from scaletrain.recipes.diffusion.inception import FID_CLASSES, InceptionV3Features, inception_features
-from scaletrain.recipes.diffusion.metrics import feature_labels, inception_extractor, real_images, sample_metrics
+from scaletrain.images.inception import FID_CLASSES, InceptionV3Features, inception_features
+from scaletrain.images.quality import feature_labels, inception_extractor, real_images, sample_metrics
 from scaletrain.validate import validate_config
 
 N = 8  # images per set: Inception at 299 px costs ~0.1 s per image on 2 CPU cores
@@ -104,7 +104,7 @@ def test_missing_file_fails_before_training():
 
 
 def test_wrong_keys_and_shapes_are_named(tmp_path):
-    from scaletrain.recipes.diffusion.inception import load_inception
+    from scaletrain.images.inception import load_inception
 
     state = _random_state()
     del state["Mixed_6b.branch7x7_1.conv.weight"]

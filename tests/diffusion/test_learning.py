@@ -54,10 +54,11 @@ def test_loss_falls_in_a_short_cpu_run(tmp_path):
 
 @pytest.mark.slow
 def test_samples_are_recognised_as_the_requested_class(tmp_path):
+    from scaletrain.checkpoint.loading import load_job_config, load_model
     from scaletrain.distributed import destroy_distributed, init_distributed
-    from scaletrain.recipes.diffusion.metrics import extract, shapes_classifier
-    from scaletrain.recipes.diffusion.recipe import class_labels, generate, to_classifier_size
-    from scaletrain.recipes.diffusion.sample_cli import load_job_config, load_model
+    from scaletrain.images.grid import class_labels
+    from scaletrain.images.quality import extract, shapes_classifier, to_classifier_size
+    from scaletrain.recipes.diffusion.recipe import generate
 
     overrides = ["--model.image_size", "16", "--model.patch_size", "2", "--model.schedule", "flow",
                  "--model.prediction", "v", "--train.steps", str(STEPS), "--train.lr", "2e-3",

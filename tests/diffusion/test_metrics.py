@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from scaletrain.recipes.diffusion.metrics import fid, frechet_distance, gaussian_stats, kid
+from scaletrain.images.quality import fid, frechet_distance, gaussian_stats, kid
 
 
 def _random_spd(rng: np.random.Generator, d: int) -> np.ndarray:
@@ -74,8 +74,8 @@ def test_shipped_shapes_classifier_labels_held_out_shapes():
     """The feature extractor FID/KID-shapes use; also the judge of the learning test."""
     import torch
 
-    from scaletrain.recipes.diffusion.data import ShapesDataset
-    from scaletrain.recipes.diffusion.metrics import ASSETS, extract, shapes_classifier
+    from scaletrain.images.datasets import ShapesDataset
+    from scaletrain.images.quality import ASSETS, extract, shapes_classifier
 
     assert (ASSETS / "shapes_classifier_32px_6c.pt").is_file()
     model = shapes_classifier(32, 6)
@@ -98,8 +98,8 @@ def test_eval_metrics_separate_real_shapes_from_noise():
     import torch
 
     from scaletrain.config import load_config
-    from scaletrain.recipes.diffusion.data import ShapesDataset
-    from scaletrain.recipes.diffusion.metrics import sample_metrics
+    from scaletrain.images.datasets import ShapesDataset
+    from scaletrain.images.quality import sample_metrics
 
     cfg = load_config(None, {"recipe": "dit", "model": {"num_classes": 6}})
     data = ShapesDataset(60, 32, 6, seed=42)

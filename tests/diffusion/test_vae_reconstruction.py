@@ -41,10 +41,10 @@ def _train(tmp_path: Path, steps: int, *overrides: str) -> Path:
 
 
 def _reconstruction_mse(ckpt: Path, n: int = 256) -> dict[str, float]:
+    from scaletrain.checkpoint.loading import load_job_config, load_model
     from scaletrain.distributed import destroy_distributed, init_distributed
+    from scaletrain.images.datasets import ShapesDataset
     from scaletrain.parallel import init_model
-    from scaletrain.recipes.diffusion.data import ShapesDataset
-    from scaletrain.recipes.diffusion.sample_cli import load_job_config, load_model
     from scaletrain.registry import get_recipe
 
     cfg = load_job_config(ckpt, "vae", None, [])  # the config the trainer stored

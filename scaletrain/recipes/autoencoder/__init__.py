@@ -15,11 +15,10 @@ import torch
 from torch import nn
 
 from scaletrain.config.schema import JobConfig
+from scaletrain.images.datasets import ImageDataConfig, image_dataset, seeded_generator
+from scaletrain.images.grid import image_grid
 from scaletrain.parallel import ParallelDims, apply_activation_checkpointing, apply_compile, apply_data_parallel
 from scaletrain.recipes.autoencoder.model import Autoencoder, AutoencoderConfig
-from scaletrain.recipes.diffusion.config import ImageDataConfig
-from scaletrain.recipes.diffusion.data import _generator
-from scaletrain.recipes.diffusion.recipe import image_dataset, image_grid
 from scaletrain.registry import DataSpec, EvalSpec, ModelSpec, Recipe, StepSpec, register_recipe
 from scaletrain.validate import check_all
 
@@ -44,7 +43,7 @@ class AutoencoderItems:
         return len(self.base)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        noise = torch.randn(self.shape, generator=_generator("autoencoder", self.seed, int(i)))
+        noise = torch.randn(self.shape, generator=seeded_generator("autoencoder", self.seed, int(i)))
         return {"image": self.base[int(i)]["image"], "noise": noise}
 
 

@@ -6,17 +6,17 @@
 
 Registered recipes: "dit", "unet" and "vae" (latent diffusion = vae -> latents.py cache -> dit
 on data.source=latents). Module map: process.py (schedules, losses' targets,
-samplers), data.py (shapes, image folders, per-sample noise), dit.py / unet.py (models),
+samplers), data.py (per-sample noise), dit.py / unet.py (models),
 parallelize.py (TP/AC/compile/FSDP plans), recipe.py (dataset, loss, checks, eval grids),
 sample_cli.py (`scaletrain sample`), vae.py + vae_recipe.py (KL autoencoder),
-latents.py (latent cache), metrics.py (FID/KID, shapes classifier).
+latents.py (latent cache). Image data, FID/KID and grids are the core's (scaletrain/images/).
 """
 
 from __future__ import annotations
 
 from scaletrain.recipes.diffusion import recipe as _r
 from scaletrain.recipes.diffusion import vae_recipe as _v
-from scaletrain.recipes.diffusion.config import DiTConfig, ImageDataConfig, UNetConfig
+from scaletrain.recipes.diffusion.config import DiffusionDataConfig, DiTConfig, UNetConfig
 from scaletrain.recipes.diffusion.dit import DiT
 from scaletrain.recipes.diffusion.parallelize import parallelize_blocks, parallelize_dit, startup_notes
 from scaletrain.recipes.diffusion.sample_cli import make_sample_command
@@ -34,7 +34,7 @@ from scaletrain.registry import (
 )
 
 # What the two pixel/latent denoisers share: the same data, loss, evaluation and sampler.
-_DENOISER_DATA = DataSpec(config=ImageDataConfig, build_dataset=_r.build_dataset, example_batch=_r.example_batch)
+_DENOISER_DATA = DataSpec(config=DiffusionDataConfig, build_dataset=_r.build_dataset, example_batch=_r.example_batch)
 _DENOISER_STEP = StepSpec(model_inputs=_r.model_inputs, loss=_r.loss)
 
 DIT = register_recipe(
@@ -77,7 +77,7 @@ VAE = register_recipe(
         model=ModelSpec(
             config=VAEConfig, build=KLAutoencoder, parallelize=parallelize_blocks, startup_notes=startup_notes
         ),
-        data=DataSpec(config=ImageDataConfig, build_dataset=_v.build_dataset, example_batch=_v.example_batch),
+        data=DataSpec(config=DiffusionDataConfig, build_dataset=_v.build_dataset, example_batch=_v.example_batch),
         step=StepSpec(model_inputs=_v.model_inputs, loss=vae_loss),
         validate=_v.validate,
         evaluation=EvalSpec(evaluate=_v.evaluate),

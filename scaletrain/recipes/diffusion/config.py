@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from scaletrain.config.schema import opt
+from scaletrain.images.datasets import ImageDataConfig
 
 
 @dataclass
@@ -77,12 +78,11 @@ class UNetConfig(DiffusionSettings):
 
 
 @dataclass
-class ImageDataConfig:
+class DiffusionDataConfig(ImageDataConfig):
+    """The core's image data, plus a latent cache (the latent DiT) and per-image noise draws."""
+
     source: Literal["shapes", "folder", "latents"] = opt(
         "shapes", "Bundled procedural shapes, a user image folder (data.path), or a latent cache (data.path)."
     )
     path: str = opt("", "Image folder (root/<class>/*.png or root/*.png) or latent cache folder.")
-    num_samples: int = opt(100_000, "Size of the procedural shapes data set (items are generated on the fly).")
-    shapes_seed: int = opt(0, "Seed of the shapes data set (independent of job.seed, so it is the same data).")
     noise_draws: int = opt(0, "Noise draws per image for folder/latent data; 0 = automatic (~4M items).")
-    num_workers: int = opt(0, "Background loader processes.")

@@ -35,8 +35,8 @@ INDEX = "index.json"
 
 def encode_dataset(ckpt: Path, config: str | None, out: Path, overrides: list[str], batch: int = 64) -> dict:
     """Collective over all ranks of an initialised process group; returns the index (on every rank)."""
-    from scaletrain.recipes.diffusion.recipe import image_dataset
-    from scaletrain.recipes.diffusion.sample_cli import load_job_config, load_model
+    from scaletrain.checkpoint.loading import load_job_config, load_model
+    from scaletrain.images.datasets import image_dataset
 
     cfg = load_job_config(ckpt, "vae", config, overrides)
     dataset = image_dataset(cfg)
@@ -135,14 +135,14 @@ class LatentDataset:
         return int(self.index["num_items"])
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        from scaletrain.recipes.diffusion.data import _generator
+        from scaletrain.images.datasets import seeded_generator
 
         i = int(i)
         for start, mean, logvar, label in reversed(self._shards()):
             if i >= start:
                 m, lv, y = mean[i - start], logvar[i - start], label[i - start]
                 break
-        eps = torch.randn(m.shape, generator=_generator("vae-posterior", self.seed, i))
+        eps = torch.randn(m.shape, generator=seeded_generator("vae-posterior", self.seed, i))
         z = torch.from_numpy(np.array(m)) + torch.exp(0.5 * torch.from_numpy(np.array(lv))) * eps
         return {"latent": z * self.scale, "label": torch.tensor(int(y), dtype=torch.int64)}
 
@@ -168,9 +168,9 @@ def check_latent_config(cfg: Any) -> None:
 
 def load_cache_decoder(path: str | Path):
     """latents (scaled, as the DiT sees them) -> images in [-1, 1], via the cache's VAE (one process)."""
+    from scaletrain.checkpoint.loading import load_model
     from scaletrain.config import load_config
     from scaletrain.config.loader import build_dataclass
-    from scaletrain.recipes.diffusion.sample_cli import load_model
     from scaletrain.registry import get_recipe
 
     index = read_index(path)

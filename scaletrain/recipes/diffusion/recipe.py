@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -19,47 +20,29 @@ from torch import nn
 
 from scaletrain import ops
 from scaletrain.config.schema import JobConfig
+from scaletrain.images.datasets import SHAPES, image_dataset, seeded_generator
+from scaletrain.images.grid import class_labels, image_grid, save_png
 from scaletrain.parallel.dims import ParallelDims
-from scaletrain.recipes.diffusion.data import (
-    SHAPES,
-    DiffusionItems,
-    ImageFolderDataset,
-    ShapesDataset,
-    _generator,
-    auto_repeats,
-)
-from scaletrain.recipes.diffusion.metrics import to_classifier_size  # noqa: F401 - re-exported for callers of this module
+from scaletrain.recipes.diffusion.data import DiffusionItems, auto_repeats
 from scaletrain.recipes.diffusion.process import Process, sample
 from scaletrain.validate import check_all
 
 
+def real_data_section(cfg: JobConfig) -> Any | None:
+    """The data section of the images the model learns (for a latent DiT: its VAE's), which FID compares
+    samples with; None if unknown."""
+    data = cfg.data
+    if data.source == "latents":
+        if not data.path:
+            return None
+        from scaletrain.recipes.diffusion.latents import read_index
+
+        data = SimpleNamespace(**read_index(data.path)["vae_config"]["data"])
+    return data if data.source in ("shapes", "folder") else None
+
+
 def make_process(model_cfg: Any) -> Process:
     return Process(model_cfg.schedule, model_cfg.prediction, model_cfg.timesteps, model_cfg.time_sampling)
-
-
-def image_dataset(cfg: JobConfig) -> Any:
-    """The clean images {image, label} that the denoiser (or the VAE) trains on."""
-    m, d = cfg.model, cfg.data
-    num_classes = getattr(m, "num_classes", 0)  # the VAE has no classes
-    if d.source == "shapes":
-        return ShapesDataset(d.num_samples, m.image_size, num_classes or len(SHAPES), seed=d.shapes_seed)
-    if d.source == "folder":
-        if not d.path:
-            raise ValueError("data.path: data.source=folder needs data.path (a folder of PNG/JPEG images)")
-        dataset = ImageFolderDataset(d.path, m.image_size, m.in_channels)
-        if num_classes > 0 and not dataset.labelled:
-            raise ValueError(
-                f"model.num_classes: class conditioning ({num_classes} classes) needs labelled data, but "
-                f"{d.path!r} has no class sub-folders (root/<class>/*.png); set model.num_classes=0 to train "
-                "unconditionally"
-            )
-        if num_classes > 0 and dataset.num_classes > num_classes:
-            raise ValueError(
-                f"model.num_classes: {d.path!r} has {dataset.num_classes} class folders but model.num_classes="
-                f"{num_classes}"
-            )
-        return dataset
-    raise ValueError(f"data.source: {d.source!r} is not supported by recipe {cfg.recipe!r}")
 
 
 def build_dataset(cfg: JobConfig) -> DiffusionItems:
@@ -132,7 +115,7 @@ def check_data_files(cfg: JobConfig) -> None:
     if d.source == "folder":
         image_dataset(cfg)  # empty / missing / unlabelled folders fail before any process starts
     if m.eval_inception_weights:
-        from scaletrain.recipes.diffusion.inception import check_weights_file
+        from scaletrain.images.inception import check_weights_file
 
         check_weights_file(m.eval_inception_weights)
     if d.source == "latents":
@@ -199,19 +182,6 @@ def validate_unet(cfg: JobConfig, dims: ParallelDims) -> None:
 
 
 # -- sampling --------------------------------------------------------------------------------------
-def class_labels(num_classes: int, n: int, requested: int | None) -> torch.Tensor:
-    """Labels for a grid: the requested class everywhere, or every class in turn."""
-    if num_classes == 0:
-        if requested is not None:
-            raise ValueError("--class: the model is unconditional (model.num_classes=0)")
-        return torch.zeros(n, dtype=torch.int64)
-    if requested is not None:
-        if not 0 <= requested < num_classes:
-            raise ValueError(f"--class: {requested} is not a class of this model (0..{num_classes - 1})")
-        return torch.full((n,), requested, dtype=torch.int64)
-    return torch.arange(n, dtype=torch.int64) % num_classes
-
-
 def generate(
     model: nn.Module,
     model_cfg: Any,
@@ -238,7 +208,7 @@ def generate(
     chunks = []
     for start in range(0, len(labels), batch_size):
         part = labels[start : start + batch_size]
-        generators = [_generator("sample", seed, first_index + start + k) for k in range(len(part))]
+        generators = [seeded_generator("sample", seed, first_index + start + k) for k in range(len(part))]
         x = sample(
             lambda x, t, y: model(x, t, y).float(),
             process,
@@ -290,30 +260,10 @@ def generate_sharded(
     return torch.cat([g.cpu() for g in gathered])[:n]
 
 
-def image_grid(x_BCHW: torch.Tensor, ncol: int | None = None, pad: int = 2) -> torch.Tensor:
-    """Tile images in [-1, 1] into one CHW grid in [0, 1] (row-major, `ncol` per row)."""
-    B, C, H, W = x_BCHW.shape
-    ncol = ncol or math.ceil(math.sqrt(B))
-    nrow = math.ceil(B / ncol)
-    grid = torch.ones(C, nrow * (H + pad) + pad, ncol * (W + pad) + pad)
-    for i in range(B):
-        r, c = divmod(i, ncol)
-        top, left = pad + r * (H + pad), pad + c * (W + pad)
-        grid[:, top : top + H, left : left + W] = (x_BCHW[i].float().cpu() + 1) / 2
-    return grid.clamp(0, 1)
-
-
-def save_png(grid_CHW: torch.Tensor, path: str) -> None:
-    from PIL import Image
-
-    array = (grid_CHW.permute(1, 2, 0) * 255).round().byte().numpy()
-    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
-
-
 def evaluate(model: nn.Module, cfg: JobConfig, dims: ParallelDims, step: int, logger: Any) -> dict[str, float]:
     """Every eval.interval steps: eval.num_samples samples (every class in turn), generated in
     shards across the data-parallel ranks and gathered on rank 0, which writes the grid to
-    TensorBoard and computes FID/KID (scaletrain/recipes/diffusion/metrics.py). Other ranks return {}."""
+    TensorBoard and computes FID/KID (scaletrain/images/quality.py). Other ranks return {}."""
     m = cfg.model
     labels = class_labels(m.num_classes, cfg.eval.num_samples, None)
     images = generate_sharded(
@@ -336,20 +286,20 @@ def evaluate(model: nn.Module, cfg: JobConfig, dims: ParallelDims, step: int, lo
     png = Path(cfg.job.run_dir) / cfg.job.name / "samples" / f"step-{step:08d}.png"
     png.parent.mkdir(parents=True, exist_ok=True)
     save_png(grid, str(png))
-    from scaletrain.recipes.diffusion.metrics import sample_metrics
+    from scaletrain.images.quality import sample_metrics
 
-    return sample_metrics(cfg, images, labels)
+    return sample_metrics(cfg, images, labels, data=real_data_section(cfg))
 
 
 def denoiser_startup_notes(model: nn.Module, cfg: JobConfig, dims: ParallelDims) -> list[str]:
     """The kernels line, then (with evaluation on) which extractor makes which eval numbers. Only rank 0
     prints and evaluates, so only it loads the extractors (an Inception file is read here, before step 1)."""
-    from scaletrain.recipes.diffusion.metrics import feature_labels
+    from scaletrain.images.quality import feature_labels
     from scaletrain.recipes.diffusion.parallelize import startup_notes
 
     lines = startup_notes(model, cfg, dims)
     if cfg.eval.interval and (not dist.is_initialized() or dist.get_rank() == 0):
-        lines += [f"eval features: {line}" for line in feature_labels(cfg)]
+        lines += [f"eval features: {line}" for line in feature_labels(cfg, data=real_data_section(cfg))]
     return lines
 
 

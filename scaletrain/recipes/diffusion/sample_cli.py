@@ -12,7 +12,6 @@ used when the checkpoint has them (--ema no to use the raw weights). Runs in one
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -20,11 +19,9 @@ from typing import Any
 
 import torch
 
-from scaletrain.config import load_config
+from scaletrain.checkpoint.loading import load_job_config, load_model
 from scaletrain.config.schema import JobConfig
-from scaletrain.distributed import destroy_distributed, init_distributed, training_device_type
-from scaletrain.parallel import init_model
-from scaletrain.registry import get_recipe
+from scaletrain.distributed import destroy_distributed, init_distributed
 
 
 def _parser(recipe_name: str) -> argparse.ArgumentParser:
@@ -52,73 +49,6 @@ def _parser(recipe_name: str) -> argparse.ArgumentParser:
     return p
 
 
-def checkpoint_recipe(folder: Path) -> dict[str, Any]:
-    trainer_json = folder / "trainer.json"
-    if not trainer_json.is_file():
-        raise ValueError(f"{folder}: not a complete scaletrain checkpoint (no trainer.json)")
-    return json.loads(trainer_json.read_text())
-
-
-def load_job_config(folder: Path, recipe_name: str, config_path: str | None, overrides: list[str]) -> JobConfig:
-    trainer = checkpoint_recipe(folder)
-    if trainer.get("recipe") != recipe_name:
-        raise ValueError(
-            f"{folder}: this is a checkpoint of recipe {trainer.get('recipe')!r}, not {recipe_name!r}; "
-            f"sample it with that recipe's command"
-        )
-    if config_path is not None or "config" not in trainer:
-        if config_path is None:
-            raise ValueError(f"{folder}: the checkpoint does not store its config; pass --config <training yaml>")
-        cfg = load_config(config_path, overrides)
-    else:
-        cfg = load_config(None, dict(trainer["config"]))  # the resolved config the trainer stored
-    if cfg.recipe != recipe_name:
-        raise ValueError(f"--config: {config_path} is a {cfg.recipe!r} config, but the checkpoint is {recipe_name!r}")
-    return cfg
-
-
-def _ema_names(folder: Path) -> set[str]:
-    """The parameters the checkpoint holds EMA weights of (all trained ones; a GAN's generator only)."""
-    try:  # the core's reader that does not unpickle arbitrary objects, when it has one
-        from scaletrain.checkpoint.safe_io import read_metadata
-
-        metadata = read_metadata(folder)
-    except ImportError:
-        import torch.distributed.checkpoint as dcp
-
-        metadata = dcp.FileSystemReader(str(folder)).read_metadata()
-    return {k.removeprefix("ema.") for k in metadata.state_dict_metadata if k.startswith("ema.")}
-
-
-def _has_ema(folder: Path) -> bool:
-    return bool(_ema_names(folder))
-
-
-def load_model(folder: Path, recipe_name: str, cfg: JobConfig, ema: str = "auto") -> torch.nn.Module:
-    """Build the recipe's model, load the checkpoint's weights (EMA if asked/available). Needs a process group."""
-    from scaletrain.checkpoint import ModuleState, load_checkpoint
-
-    recipe = get_recipe(recipe_name)
-    device = torch.device(training_device_type())
-    with torch.device("meta"):
-        model = recipe.model.build(cfg.model)
-    init_model(model, device, cfg.job.seed)
-    use_ema = _has_ema(folder) if ema == "auto" else ema == "yes"
-    extra: dict[str, dict[str, torch.Tensor]] = {}
-    if use_ema:
-        if not _has_ema(folder):
-            raise ValueError(f"{folder}: --ema yes, but the checkpoint has no EMA weights (train.ema_decay=0)")
-        names = _ema_names(folder)
-        extra["ema"] = {n: torch.empty_like(p) for n, p in model.named_parameters() if n in names}
-    load_checkpoint(folder, ModuleState(model), extra_tensors=extra)
-    if use_ema:
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in extra["ema"]:
-                    p.copy_(extra["ema"][n])
-    return model.eval()
-
-
 class SampleCommand:
     """`scaletrain sample` for one recipe (called with argv), plus the sampling benchmark that
     `scaletrain bench` runs through the registry (`recipe.evaluation.sample.benchmark`)."""
@@ -127,7 +57,8 @@ class SampleCommand:
         self.recipe_name = recipe_name
 
     def __call__(self, argv: list[str]) -> None:
-        from scaletrain.recipes.diffusion.recipe import class_labels, generate, image_grid, save_png
+        from scaletrain.images.grid import class_labels, image_grid, save_png
+        from scaletrain.recipes.diffusion.recipe import generate, real_data_section
 
         args, overrides = _parser(self.recipe_name).parse_known_args(argv)
         folder = Path(args.checkpoint)
@@ -135,7 +66,7 @@ class SampleCommand:
         if args.n < 1:
             raise ValueError(f"--n: {args.n} is not allowed; use >= 1")
         if args.inception_weights is not None:
-            from scaletrain.recipes.diffusion.inception import check_weights_file
+            from scaletrain.images.inception import check_weights_file
 
             check_weights_file(args.inception_weights)
             cfg.model.eval_inception_weights = args.inception_weights
@@ -163,11 +94,11 @@ class SampleCommand:
         save_png(image_grid(images, ncol), args.out)
         print(f"wrote {args.out}: {args.n} images in {seconds:.1f}s ({args.n / seconds:.2f} images/s)")
         if args.metrics:
-            from scaletrain.recipes.diffusion.metrics import feature_labels, sample_metrics
+            from scaletrain.images.quality import feature_labels, sample_metrics
 
-            for line in feature_labels(cfg):
+            for line in feature_labels(cfg, data=real_data_section(cfg)):
                 print(f"features: {line}")
-            for key, value in sample_metrics(cfg, images, labels).items():
+            for key, value in sample_metrics(cfg, images, labels, data=real_data_section(cfg)).items():
                 print(f"{key}: {value:.6g}")
 
     @torch.no_grad()
@@ -175,7 +106,8 @@ class SampleCommand:
         """Sampling throughput with the eval-grid settings: DDIM with model.eval_steps steps (and
         model.eval_guidance), eval.num_samples images per call, decoded for a latent model.
         One warm-up call, then the median of `rounds` timed calls. Returns (what, rate, unit) rows."""
-        from scaletrain.recipes.diffusion.recipe import class_labels, generate
+        from scaletrain.images.grid import class_labels
+        from scaletrain.recipes.diffusion.recipe import generate
 
         m = cfg.model
         n = cfg.eval.num_samples

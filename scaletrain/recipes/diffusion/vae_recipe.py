@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from scaletrain.config.schema import JobConfig
+from scaletrain.images.datasets import image_dataset, seeded_generator
+from scaletrain.images.grid import image_grid
 from scaletrain.parallel.dims import ParallelDims
-from scaletrain.recipes.diffusion.data import _generator
-from scaletrain.recipes.diffusion.recipe import image_dataset, image_grid
 from scaletrain.validate import check_all
 
 
@@ -32,7 +32,7 @@ class VAEItems:
         return len(self.base)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        noise = torch.randn(self.latent_shape, generator=_generator("vae-noise", self.seed, int(i)))
+        noise = torch.randn(self.latent_shape, generator=seeded_generator("vae-noise", self.seed, int(i)))
         return {"image": self.base[int(i)]["image"], "noise": noise}
 
 

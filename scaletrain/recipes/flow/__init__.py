@@ -18,13 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from scaletrain.checkpoint.loading import load_job_config, load_model
 from scaletrain.config.schema import JobConfig
 from scaletrain.distributed import destroy_distributed, init_distributed
+from scaletrain.images.datasets import ImageDataConfig, image_dataset, seeded_generator
+from scaletrain.images.grid import image_grid, save_png
 from scaletrain.parallel import ParallelDims, apply_activation_checkpointing, apply_compile, apply_data_parallel
-from scaletrain.recipes.diffusion.config import ImageDataConfig
-from scaletrain.recipes.diffusion.data import _generator
-from scaletrain.recipes.diffusion.recipe import image_dataset, image_grid, save_png
-from scaletrain.recipes.diffusion.sample_cli import load_job_config, load_model
 from scaletrain.recipes.flow.model import Flow, FlowConfig
 from scaletrain.registry import DataSpec, EvalSpec, ModelSpec, Recipe, StepSpec, register_recipe
 from scaletrain.validate import check_all
@@ -41,7 +40,8 @@ class FlowItems:
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         image = self.base[int(i)]["image"]
-        return {"image": image, "noise": torch.rand(image.shape, generator=_generator("flow-u", self.seed, int(i)))}
+        noise = torch.rand(image.shape, generator=seeded_generator("flow-u", self.seed, int(i)))
+        return {"image": image, "noise": noise}
 
 
 def build_dataset(cfg: JobConfig) -> FlowItems:

@@ -16,11 +16,10 @@ import torch
 from torch import nn
 
 from scaletrain.config.schema import JobConfig
+from scaletrain.images.datasets import ImageDataConfig, image_dataset, seeded_generator
+from scaletrain.images.grid import image_grid
+from scaletrain.images.quality import sample_metrics
 from scaletrain.parallel import ParallelDims, apply_activation_checkpointing, apply_compile, apply_data_parallel
-from scaletrain.recipes.diffusion.config import ImageDataConfig
-from scaletrain.recipes.diffusion.data import _generator
-from scaletrain.recipes.diffusion.metrics import sample_metrics
-from scaletrain.recipes.diffusion.recipe import image_dataset, image_grid
 from scaletrain.recipes.gan.model import GAN, GANConfig
 from scaletrain.recipes.gan.sample import generate, sample
 from scaletrain.registry import DataSpec, EvalSpec, ModelSpec, Phase, Recipe, StepSpec, register_recipe
@@ -38,7 +37,7 @@ class GANItems:
         return len(self.base)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        generator = _generator("gan", self.seed, int(i))
+        generator = seeded_generator("gan", self.seed, int(i))
         item = self.base[int(i)]
         return {
             "image": item["image"],

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from scaletrain.checkpoint.loading import load_job_config, load_model
 from scaletrain.distributed import destroy_distributed, init_distributed
-from scaletrain.recipes.diffusion.recipe import class_labels, image_grid, save_png
-from scaletrain.recipes.diffusion.sample_cli import load_job_config, load_model
+from scaletrain.images.grid import class_labels, image_grid, save_png
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,7 +68,7 @@ def sample(argv: list[str]) -> None:
     save_png(image_grid(images, ncol), args.out)
     print(f"wrote {args.out}: {args.n} images in {seconds:.2f}s")
     if args.metrics:
-        from scaletrain.recipes.diffusion.metrics import feature_labels, sample_metrics
+        from scaletrain.images.quality import feature_labels, sample_metrics
 
         for line in feature_labels(cfg):
             print(f"features: {line}")

@@ -123,7 +123,7 @@ def train_shapes_classifier(
     image_size: int = 32, num_classes: int = 6, steps: int = 1000, batch: int = 64, seed: int = 0
 ) -> ShapesClassifier:
     """Train the classifier on shapes data (seed 10_000 + seed, disjoint from the training set's seed 0)."""
-    from scaletrain.recipes.diffusion.data import ShapesDataset
+    from scaletrain.images.datasets import ShapesDataset
 
     torch.manual_seed(seed)
     data = ShapesDataset(steps * batch, image_size, num_classes, seed=10_000 + seed)
@@ -156,7 +156,7 @@ def feature_scale(model: ShapesClassifier, image_size: int = 32, num_classes: in
     kernel entries ~7,600), which put KID at ~1e7 and FID in the thousands. Scaled to unit RMS, x.y / d of
     real features is ~1, KID of two real sets is ~0 and FID is in units of the real features' variance.
     """
-    from scaletrain.recipes.diffusion.data import ShapesDataset
+    from scaletrain.images.datasets import ShapesDataset
 
     data = ShapesDataset(SCALE_SAMPLES, image_size, num_classes, seed=SCALE_SEED)
     images = torch.stack([data[i]["image"] for i in range(SCALE_SAMPLES)])
@@ -210,7 +210,7 @@ def to_classifier_size(x_BCHW: torch.Tensor, size: int = 32) -> torch.Tensor:
 # -- evaluation: generated vs real -----------------------------------------------------------------
 SHAPES_LABEL = (
     "shapes classifier (trained by this project on its bundled shapes, "
-    "scaletrain/recipes/diffusion/assets/shapes_classifier_32px_6c.pt); comparable between runs on the bundled data "
+    "scaletrain/images/assets/shapes_classifier_32px_6c.pt); comparable between runs on the bundled data "
     "only, "
     "never with Inception FIDs"
 )
@@ -219,26 +219,20 @@ SHAPES_LABEL = (
 @functools.cache
 def inception_extractor(path: str) -> tuple[Any, str]:
     """(Inception-v3 from the weights file at `path`, its label), loaded once per process."""
-    from scaletrain.recipes.diffusion.inception import load_inception
+    from scaletrain.images.inception import load_inception
 
     return load_inception(path)
 
 
 def real_data_section(cfg: Any) -> Any | None:
-    """The data section of the images the model learns (for a latent DiT: its VAE's); None if unknown."""
-    data = cfg.data
-    if data.source == "latents":
-        if not data.path:
-            return None
-        from scaletrain.recipes.diffusion.latents import read_index
-
-        data = SimpleNamespace(**read_index(data.path)["vae_config"]["data"])
-    return data if data.source in ("shapes", "folder") else None
+    """The data section of the real images to compare with: the job's own when it holds images; None if not
+    (a recipe whose data are not images, such as a latent cache, passes the images' section itself)."""
+    return cfg.data if getattr(cfg.data, "source", None) in ("shapes", "folder") else None
 
 
 def real_images(data: Any, n: int, size: int, channels: int) -> torch.Tensor:
     """n real images at the generated size: held-out shapes (seed + 1), or n evenly spaced folder images."""
-    from scaletrain.recipes.diffusion.data import SHAPES, ImageFolderDataset, ShapesDataset
+    from scaletrain.images.datasets import SHAPES, ImageFolderDataset, ShapesDataset
 
     if data.source == "shapes":
         dataset = ShapesDataset(n, size, len(SHAPES), seed=data.shapes_seed + 1)
@@ -247,9 +241,10 @@ def real_images(data: Any, n: int, size: int, channels: int) -> torch.Tensor:
     return torch.stack([dataset[i * len(dataset) // n]["image"] for i in range(n)])
 
 
-def feature_labels(cfg: Any) -> list[str]:
-    """One line per extractor the evaluation of `cfg` uses, naming the metric keys it produces."""
-    data = real_data_section(cfg)
+def feature_labels(cfg: Any, data: Any | None = None) -> list[str]:
+    """One line per extractor the evaluation of `cfg` uses, naming the metric keys it produces; `data`: the
+    real images' data section (default: the job's, see real_data_section)."""
+    data = data if data is not None else real_data_section(cfg)
     lines = []
     if data is not None and data.source == "shapes":
         lines.append(f"fid_shapes/kid_shapes/class_accuracy_shapes: {SHAPES_LABEL}")
@@ -268,17 +263,19 @@ def _real_features(
     images = real_images(SimpleNamespace(source=source, path=path, shapes_seed=shapes_seed), n, size, channels)
     if extractor == "shapes":
         return extract(shapes_classifier(32, 6), to_classifier_size(images))[0]
-    from scaletrain.recipes.diffusion.inception import inception_features
+    from scaletrain.images.inception import inception_features
 
     return inception_features(inception_extractor(weights)[0], images)
 
 
-def sample_metrics(cfg: Any, images_BCHW: torch.Tensor, labels_B: torch.Tensor) -> dict[str, float]:
+def sample_metrics(
+    cfg: Any, images_BCHW: torch.Tensor, labels_B: torch.Tensor, data: Any | None = None
+) -> dict[str, float]:
     """FID/KID of generated images against as many real ones, with every extractor that applies:
     the shapes classifier on shapes data (plus the share of samples it labels as the requested
     class; other sizes are resized to its 32 px — real 16 px shapes resized so are still
     labelled 99.7% right), and Inception-v3 when model.eval_inception_weights is set."""
-    data = real_data_section(cfg)
+    data = data if data is not None else real_data_section(cfg)
     if data is None:
         return {}
     images = images_BCHW.float().cpu()
@@ -293,7 +290,7 @@ def sample_metrics(cfg: Any, images_BCHW: torch.Tensor, labels_B: torch.Tensor) 
             out["class_accuracy_shapes"] = float((predicted == labels_B.cpu().numpy()).mean())
     path = getattr(cfg.model, "eval_inception_weights", "")
     if path:
-        from scaletrain.recipes.diffusion.inception import inception_features
+        from scaletrain.images.inception import inception_features
 
         model, _ = inception_extractor(path)
         real = _real_features("inception", path, *data_key)
@@ -309,7 +306,7 @@ def _distances(suffix: str, real: np.ndarray, fake: np.ndarray) -> dict[str, flo
 
 
 if __name__ == "__main__":
-    # Regenerate the shipped weights: python -m scaletrain.recipes.diffusion.metrics [image_size] [num_classes]
+    # Regenerate the shipped weights: python -m scaletrain.images.quality [image_size] [num_classes]
     import sys
 
     args = [int(a) for a in sys.argv[1:3]]
