@@ -114,7 +114,6 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
             (m.noise_std >= 0, f"model.noise_std: {m.noise_std} is not allowed; use >= 0"),
             (m.image_size % m.downsample == 0,
              f"model.image_size: {m.image_size} is not divisible by {m.downsample}, the encoder's downsampling"),
-            (d.source != "latents", "data.source: the autoencoders train on images; use shapes or folder"),
             (d.source != "shapes" or m.in_channels == 3, "model.in_channels: the shapes data set is RGB; use 3"),
         ]
     )  # fmt: skip

@@ -156,7 +156,6 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
             (m.hidden >= 1, f"model.hidden: {m.hidden} is not allowed; use >= 1"),
             (m.init_samples >= 1, f"model.init_samples: {m.init_samples} is not allowed; use >= 1"),
             (m.temperature > 0, f"model.temperature: {m.temperature} is not allowed; use > 0"),
-            (d.source != "latents", "data.source: flows train on images; use shapes or folder"),
             (d.source != "shapes" or m.in_channels == 3, "model.in_channels: the shapes data set is RGB; use 3"),
         ]
     )  # fmt: skip

@@ -103,7 +103,6 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
             (m.gp_weight >= 0, f"model.gp_weight: {m.gp_weight} is not allowed; use >= 0"),
             (m.g_lr >= 0 and m.d_lr >= 0, "model.g_lr / model.d_lr: use > 0, or 0 for train.lr"),
             (0 <= m.beta1 < 1 and 0 <= m.beta2 < 1, "model.beta1 / model.beta2: use values in [0, 1)"),
-            (d.source != "latents", "data.source: the GAN trains on images; use shapes or folder"),
             (d.source != "shapes" or m.in_channels == 3, "model.in_channels: the shapes data set is RGB; use 3"),
             (m.channels % min(m.groups, m.channels) == 0, f"model.groups: {m.groups} does not divide {m.channels}"),
         ]
