@@ -8,8 +8,10 @@ imports a family by name. Unknown or duplicate names fail loudly with the known 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -246,6 +248,7 @@ class Recipe:
 # The bundled families are the sub-packages of this package; the core scans it and never names one.
 RECIPES_PACKAGE = "scaletrain.recipes"
 _RECIPES: dict[str, Recipe] = {}
+_BROKEN: dict[str, Exception] = {}  # where -> the error it raised on import
 _discovered = False
 
 
@@ -257,23 +260,36 @@ def register_recipe(recipe: Recipe) -> Recipe:
 
 
 def discover_recipes() -> None:
-    """Import every family under the `scaletrain.recipes` package and every registered entry point."""
+    """Import every family under the `scaletrain.recipes` package and every registered entry point.
+
+    A family that fails to import does not take the others down with it (a third-party package with a
+    broken dependency must not stop a GPT run): its error is kept, warned about, and raised in full when
+    that family is asked for."""
     global _discovered
     if _discovered:
         return
     _discovered = True
     package = importlib.import_module(RECIPES_PACKAGE)
-    for info in pkgutil.iter_modules(package.__path__):
-        if info.ispkg:
-            importlib.import_module(f"{RECIPES_PACKAGE}.{info.name}")
-    for ep in entry_points(group="scaletrain.recipes"):
-        ep.load()
+    modules = [f"{RECIPES_PACKAGE}.{info.name}" for info in pkgutil.iter_modules(package.__path__) if info.ispkg]
+    loaders = [(module, functools.partial(importlib.import_module, module)) for module in modules]
+    loaders += [(f"entry point {ep.name} = {ep.value}", ep.load) for ep in entry_points(group="scaletrain.recipes")]
+    for where, load in loaders:
+        try:
+            load()
+        except Exception as exc:  # noqa: BLE001 - any import-time failure of one family, reported below
+            _BROKEN[where] = exc
+            warnings.warn(f"recipe package {where} failed to import ({type(exc).__name__}: {exc}); "
+                          "its recipes are unavailable", stacklevel=2)  # fmt: skip
 
 
 def get_recipe(name: str) -> Recipe:
     discover_recipes()
     if name not in _RECIPES:
-        raise ValueError(f"recipe: unknown recipe {name!r}; known recipes: {sorted(_RECIPES)}")
+        broken = [where for where in _BROKEN if where.rsplit(".", 1)[-1] == name or f" {name} = " in where]
+        if broken:
+            raise ValueError(f"recipe: {name!r} is in {broken[0]}, which failed to import") from _BROKEN[broken[0]]
+        failed = f"; failed to import: {sorted(_BROKEN)}" if _BROKEN else ""
+        raise ValueError(f"recipe: unknown recipe {name!r}; known recipes: {sorted(_RECIPES)}{failed}")
     return _RECIPES[name]
 
 

@@ -75,17 +75,27 @@ def live_tensor_bytes(device_type: str) -> int:
     from torch.distributed.tensor import DTensor
 
     storages: dict[int, int] = {}
-    for obj in gc.get_objects():
-        if type(obj) is DTensor:
-            obj = obj._local_tensor
+
+    def count(tensor: torch.Tensor) -> None:
+        if type(tensor) is DTensor:
+            tensor = tensor._local_tensor
         # Plain tensors and parameters only: torch.compile's fake and functional tensors (alive in its
         # caches) have no data, and other subclasses wrap the plain tensors counted anyway.
-        if type(obj) not in (torch.Tensor, torch.nn.Parameter) or obj.device.type != device_type:
-            continue
+        if type(tensor) not in (torch.Tensor, torch.nn.Parameter) or tensor.device.type != device_type:
+            return
         try:
-            storage = obj.untyped_storage()
+            storage = tensor.untyped_storage()
             key, size = storage.data_ptr(), storage.nbytes()
         except (RuntimeError, NotImplementedError):  # e.g. sparse tensors, which have no single storage
-            continue
+            return
         storages[key] = max(storages.get(key, 0), size)
+
+    for obj in gc.get_objects():
+        if not isinstance(obj, torch.Tensor):
+            continue
+        count(obj)
+        # A gradient that autograd wrote lives in C++ until Python asks for it: no Python object for the
+        # garbage collector to list, so it is reached through its parameter.
+        if obj.is_leaf and obj.requires_grad and obj.grad is not None:
+            count(obj.grad)
     return sum(storages.values())

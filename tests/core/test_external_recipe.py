@@ -52,3 +52,28 @@ def test_its_data_parallel_layouts_match_one_process(installed, layout):
     done = _scaletrain(installed, "parity", str(CONFIG), "--a", "", "--b", layout, *small)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert "PASS: max loss relative difference" in done.stdout
+
+
+def test_a_family_that_fails_to_import_leaves_the_others_working(tmp_path, monkeypatch):
+    """One broken family package (a missing dependency) warns; the other families still load, and asking
+    for the broken one raises its import error as the cause."""
+    from scaletrain import registry
+
+    for name, body in {"good_family": "VALUE = 1\n", "bad_family": "import not_a_module_anywhere\n"}.items():
+        (tmp_path / "fake_recipes" / name).mkdir(parents=True)
+        (tmp_path / "fake_recipes" / name / "__init__.py").write_text(body)
+    (tmp_path / "fake_recipes" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "RECIPES_PACKAGE", "fake_recipes")
+    monkeypatch.setattr(registry, "_discovered", False)
+    monkeypatch.setattr(registry, "_RECIPES", {})
+    monkeypatch.setattr(registry, "_BROKEN", {})
+    monkeypatch.setattr(registry, "entry_points", lambda group: [])
+    with pytest.warns(UserWarning, match=r"fake_recipes\.bad_family failed to import \(ModuleNotFoundError"):
+        registry.discover_recipes()
+    assert list(registry._BROKEN) == ["fake_recipes.bad_family"]
+    with pytest.raises(ValueError, match=r"'bad_family' is in fake_recipes\.bad_family, which failed") as info:
+        registry.get_recipe("bad_family")
+    assert isinstance(info.value.__cause__, ModuleNotFoundError)
+    with pytest.raises(ValueError, match=r"unknown recipe 'other'.*failed to import: \['fake_recipes\.bad_family'\]"):
+        registry.get_recipe("other")
