@@ -4,9 +4,10 @@ Parity (gloo, fp32, 5 steps, loss and grad norm within 1e-5 relative of one proc
 FSDP2 over 2, tensor parallel 2 (self- and cross-attention, MLPs, relative-bias table split by heads), TP 2
 x FSDP2 2 (4 processes), and gradient accumulation (4 micro-batches) in one process; the TP runs once with
 the v1.1 layout (gated GELU, untied head split over the vocabulary) and the TP x FSDP run with the original
-one (ReLU, tied head). Mutation seen failing the TP test: the cross-attention's k column-wise -> row-wise
-(`RowwiseParallel()` for cross_attention.k: each rank then multiplies its half of the encoder features by its
-half of the weight rows and sums: the loss is off from step 1, rel. diff 2e-2).
+one (ReLU, tied head). Mutation seen failing the TP test: the cross-attention's q split over the sequence
+instead of the heads (`ColwiseParallel(output_layouts=Shard(1))` for cross_attention.q: shapes still fit, each
+rank's queries mix positions): loss off by 6e-3 relative at step 1, grad norm by 4e-2. (Its k split row-wise
+instead of column-wise fails too, as a shape error.)
 
 Bad input (ValueError naming the field, from validate_config, before any process starts): a decoder
 length of 0, heads not divisible by tp, an untied vocabulary not divisible by tp, a vocabulary smaller than
