@@ -4,7 +4,8 @@
   item's seed are measured back from the rendered pixels, for 120 items of every class.
 - Padding never changes a caption's embedding (causal or not, EOT or mean pooling).
 - Parity (gloo, fp32, 5 steps, against one process on the same global batch, within 1e-5 relative: losses and
-  grad norms): DDP over 2 and 4 ranks, FSDP2 over 2; HSDP 2x2 with activation checkpointing (-m slow).
+  grad norms): DDP over 2 ranks, FSDP2 over 2; under -m slow (four processes, or a TP plan): DDP over 4, HSDP 2x2
+  with activation checkpointing, tensor parallel 2, tensor parallel 2 x FSDP2 2.
   Mutations, measured with the same settings (DDP over 2 ranks against one process):
     * the all-gather without gradient (dist.all_gather into buffers, this rank's rows put back, as in
       open_clip's gather_with_grad=False): loss equal at step 1 (1e-7), grad norm 1.9e-01 relative off at
@@ -12,7 +13,8 @@
     * the loss over the local batch only (no gather): loss 1.5e-01 relative off at step 1 (3.3e-01 at step 5),
       grad norm 1.0e-02.
 - Bad input before compute: a caption longer than model.context_length, widths not divisible by the heads,
-  an image size not divisible by the patch size, gradient accumulation, a folder data source.
+  an image size not divisible by the patch size, gradient accumulation, a folder data source, heads that
+  tensor parallel cannot split.
 - `scaletrain sample` prints zero-shot accuracy, the confusion matrix and the retrieval table.
 """
 
@@ -48,6 +50,8 @@ LAYOUTS = {
     "fsdp2": (2, ["--parallel.dp_shard", "2"]),
     "hsdp2x2_ac": (4, ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "2", "--activation_checkpoint.mode",
                        "full"]),
+    "tp2": (2, ["--parallel.tp", "2", "--parallel.dp_shard", "1"]),
+    "tp2_fsdp2": (4, ["--parallel.tp", "2", "--parallel.dp_shard", "2"]),
 }  # fmt: skip
 
 
@@ -108,7 +112,12 @@ def single(tmp_path_factory):
     return run_layout(CONFIG, SMALL, tmp_path_factory.mktemp("one"), "one", 1)
 
 
-@pytest.mark.parametrize("layout", ["ddp2", "ddp4", "fsdp2", pytest.param("hsdp2x2_ac", marks=pytest.mark.slow)])
+SLOW_LAYOUTS = ("ddp4", "hsdp2x2_ac", "tp2", "tp2_fsdp2")  # four processes, or a tensor-parallel plan
+
+
+@pytest.mark.parametrize(
+    "layout", ["ddp2", "fsdp2", *(pytest.param(name, marks=pytest.mark.slow) for name in SLOW_LAYOUTS)]
+)
 def test_clip_layouts_match_one_process(layout, single, tmp_path):
     nproc, overrides = LAYOUTS[layout]
     rows = run_layout(CONFIG, SMALL + overrides, tmp_path, layout, nproc=nproc)
@@ -128,8 +137,10 @@ def test_clip_layouts_match_one_process(layout, single, tmp_path):
         (["--model.image_size", "18"], 1, r"model\.image_size: 18 is not divisible by model\.patch_size=4"),
         (["--train.micro_batch_size", "16"], 2, r"train\.micro_batch_size: 16 makes 2 accumulation steps; .* use 0"),
         (["--data.source", "folder", "--data.path", "/tmp"], 1, r"data\.source: 'folder' is not supported"),
+        (["--parallel.tp", "2", "--parallel.dp_shard", "1", "--model.text_heads", "1"], 2,
+         r"model\.text_heads: 1 is not divisible by parallel\.tp=2"),
     ],
-    ids=["context_length", "text_heads", "vision_heads", "patch", "accumulation", "folder"],
+    ids=["context_length", "text_heads", "vision_heads", "patch", "accumulation", "folder", "tp_heads"],
 )  # fmt: skip
 def test_bad_clip_config_is_refused_before_compute(overrides, world, message):
     with pytest.raises(ValueError, match=message):

@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from scaletrain.config.schema import JobConfig
 from scaletrain.images.datasets import SHAPES, ImageDataConfig, ShapesDataset
 from scaletrain.parallel import ParallelDims, apply_activation_checkpointing, apply_compile, apply_data_parallel
 from scaletrain.parallel.batching import grad_accum_steps
+from scaletrain.parallel.dims import divisors
 from scaletrain.recipes.clip.captions import CAPTION_TEMPLATE, CAPTION_TOKENS, WordTokenizer, shape_attributes
 from scaletrain.recipes.clip.evaluate import evaluate, sample
 from scaletrain.recipes.clip.model import CLIP, MAX_LOGIT_SCALE, CLIPConfig
-from scaletrain.registry import DataSpec, EvalSpec, ModelSpec, Recipe, StepSpec, register_recipe
+from scaletrain.registry import DataSpec, EvalSpec, ModelSpec, ParallelSupport, Recipe, StepSpec, register_recipe
 from scaletrain.validate import check_all
 
 
@@ -69,9 +72,43 @@ def loss(output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return output  # CLIP.forward returns this rank's share of the global-batch contrastive loss
 
 
+def _replicated_input(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+    return tuple(DTensor.from_local(x, mesh, [Replicate()]) for x in inputs)
+
+
+def _local_output(module: nn.Module, output: DTensor, mesh: DeviceMesh) -> torch.Tensor:
+    return output.to_local()
+
+
+def apply_tensor_parallel(model: CLIP, dims: ParallelDims) -> None:
+    """Megatron's split of every block: q/k/v and the MLP's first layer column-wise (each tp rank owns a slice of
+    the heads / hidden units), the attention output and the MLP's second layer row-wise (their partial sums
+    all-reduced once per sub-block). Every other parameter (embeddings, norms, the towers' projections, the
+    temperature) is replicated over tp as a DTensor, so that all parameters live on the tp mesh (one optimizer
+    and FSDP see one layout): every tp rank sees the same batch, so their values and gradients agree there.
+    Layers compute on plain tensors (inputs wrapped as replicated, outputs unwrapped); the bare parameters
+    are read through model.local()."""
+    tp_mesh = dims.axis("tp")
+    plan = {"attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(), "attn.wv": ColwiseParallel(),
+            "attn.wo": RowwiseParallel(), "mlp.fc1": ColwiseParallel(), "mlp.fc2": RowwiseParallel()}  # fmt: skip
+    for block in model.blocks():
+        parallelize_module(block, tp_mesh, plan)
+    for module in list(model.modules()):
+        plain = [(n, p) for n, p in module.named_parameters(recurse=False) if not isinstance(p, DTensor)]
+        if not plain:
+            continue
+        if isinstance(module, (nn.LayerNorm, nn.Linear, nn.Conv2d, nn.Embedding)):
+            distribute_module(module, tp_mesh, input_fn=_replicated_input, output_fn=_local_output)
+        else:  # the class token, positions, temperature
+            for name, param in plain:
+                module.register_parameter(name, nn.Parameter(distribute_tensor(param, tp_mesh, [Replicate()])))
+
+
 def parallelize(model: CLIP, dims: ParallelDims, cfg: JobConfig) -> CLIP:
-    """Activation checkpointing -> compile -> FSDP2/HSDP/DDP (a unit per block, per tower and the root); the
-    loss gathers the embeddings over the data-parallel ranks (dims.axis("dp"): replicate x shard)."""
+    """TP -> activation checkpointing -> compile -> FSDP2/HSDP/DDP (a unit per block, per tower and the root);
+    the loss gathers the embeddings over the data-parallel ranks (dims.axis("dp"): replicate x shard)."""
+    if dims.tp_enabled:
+        apply_tensor_parallel(model, dims)
     blocks = model.blocks()
     apply_activation_checkpointing(blocks, cfg.activation_checkpoint)
     if cfg.train.compile:
@@ -109,6 +146,10 @@ def validate(cfg: JobConfig, dims: ParallelDims) -> None:
                f"model.{tower}_width: {width} is not divisible by model.{tower}_heads={heads}; use a multiple of "
                "the head count") for tower, width, heads in (("vision", m.vision_width, m.vision_heads),
                                                               ("text", m.text_width, m.text_heads))),
+            *((heads % dims.tp == 0,
+               f"model.{tower}_heads: {heads} is not divisible by parallel.tp={dims.tp} (tensor parallel splits the "
+               f"heads); use tp in {divisors(heads)}") for tower, heads in (("vision", m.vision_heads),
+                                                                         ("text", m.text_heads))),
             (m.vision_layers >= 1 and m.text_layers >= 1,
              f"model.vision_layers / model.text_layers: {m.vision_layers} / {m.text_layers} are not allowed; use >= 1"),
             (m.context_length >= CAPTION_TOKENS,
@@ -136,6 +177,7 @@ register_recipe(
         data=DataSpec(config=ImageDataConfig, build_dataset=build_dataset, example_batch=example_batch),
         step=StepSpec(model_inputs=model_inputs, loss=loss, after_step=after_step),
         validate=validate,
+        supports=ParallelSupport(tensor_parallel=True),
         evaluation=EvalSpec(evaluate=evaluate, sample=sample),
     )
 )

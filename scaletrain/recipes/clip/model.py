@@ -11,8 +11,8 @@ of a symmetric cross-entropy over the batch (each image against every caption, a
 image). t starts at log(1/0.07) and exp(t) is clamped at 100, as in the paper.
 
 The contrastive loss over the GLOBAL batch (`contrastive_loss`): each data-parallel rank all-gathers every
-rank's embeddings with autograd's all_gather, whose backward sums each rank's gradients back to the rows'
-owner, and scores its own rows against all N columns. Its loss is the mean over its own rows, so the
+rank's embeddings (`GatherRows`, whose backward sums every rank's gradient of a row and hands it to the row's
+owner), and scores its own rows against all N columns. Its loss is the mean over its own rows, so the
 trainer's mean over ranks is the one-process loss of the N x N logits, and DDP/FSDP's mean of the gradients
 is that loss's gradient (each rank's local loss reaches the other ranks' embeddings through the gather).
 
@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from scaletrain.config.schema import opt
 from scaletrain.recipes.clip.captions import EOT_ID, PAD_ID, VOCAB
@@ -55,6 +55,13 @@ class CLIPConfig:
     mlp_ratio: int = opt(4, "Hidden units of each block's MLP per unit of width.")
     embed_dim: int = opt(32, "Size of the shared image-text embedding.")
     init_temperature: float = opt(0.07, "Softmax temperature at init: logit scale log(1/T) (the paper: 0.07).")
+
+
+def local(param: torch.Tensor) -> torch.Tensor:
+    """A parameter used directly in a forward, as a plain tensor: under tensor parallel the parameters outside
+    the blocks' split projections are DTensors replicated over the tp ranks (identical there, like their
+    gradients), which plain activations cannot mix with."""
+    return param.to_local() if isinstance(param, DTensor) else param
 
 
 class Attention(nn.Module):
@@ -112,8 +119,8 @@ class VisionTransformer(nn.Module):
 
     def forward(self, image_BCHW: torch.Tensor) -> torch.Tensor:
         x_BPD = self.patch_embed(image_BCHW).flatten(2).transpose(1, 2)
-        cls_B1D = self.class_embedding.to(x_BPD.dtype).expand(x_BPD.shape[0], 1, -1)
-        x = self.ln_pre(torch.cat([cls_B1D, x_BPD], dim=1) + self.positional_embedding)
+        cls_B1D = local(self.class_embedding).to(x_BPD.dtype).expand(x_BPD.shape[0], 1, -1)
+        x = self.ln_pre(torch.cat([cls_B1D, x_BPD], dim=1) + local(self.positional_embedding))
         for block in self.blocks:
             x = block(x)
         return self.proj(self.ln_post(x[:, 0]))
@@ -139,7 +146,7 @@ class TextTransformer(nn.Module):
             mask_BTT = torch.ones(T, T, dtype=torch.bool, device=tokens_BT.device).tril().expand(len(tokens_BT), T, T)
         else:
             mask_BTT = valid_BT[:, None, :].expand(-1, T, -1)  # every query sees the caption's tokens only
-        x = self.token_embedding(tokens_BT) + self.positional_embedding[:T]
+        x = self.token_embedding(tokens_BT) + local(self.positional_embedding)[:T]
         for block in self.blocks:
             x = block(x, mask_BTT)
         x = self.ln_final(x)
@@ -151,10 +158,25 @@ class TextTransformer(nn.Module):
         return self.proj(pooled_BD)
 
 
-def gather_rows(x_BE: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """(B, E) on each rank -> (N, E), rank order; autograd's all_gather sends each row's gradient home (summed
-    over the ranks whose loss used it)."""
-    return torch.cat(dist_nn.all_gather(x_BE, group=group))
+class GatherRows(torch.autograd.Function):
+    """(B, E) on each rank -> (N, E) in rank order; backward: each row's gradient summed over the ranks (every
+    rank's loss uses every row) and handed to the row's owner.
+
+    torch.distributed.nn.functional.all_gather does the same, but its gloo backward (scatter given group ranks
+    as global ranks, torch 2.13) fails on a group that is not ranks 0..k-1, such as dp under tensor parallel."""
+
+    @staticmethod
+    def forward(ctx: Any, x_BE: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        out_NE = x_BE.new_empty((dist.get_world_size(group) * x_BE.shape[0], *x_BE.shape[1:]))
+        dist.all_gather_into_tensor(out_NE, x_BE.contiguous(), group=group)
+        return out_NE
+
+    @staticmethod
+    def backward(ctx: Any, grad_NE: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad_NE = grad_NE.contiguous().clone()
+        dist.all_reduce(grad_NE, group=ctx.group)  # small (N x E): no need for a reduce-scatter
+        return grad_NE.chunk(dist.get_world_size(ctx.group))[dist.get_rank(ctx.group)], None
 
 
 def contrastive_loss(image_BE: torch.Tensor, text_BE: torch.Tensor, logit_scale: torch.Tensor,
@@ -165,7 +187,7 @@ def contrastive_loss(image_BE: torch.Tensor, text_BE: torch.Tensor, logit_scale:
     if group is None:
         image_NE, text_NE, offset = image_BE, text_BE, 0
     else:
-        image_NE, text_NE = gather_rows(image_BE, group), gather_rows(text_BE, group)
+        image_NE, text_NE = GatherRows.apply(image_BE, group), GatherRows.apply(text_BE, group)
         offset = dist.get_rank(group) * len(image_BE)
     scale = logit_scale.float().clamp(max=MAX_LOGIT_SCALE).exp()
     target_B = torch.arange(offset, offset + len(image_BE), device=image_BE.device)
@@ -197,7 +219,7 @@ class CLIP(nn.Module):
         text_BE = None if tokens_BT is None else self.text(tokens_BT)
         if mode == "embed":
             return tuple(None if e is None else F.normalize(e.float(), dim=-1) for e in (image_BE, text_BE))
-        return contrastive_loss(image_BE, text_BE, self.logit_scale, self.contrastive_group)
+        return contrastive_loss(image_BE, text_BE, local(self.logit_scale), self.contrastive_group)
 
     def init_tensor(self, name: str, tensor: torch.Tensor, generator: torch.Generator) -> None:
         """CLIP's init (openai/CLIP model.py): token embeddings N(0, 0.02), text positions N(0, 0.01), ViT class
