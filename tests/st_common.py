@@ -37,3 +37,21 @@ class KernelOps(TorchDispatchMode):
         if func.namespace == "scaletrain_kernels":
             self.names.add(func._opname)
         return func(*args, **(kwargs or {}))
+
+
+# `scaletrain plan`'s model-state prediction against the census the trainer logs (model_state_gib: every
+# tensor rank 0 holds at the second step's boundary: parameters, gradients, optimizer states, EMA, buffers).
+MODEL_STATE_RTOL = 0.10
+
+
+def assert_model_state_predicted(config: str, overrides: list[str], rows: list[dict]) -> None:
+    from scaletrain.config import load_config
+    from scaletrain.plan.memory import loader_index_bytes, predict_model_state
+
+    cfg = load_config(config, overrides)
+    measured = next(r["model_state_gib"] for r in rows if "model_state_gib" in r) * 2**30
+    predicted = predict_model_state(cfg)
+    host = loader_index_bytes(cfg)  # on the CPU the census sees the loader's order too
+    assert abs(predicted.total + host - measured) <= MODEL_STATE_RTOL * measured, (
+        f"model state: predicted {predicted.total:,} B ({predicted}) + loader {host:,} B, measured {measured:,.0f} B"
+    )

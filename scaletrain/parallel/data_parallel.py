@@ -57,8 +57,14 @@ def apply_ddp(model: nn.Module, dims: ParallelDims, find_unused_parameters: bool
     # so checkpoints move freely between DDP and every other layout.
     from torch.distributed._composable.replicate import replicate
 
+    # gradient_as_bucket_view: gradients are views into the all-reduce buckets instead of a second fp32 copy
+    # of every gradient beside them (DDP's default keeps both).
     replicate(
-        model, device_mesh=dims.axis("dp_replicate"), bucket_cap_mb=100, find_unused_parameters=find_unused_parameters
+        model,
+        device_mesh=dims.axis("dp_replicate"),
+        bucket_cap_mb=100,
+        find_unused_parameters=find_unused_parameters,
+        gradient_as_bucket_view=True,
     )
 
 

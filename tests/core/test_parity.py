@@ -10,7 +10,7 @@ against the fp32 baseline within 5e-3 relative on the loss.
 from __future__ import annotations
 
 import pytest
-from st_common import FAST, REPO, TINY
+from st_common import FAST, REPO, TINY, assert_model_state_predicted
 
 from scaletrain.parity import compare, run_layout
 
@@ -64,6 +64,7 @@ def test_llama_layout_matches_single_process(layout, llama_baseline, tmp_path):
     assert len(report.steps) == 5
     assert report.max_loss_rel_diff <= FP32_LOSS_RTOL, report.table()
     assert report.max_grad_norm_rel_diff <= FP32_GNORM_RTOL, report.table()
+    assert_model_state_predicted(TINY, FAST + LLAMA_LAYOUTS[layout], rows)
 
 
 @pytest.mark.parametrize(
@@ -99,6 +100,7 @@ def test_gpt2_style_layout_matches_single_process(layout, gpt2_baseline, tmp_pat
 def test_low_precision_trains_close_to_fp32(layout, llama_baseline, tmp_path):
     rows = run_layout(TINY, FAST + layout, tmp_path, "lowp")
     report = compare(llama_baseline, rows)
+    assert_model_state_predicted(TINY, FAST + layout, rows)
     assert report.max_loss_rel_diff <= LOW_PRECISION_LOSS_RTOL, report.table()
     assert rows[-1]["loss"] < rows[0]["loss"]
 

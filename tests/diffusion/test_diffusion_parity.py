@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from st_common import assert_model_state_predicted
 
 from scaletrain.parity import compare, run_layout
 
@@ -99,6 +100,8 @@ def test_dit_layout_parity(layout, reference, tmp_path):
     assert report.loss_a[0] != report.loss_a[-1]
     assert report.max_loss_rel_diff <= RTOL, report.table()
     assert report.max_grad_norm_rel_diff <= 1e-4, report.table()
+    if not layout.startswith("deepspeed"):  # the planner predicts the native engine
+        assert_model_state_predicted(CONFIG, COMMON + overrides, rows)
 
 
 @pytest.mark.parametrize(
