@@ -76,7 +76,7 @@ def test_t5_layouts_match_one_process(variant, layout, single, tmp_path):
          r"parallel\.tp: 2 does not divide model\.vocab_size=383"),
         (["--model.vocab_size", "300"], 1, r"model\.vocab_size: 300 is smaller than the data's vocabulary \(358"),
         (["--model.pad_id", "0"], 1, r"model\.pad_id: 0 is not the data's pad id; use 257"),
-        (["--data.input_len", "10"], 1, r"data\.input_len: 10 is too short for task reverse: its inputs take up to 20"),
+        (["--data.input_len", "10"], 1, r"data\.input_len: 10 is too short for task sort: its inputs take up to 20"),
         (["--data.task", "span_corruption", "--data.target_len", "2"], 1,
          r"data\.target_len: 2 with data\.input_len 24 leaves no corpus window"),
     ],
