@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -181,3 +182,19 @@ def test_sample_writes_wav_files_and_a_picture(checkpoint, tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "clips.png").size == (3 * 4 + 2 * 256, 4 + 2 * (128 + 4))
+
+
+@pytest.mark.slow
+def test_wavenet_learns_pitch_classes(tmp_path):
+    """wavenet-tiny as shipped (300 steps, 2 min on one CPU thread), then 48 generated clips, 4 per pitch class,
+    at temperature 1, and each one's dominant frequency (FFT) as a note. Observed (torch 2.13): held-out 4.72
+    bits per sample (uniform: 8; 6.66 after 100 steps at lr 3e-3); pitch accuracy 0.94 = 45 of 48 (chance 1/12
+    = 0.083; 0.083 at step 100 of the lr 3e-3 run)."""
+    cmd = [sys.executable, "-m", "scaletrain.train", CONFIG, "--checkpoint.enable", "false", "--metrics.tensorboard",
+           "false", "--eval.interval", "300", "--eval.num_samples", "48", "--job.run_dir", str(tmp_path),
+           "--job.name", "learn"]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=1800, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rows = [json.loads(line) for line in (tmp_path / "learn" / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in rows if "eval/pitch_accuracy" in r][-1]
+    assert final["eval/bits_per_sample_heldout"] < 5.5 < final["eval/bits_per_sample_uniform"], final
+    assert final["eval/pitch_accuracy"] >= 1 / 12 + 0.5, final
