@@ -8,11 +8,16 @@
 - Causality: d(decoder output at i) / d(decoder input at j) is zero for every j > i and not for j <= i.
   Mutation seen failing: the causal mask dropped (triu(1) -> triu(T)).
 - Decoding: beam search with one beam returns greedy's tokens.
+- Commands: `scaletrain sample` (greedy and beam) and `scaletrain export --format hf` read a checkpoint.
 - Data: items are pure functions of (seed, index); span corruption hides ~15 % of a window in sentinel-
   delimited spans that reassemble the window exactly; held-out synthetic inputs never occur in training.
 """
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -139,3 +144,23 @@ def test_synthetic_items_are_pure_and_held_out(task):
         assert target.split() == expected
     item = train[0]
     assert vocab_for(cfg).decode(item["target"][item["target"] != IGNORE].tolist()) == target
+
+
+def test_sample_and_export_commands_read_a_checkpoint(tmp_path):
+    """Train 1 step, then `scaletrain sample` (greedy and 3 beams) prints one line per input, and `scaletrain
+    export --format hf` writes a T5ForConditionalGeneration folder."""
+    train = [sys.executable, "-m", "scaletrain.train", CONFIG, *SMALL, "--train.steps", "1", "--train.warmup_steps",
+             "0", "--train.global_batch_size", "4", "--metrics.tensorboard", "false", "--eval.interval", "0",
+             "--job.run_dir", str(tmp_path), "--job.name", "run"]  # fmt: skip
+    subprocess.run(train, check=True, capture_output=True, timeout=600)
+    checkpoint = str(tmp_path / "run" / "checkpoints" / "step-00000001")
+    cli = [sys.executable, "-m", "scaletrain.cli"]
+    for beams in ("1", "3"):
+        done = subprocess.run(cli + ["sample", checkpoint, "--input", "c a b", "--input", "z y", "--beams", beams],
+                              check=True, capture_output=True, text=True, timeout=600)  # fmt: skip
+        lines = done.stdout.strip().splitlines()
+        assert [line.split("\t")[0] for line in lines] == ["c a b", "z y"], done.stdout
+    subprocess.run(cli + ["export", checkpoint, "--format", "hf", "--out", str(tmp_path / "hf")], check=True,
+                   capture_output=True, timeout=600)  # fmt: skip
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["T5ForConditionalGeneration"] and config["decoder_start_token_id"] == 257
