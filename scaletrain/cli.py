@@ -34,7 +34,7 @@ from scaletrain.checkpoint.format import CheckpointError
 from scaletrain.config import MissingDataError, config_to_dict, field_help, load_config
 from scaletrain.config.schema import JobConfig
 from scaletrain.engines import get_engine
-from scaletrain.parallel.dims import implied_world_size
+from scaletrain.parallel.dims import ParallelDims, implied_world_size
 from scaletrain.registry import get_recipe, known_recipes
 from scaletrain.validate import validate_config
 
@@ -133,7 +133,26 @@ def cmd_config(argv: list[str]) -> int:
     print("# model")
     for key, value in summary.items():
         print(f"#   {key}: {value:,.0f}" if value >= 1e3 else f"#   {key}: {value:.4g}")
+    if dims is not None and cfg.engine.name == "native":
+        for line in model_state_lines(cfg, dims):
+            print(f"# {line}")
     return 0
+
+
+def model_state_lines(cfg: JobConfig, dims: ParallelDims) -> list[str]:
+    """Each pipeline rank's model state (scaletrain/plan), from the layout's real shards."""
+    from dataclasses import asdict
+
+    from scaletrain.plan.memory import model_state_bytes
+    from scaletrain.plan.shards import rank_shards
+
+    lines = ["model state per rank (parameters, gradients, optimizer, EMA, buffers; activations not included)"]
+    for pp_rank in range(dims.pp):
+        state = model_state_bytes(rank_shards(cfg, dims, pp_rank), cfg, dims)
+        parts = ", ".join(f"{name} {n / 2**30:.3g}" for name, n in asdict(state).items() if n)
+        where = f"pp rank {pp_rank}" if dims.pp > 1 else "every rank"
+        lines.append(f"  {where}: {state.total / 2**30:.3g} GiB ({parts})")
+    return lines
 
 
 def cmd_recipes(argv: list[str]) -> int:

@@ -105,3 +105,18 @@ def test_config_show_checks_all_but_data_that_lives_elsewhere(tmp_path, capsys):
     # Other errors still fail even then: the data check runs last.
     code, _, err = _run(capsys, "config", "show", TINY, "--data.path", missing, "--parallel.tp", "7")
     assert code == 2 and "parallel.tp: 7" in err
+
+
+def test_config_show_plans_each_pipeline_ranks_model_state(capsys):
+    """Two pipeline ranks of a 4-way FSDP x 2-way pipeline: each holds about half the model, sharded 4 ways,
+    at 16 bytes per parameter (fp32 weights and gradients, two AdamW moments)."""
+    code, out, _ = _run(capsys, "config", "show", TINY, "--parallel.pp", "2", "--parallel.dp_shard", "4")
+    assert code == 0
+    lines = [line for line in out.splitlines() if line.startswith("#   pp rank")]
+    assert [line.split(":")[0] for line in lines] == ["#   pp rank 0", "#   pp rank 1"]
+    parameters = next(line for line in out.splitlines() if line.startswith("#   parameters:"))
+    total = int(parameters.split(":")[1].replace(",", ""))
+    for line in lines:
+        gib = float(line.split(": ")[1].split(" GiB")[0])
+        state = gib * 2**30 - float(line.split("pipeline_buffers ")[1].rstrip(")")) * 2**30
+        assert state == pytest.approx(16 * total / 2 / 4, rel=0.25)  # stages differ by an embedding or a head
