@@ -221,8 +221,9 @@ def generate_naive(
     device = model.embed.weight.device
     codes = torch.zeros(label_B.shape[0], 0, dtype=torch.int64, device=device)
     unseen = torch.zeros(label_B.shape[0], 1, dtype=torch.int64, device=device)  # position t's own input
-    for t in range(steps):
-        window = codes[:, max(0, t - model.receptive_field) :]
-        logits = model(torch.cat([window, unseen], dim=1), label_B)[:, :, -1]
-        codes = torch.cat([codes, sample_codes(logits, temperature, generator)[:, None]], dim=1)
+    with one_cpu_thread(device):
+        for t in range(steps):
+            window = codes[:, max(0, t - model.receptive_field) :]
+            logits = model(torch.cat([window, unseen], dim=1), label_B)[:, :, -1]
+            codes = torch.cat([codes, sample_codes(logits, temperature, generator)[:, None]], dim=1)
     return codes
