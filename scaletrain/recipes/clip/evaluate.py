@@ -148,7 +148,7 @@ def sample(argv: list[str]) -> None:
     print(f"retrieval recall@1/@5: image->text {results['image_to_text_r1']:.1%} / {results['image_to_text_r5']:.1%}, "
           f"text->image {results['text_to_image_r1']:.1%} / {results['text_to_image_r5']:.1%}")  # fmt: skip
     best = results["similarity"].argmax(1)
-    print(f"\n{'item':>6}  {'caption':<52} top-1 retrieved caption")
+    print(f"\n{'item':>6}  {'caption':<54} top-1 retrieved caption")
     for row in range(min(args.show, args.n)):
         hit = "ok  " if data.captions[best[row]] == data.captions[row] else "MISS"
-        print(f"{start + row:>6}  {data.captions[row]:<52} {hit} {data.captions[best[row]]}")
+        print(f"{start + row:>6}  {data.captions[row]:<54} {hit} {data.captions[best[row]]}")
