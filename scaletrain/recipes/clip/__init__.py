@@ -23,7 +23,7 @@ from scaletrain.images.datasets import SHAPES, ImageDataConfig, ShapesDataset
 from scaletrain.parallel import ParallelDims, apply_activation_checkpointing, apply_compile, apply_data_parallel
 from scaletrain.parallel.batching import grad_accum_steps
 from scaletrain.parallel.dims import divisors
-from scaletrain.recipes.clip.captions import CAPTION_TEMPLATE, CAPTION_TOKENS, WordTokenizer, shape_attributes
+from scaletrain.recipes.clip.captions import CAPTION_TEMPLATE, CAPTION_TOKENS, EOT_ID, WordTokenizer, shape_attributes
 from scaletrain.recipes.clip.evaluate import evaluate, sample
 from scaletrain.recipes.clip.model import CLIP, MAX_LOGIT_SCALE, CLIPConfig
 from scaletrain.registry import DataSpec, EvalSpec, ModelSpec, ParallelSupport, Recipe, StepSpec, register_recipe
@@ -61,7 +61,7 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Te
 def example_batch(cfg: JobConfig, batch_size: int) -> dict[str, torch.Tensor]:
     m = cfg.model
     tokens = torch.zeros(batch_size, m.context_length, dtype=torch.int64)
-    tokens[:, CAPTION_TOKENS - 1] = 2  # one <eot> per row, for the pooling's index
+    tokens[:, CAPTION_TOKENS - 1] = EOT_ID  # one <eot> per row, where the pooling reads
     return {
         "image": torch.empty(batch_size, m.in_channels, m.image_size, m.image_size, device="meta"),
         "tokens": tokens.to("meta"),
@@ -87,7 +87,7 @@ def apply_tensor_parallel(model: CLIP, dims: ParallelDims) -> None:
     temperature) is replicated over tp as a DTensor, so that all parameters live on the tp mesh (one optimizer
     and FSDP see one layout): every tp rank sees the same batch, so their values and gradients agree there.
     Layers compute on plain tensors (inputs wrapped as replicated, outputs unwrapped); the bare parameters
-    are read through model.local()."""
+    are read through model.py's local()."""
     tp_mesh = dims.axis("tp")
     plan = {"attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(), "attn.wv": ColwiseParallel(),
             "attn.wo": RowwiseParallel(), "mlp.fc1": ColwiseParallel(), "mlp.fc2": RowwiseParallel()}  # fmt: skip
