@@ -69,9 +69,8 @@ def test_hf_export_gives_transformers_the_same_logits(overrides, tmp_path):
             input_ids=input_BS, attention_mask=(input_BS != vocab.pad).long(), decoder_input_ids=decoder_BT
         ).logits
     assert ours.shape == reference.shape
-    assert (ours - reference).abs().max() <= 1e-5 * max(1.0, reference.abs().max().item()), (
-        (ours - reference).abs().max()
-    )
+    # Observed: 3.5e-6 (gated: torch's tanh GELU vs HF's gelu_new formula), 0.0 (ReLU), logits up to ~4.4.
+    assert (ours - reference).abs().max() <= 1e-5, (ours - reference).abs().max()
     overrides_back, tensors = hf.import_hf(tmp_path)
     assert overrides_back["tie_embeddings"] == cfg.model.tie_embeddings and overrides_back["mlp"] == cfg.model.mlp
     assert tensors.keys() == state.keys() and all(torch.equal(tensors[k], state[k]) for k in state)

@@ -6,8 +6,8 @@ numbers. Evaluation decodes held-out examples greedily and reports exact match a
 
   scaletrain train scaletrain/recipes/t5/configs/t5-tiny.yaml
   scaletrain train scaletrain/recipes/t5/configs/t5-tiny.yaml --data.task span_corruption
-  scaletrain sample runs/t5-tiny/checkpoints/step-00001500 --input "q b x" --beams 4
-  scaletrain export runs/t5-tiny/checkpoints/step-00001500 --format hf
+  scaletrain sample runs/t5-tiny/checkpoints/step-00000400 --input "q b x" --beams 4
+  scaletrain export runs/t5-tiny/checkpoints/step-00000400 --format hf
 """
 
 from __future__ import annotations
