@@ -8,7 +8,7 @@
 - Causality: d(decoder output at i) / d(decoder input at j) is zero for every j > i and not for j <= i.
   Mutation seen failing: the causal mask dropped (triu(1) -> triu(T)).
 - Decoding: beam search with one beam returns greedy's tokens.
-- Commands: `scaletrain sample` (greedy and beam) and `scaletrain export --format hf` read a checkpoint.
+- Commands (-m slow): `scaletrain sample` (greedy and beam) and `scaletrain export --format hf` read a checkpoint.
 - Data: items are pure functions of (seed, index); span corruption hides ~15 % of a window in sentinel-
   delimited spans that reassemble the window exactly; held-out synthetic inputs never occur in training.
 """
@@ -145,6 +145,7 @@ def test_synthetic_items_are_pure_and_held_out(task):
     assert vocab_for(cfg).decode(item["target"][item["target"] != IGNORE].tolist()) == target
 
 
+@pytest.mark.slow  # three CLI processes start up (~40 s on 2 idle cores)
 def test_sample_and_export_commands_read_a_checkpoint(tmp_path):
     """Train 1 step, then `scaletrain sample` (greedy and 3 beams) prints one line per input, and `scaletrain
     export --format hf` writes a T5ForConditionalGeneration folder."""
