@@ -35,7 +35,7 @@ class NotesDataConfig:
     """The `data` section of the WaveNet recipe: synthesized notes."""
 
     sample_rate: int = opt(16000, "Samples per second of the clips (and of generated audio).")
-    clip_seconds: float = opt(0.064, "Length of a training clip; must exceed the model's receptive field.")
+    clip_seconds: float = opt(0.064, "Length of a training clip; at least the model's receptive field.")
     num_samples: int = opt(100_000, "Clips in the training set (made on the fly); held-out clips come after them.")
     notes_seed: int = opt(0, "Seed of the notes data set (independent of job.seed, so it is the same data).")
     octave_low: int = opt(5, "Lowest octave of the notes (scientific pitch: A4 = 440 Hz, C5 = 523 Hz).")
