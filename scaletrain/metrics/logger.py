@@ -157,6 +157,18 @@ class MetricLogger:
             sink.log_image(step, tag, hwc)
         self._call_remote("log_image", step, tag, hwc)
 
+    def log_audio(self, step: int, tag: str, audio: Any, sample_rate: int) -> None:
+        """Log one clip (a 1-D float waveform in [-1, 1]) to the dashboards that play sound (TensorBoard, W&B)."""
+        if not self.enabled:
+            return
+        waveform = np.asarray(audio.detach().cpu() if hasattr(audio, "detach") else audio, dtype=np.float32)
+        if waveform.ndim != 1:
+            raise ValueError(f"log_audio expects a 1-D waveform, got shape {waveform.shape}")
+        waveform = np.clip(waveform, -1.0, 1.0)
+        for sink in self._sinks:
+            sink.log_audio(step, tag, waveform, sample_rate)
+        self._call_remote("log_audio", step, tag, waveform, sample_rate)
+
     def log_text(self, message: str) -> None:
         """A plain info line on the console of rank 0 (when the console sink is on)."""
         if self.enabled and self._console is not None:

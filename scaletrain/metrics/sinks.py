@@ -152,6 +152,9 @@ class TensorBoardSink:
     def log_image(self, step: int, tag: str, hwc: np.ndarray) -> None:
         self.writer.add_image(tag, hwc, step, dataformats="HWC")
 
+    def log_audio(self, step: int, tag: str, waveform: np.ndarray, sample_rate: int) -> None:
+        self.writer.add_audio(tag, waveform[None], step, sample_rate=sample_rate)
+
     def close(self) -> None:
         self.writer.close()
 
@@ -180,6 +183,9 @@ class WandbSink:
 
     def log_image(self, step: int, tag: str, hwc: np.ndarray) -> None:
         self.run.log({tag: self.wandb.Image(hwc)}, step=step)
+
+    def log_audio(self, step: int, tag: str, waveform: np.ndarray, sample_rate: int) -> None:
+        self.run.log({tag: self.wandb.Audio(waveform, sample_rate=sample_rate)}, step=step)
 
     def close(self) -> None:
         self.run.finish()
@@ -219,6 +225,9 @@ class MlflowSink:
             self.mlflow.log_image(hwc, key=tag, step=step)
         except TypeError:  # older MLflow: one artifact file per image
             self.mlflow.log_image(hwc, artifact_file=f"{tag}/step_{step:08d}.png")
+
+    def log_audio(self, step: int, tag: str, waveform: np.ndarray, sample_rate: int) -> None:
+        pass  # MLflow has no audio panel
 
     def close(self) -> None:
         self.mlflow.end_run()

@@ -92,6 +92,21 @@ def test_tensorboard_scalars_and_image(tmp_path) -> None:
     assert (image.step, image.height, image.width) == (2, 8, 10)
 
 
+def test_tensorboard_audio(tmp_path) -> None:
+    """A clip plays in TensorBoard at its sample rate; out-of-range samples are clipped, not wrapped."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = str(tmp_path / "run")
+    with MetricLogger(_local(console=False, jsonl=False), run, 0, CONFIG) as logger:
+        logger.log_audio(3, "generated/class_2", 1.5 * torch.sin(torch.arange(1600) / 5.0), sample_rate=16_000)
+        with pytest.raises(ValueError, match=r"log_audio expects a 1-D waveform"):
+            logger.log_audio(3, "bad", np.zeros((2, 10)), sample_rate=16_000)
+    events = EventAccumulator(os.path.join(run, "tb"), size_guidance={"audio": 0})
+    events.Reload()
+    clip = events.Audio("generated/class_2")[0]
+    assert (clip.step, clip.sample_rate, clip.length_frames) == (3, 16_000, 1600)
+
+
 def test_only_rank0_writes(tmp_path) -> None:
     stream = io.StringIO()
     run = tmp_path / "run"

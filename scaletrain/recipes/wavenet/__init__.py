@@ -106,8 +106,8 @@ def pitch_accuracy(audio_BT: torch.Tensor, labels: torch.Tensor, sample_rate: in
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, cfg: JobConfig, dims: ParallelDims, step: int, logger: Any) -> dict[str, float]:
     """Held-out bits per sample (and the uniform baseline); eval.num_samples generated clips of data.clip_seconds,
-    classes in turn, pictured (waveform + spectrogram), their RMS, and their pitch accuracy when
-    class-conditional."""
+    classes in turn, pictured (waveform + spectrogram) and four of them as audio, their RMS, and their pitch
+    accuracy when class-conditional."""
     m, d, n = cfg.model, cfg.data, cfg.eval.num_samples
     device = next(model.parameters()).device
     batch = held_out(cfg, n)
@@ -116,6 +116,8 @@ def evaluate(model: torch.nn.Module, cfg: JobConfig, dims: ParallelDims, step: i
     labels = torch.arange(n) % m.num_classes if m.num_classes else torch.zeros(n, dtype=torch.int64)
     audio = generate_audio(full_weights_copy(model, cfg), labels, d.clip_seconds, d.sample_rate, m.temperature, 0)
     logger.log_image(step, "generated", clips_picture(audio[: min(n, len(PITCH_CLASSES))]))
+    for index in range(min(n, 4)):  # a few clips to listen to in TensorBoard
+        logger.log_audio(step, f"generated/{index}_class_{int(labels[index])}", audio[index], d.sample_rate)
     metrics = {"bits_per_sample_heldout": bits, "bits_per_sample_uniform": math.log2(m.quantization_levels),
                "generated_rms": audio.square().mean().sqrt().item()}  # fmt: skip  # ~0: collapsed to silence
     if m.num_classes:
