@@ -33,8 +33,10 @@ def beam_search(
 ) -> list[int]:  # fmt: skip
     """The best of `beams` hypotheses for one input, scored by log-probability / length**length_penalty.
 
-    Each step keeps the `beams` best unfinished extensions; a hypothesis that emits eos is set aside as
-    finished. Stops when `beams` hypotheses have finished or at max_len (then unfinished ones count too)."""
+    As Hugging Face's beam search (early_stopping=False): each step ranks the 2*beams best extensions; one
+    that ends in eos within the first `beams` ranks joins the finished (the best `beams` are kept), the others
+    continue as the `beams` alive hypotheses. The search stops when `beams` have finished and the best alive
+    one's score so far is below the worst finished, or at max_len (unfinished ones then count too)."""
     memory_1SD = model(input_1S, mode="encode")
     alive: list[tuple[float, list[int]]] = [(0.0, [])]
     finished: list[tuple[float, list[int]]] = []
@@ -46,16 +48,21 @@ def beam_search(
         scores_NV = scores_NV + F.log_softmax(logits_NV.float(), dim=-1)
         top = scores_NV.flatten().topk(min(2 * beams, scores_NV.numel()))
         extended = []
-        for score, index in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+        for rank, (score, index) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True)):
             row, token = divmod(index, scores_NV.shape[1])
             seq = alive[row][1] + [token]
             if token == eos:
-                finished.append((score / len(seq) ** length_penalty, seq))
+                if rank < beams:
+                    finished.append((score / len(seq) ** length_penalty, seq))
             elif len(extended) < beams:
                 extended.append((score, seq))
-        if len(finished) >= beams or not extended:
+        finished = sorted(finished, key=lambda pair: pair[0], reverse=True)[:beams]
+        if not extended:
             break
         alive = extended
+        best_alive = alive[0][0] / len(alive[0][1]) ** length_penalty
+        if len(finished) == beams and best_alive < finished[-1][0]:
+            break
     if not finished:
         finished = [(score / len(seq) ** length_penalty, seq) for score, seq in alive]
     return max(finished, key=lambda pair: pair[0])[1]
