@@ -3,6 +3,7 @@
 - Captions agree with the pictures: the centre, foreground hue and radius that captions.py recomputes from the
   item's seed are measured back from the rendered pixels, for 120 items of every class.
 - Padding never changes a caption's embedding (causal or not, EOT or mean pooling).
+- The temperature starts at 0.07 and the logit scale is clamped at 100.
 - Parity (gloo, fp32, 5 steps, against one process on the same global batch, within 1e-5 relative: losses and
   grad norms): DDP over 2 ranks, FSDP2 over 2; under -m slow (four processes, or a TP plan): DDP over 4, HSDP 2x2
   with activation checkpointing, tensor parallel 2, tensor parallel 2 x FSDP2 2.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import colorsys
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,7 +37,7 @@ from scaletrain.images.datasets import SHAPES, ShapesDataset
 from scaletrain.parallel import init_model
 from scaletrain.parity import compare, run_layout
 from scaletrain.recipes.clip.captions import PAD_ID, WordTokenizer, shape_attributes
-from scaletrain.recipes.clip.model import CLIP, CLIPConfig
+from scaletrain.recipes.clip.model import CLIP, CLIPConfig, contrastive_loss
 from scaletrain.validate import validate_config
 
 CONFIG = str(REPO / "scaletrain" / "recipes" / "clip" / "configs" / "clip-tiny.yaml")
@@ -106,6 +108,22 @@ def test_padding_does_not_change_a_caption_embedding(causal, pooling):
     with torch.no_grad():
         model.text.token_embedding.weight[PAD_ID].normal_()
     assert torch.allclose(model(None, tokens, mode="embed")[1], before, atol=1e-6)
+
+
+def test_temperature_starts_at_1_over_0_07_and_is_clamped_at_100():
+    """logit scale t = log(1/0.07) at init; above log(100) the logits use 100 and t gets no gradient (mutation:
+    no clamp fails it)."""
+    with torch.device("meta"):
+        model = CLIP(CLIPConfig())
+    init_model(model, "cpu", 0)
+    assert torch.allclose(model.logit_scale, torch.tensor([math.log(1 / 0.07)]))
+    image_BE, text_BE = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(0))
+    losses = []
+    for value in (math.log(100), math.log(200)):
+        t = torch.tensor([value], requires_grad=True)
+        losses.append(contrastive_loss(image_BE, text_BE, t, None))
+        losses[-1].backward()
+    assert losses[0] == losses[1] and t.grad.item() == 0
 
 
 @pytest.fixture(scope="module")
