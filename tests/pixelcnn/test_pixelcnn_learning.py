@@ -31,11 +31,12 @@ def last(rows: list[dict], key: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("output", "bound"), [("softmax", 3.2), ("logistic_mixture", 3.2)])
+@pytest.mark.parametrize(("output", "bound"), [("softmax", 2.0), ("logistic_mixture", 2.0)])
 def test_pixelcnn_beats_the_uniform_baseline_on_held_out_shapes(output, bound, tmp_path):
-    """pixelcnn-tiny (12x12 shapes at 4 bits, 300 steps of 16 images; about 7 CPU-minutes each). Held-out
-    bits/dim over 128 items past data.num_samples, observed: softmax 2.61, logistic mixture 2.65, from 4.0
-    (softmax) and 3.7 (mixture) at the start. A model that does not learn stays at or above 3.5."""
+    """pixelcnn-tiny (12x12 shapes at 4 bits, 600 steps of 16 images at peak LR 2e-2). Held-out bits/dim over
+    the 128 items past data.num_samples, measured with the same model, optimizer settings, schedule and
+    held-out items in one process (data in index order): softmax 1.15, logistic mixture 1.09; at peak LR 3e-3
+    and 300 steps (the trainer, shuffled): 2.61 and 2.65. Start: 4.0 (softmax, the uniform) and 3.7."""
     rows = train(tmp_path, output, "--model.output", output)
     bits = last(rows, "eval/bits_per_dim_heldout")
     assert bits < bound < last(rows, "eval/bits_per_dim_uniform"), bits
