@@ -117,6 +117,10 @@ SMALL_CONFIGS = {
     "gan/configs/sngan-cond-tiny.yaml": "--parallel.dp_shard 2",
     "flow/configs/glow-tiny.yaml": "--parallel.dp_replicate 2 --parallel.dp_shard 2",
     "autoencoder/configs/vqvae-tiny.yaml": "--parallel.dp_replicate 2 --parallel.dp_shard 2",
+    "pixelcnn/configs/pixelcnn-tiny.yaml": "--parallel.dp_shard 2",
+    "wavenet/configs/wavenet-tiny.yaml": "--parallel.dp_replicate 2 --parallel.dp_shard 2",
+    "clip/configs/clip-tiny.yaml": "--parallel.dp_shard 2 --parallel.tp 2",
+    "t5/configs/t5-tiny.yaml": "--parallel.dp_shard 2 --parallel.tp 2",
 }
 
 
