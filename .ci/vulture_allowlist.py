@@ -45,6 +45,10 @@ _attention_fwd
 _attention_bwd
 _rope
 
+# Dataclass fields read through dataclasses.asdict (scaletrain/plan/memory.py: ModelStateBytes.total):
+gradients
+pipeline_buffers
+
 # Found by name from outside Python:
 RECIPE  # pyproject's scaletrain.recipes entry points
 DIT

@@ -35,7 +35,6 @@ class RankShards:
     trainable: int  # elements of parameters with requires_grad (they get gradients and optimizer states)
     frozen: int
     buffer_bytes: int
-    total_parameters: int  # the whole model's, for reference
     # Pipeline stages' receive buffers (torch's PipelineStage keeps one per microbatch: the activation from
     # the previous stage, and the gradient from the next), in elements.
     pipeline_buffer_elements: int = 0
@@ -106,7 +105,6 @@ def rank_shards(cfg: JobConfig, dims: ParallelDims, pp_rank: int = 0) -> RankSha
         dims.build_mesh("cpu")
         with torch.device("meta"):
             model = recipe.model.build(cfg.model)
-        total = sum(p.numel() for p in model.parameters())
         parts = _stage_modules(model, cfg, dims, pp_rank) if dims.pp_enabled else [model]
         parts = [recipe.model.parallelize(part, dims, cfg) for part in parts]
         trainable = frozen = buffer_bytes = 0
@@ -119,4 +117,4 @@ def rank_shards(cfg: JobConfig, dims: ParallelDims, pp_rank: int = 0) -> RankSha
             buffer_bytes += sum(_local_numel(b) * b.element_size() for b in part.buffers())
         dims._mesh, dims._axes, dims._expert_root = None, {}, None  # the fake mesh dies with its group
     pipeline = _pipeline_buffer_elements(cfg, dims, pp_rank) if dims.pp_enabled else 0
-    return RankShards(rank, trainable, frozen, buffer_bytes, total, pipeline)
+    return RankShards(rank, trainable, frozen, buffer_bytes, pipeline)
