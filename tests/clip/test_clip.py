@@ -214,9 +214,7 @@ def test_sample_prints_zero_shot_and_retrieval(tmp_path):
 @pytest.mark.slow
 def test_bf16_fsdp_with_activation_checkpointing_trains_like_fp32(single, tmp_path):
     """FSDP2 over 2 ranks, bf16 (FSDP2's mixed precision; the logits stay fp32), activation checkpointing: the
-    same losses as fp32 one process within 2e-2 relative. Observed: loss 6.1e-03, grad norm 4.9e-02 off at most.
-    (train.compile is not in this test: it runs a step, then the core's memory census at step 2 fails under
-    compile, for every recipe: ReferenceError from a dead weakref proxy in scaletrain/metrics/memory.py.)"""
+    same losses as fp32 one process within 2e-2 relative. Observed: loss 6.1e-03, grad norm 4.9e-02 off at most."""
     overrides = ["--parallel.dp_shard", "2", "--train.dtype", "bf16", "--activation_checkpoint.mode", "full"]
     report = compare(single, run_layout(CONFIG, SMALL + overrides, tmp_path, "bf16", nproc=2))
     assert report.max_loss_rel_diff < 2e-2, report.table()
