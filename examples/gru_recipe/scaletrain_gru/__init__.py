@@ -19,7 +19,7 @@ from torch import nn
 
 from scaletrain.config.schema import JobConfig, opt
 from scaletrain.data import ByteTokenizer, TokenWindowDataset, bundled_corpus_path, load_tokens
-from scaletrain.parallel import ParallelDims, apply_activation_checkpointing, apply_compile, apply_data_parallel
+from scaletrain.parallel import ParallelDims, checkpoint_compile_and_shard
 from scaletrain.registry import DataSpec, ModelSpec, Recipe, StepSpec, register_recipe
 
 
@@ -87,11 +87,7 @@ class GRULM(nn.Module):
 def parallelize(model: GRULM, dims: ParallelDims, cfg: JobConfig) -> GRULM:
     """Data parallel only: checkpointing and compile per layer, then FSDP2 / HSDP / DDP as `dims` ask."""
     blocks = list(model.layers)
-    apply_activation_checkpointing(blocks, cfg.activation_checkpoint)
-    if cfg.train.compile:
-        apply_compile(blocks)
-    apply_data_parallel(model, blocks, dims, cfg.train, cfg.parallel)
-    return model
+    return checkpoint_compile_and_shard(model, blocks, dims, cfg)
 
 
 def build_dataset(cfg: JobConfig) -> TokenWindowDataset:

@@ -17,7 +17,7 @@ from torch import nn
 from scaletrain.config.schema import JobConfig
 from scaletrain.images.datasets import ImageDataConfig, image_dataset, seeded_generator
 from scaletrain.images.grid import image_grid
-from scaletrain.parallel import ParallelDims, apply_activation_checkpointing, apply_compile, apply_data_parallel
+from scaletrain.parallel import ParallelDims, checkpoint_compile_and_shard
 from scaletrain.recipes.autoencoder.model import Autoencoder, AutoencoderConfig
 from scaletrain.registry import DataSpec, EvalSpec, ModelSpec, Recipe, StepSpec, register_recipe
 from scaletrain.validate import check_all
@@ -75,11 +75,7 @@ def after_step(model: nn.Module, dims: ParallelDims) -> dict[str, float]:
 
 def parallelize(model: Autoencoder, dims: ParallelDims, cfg: JobConfig) -> Autoencoder:
     blocks = model.fsdp_blocks()
-    apply_activation_checkpointing(blocks, cfg.activation_checkpoint)
-    if cfg.train.compile:
-        apply_compile(blocks)
-    apply_data_parallel(model, blocks, dims, cfg.train, cfg.parallel)
-    return model
+    return checkpoint_compile_and_shard(model, blocks, dims, cfg)
 
 
 @torch.no_grad()

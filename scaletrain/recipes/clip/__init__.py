@@ -20,7 +20,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from scaletrain.config.schema import JobConfig
 from scaletrain.images.datasets import SHAPES, ImageDataConfig, ShapesDataset
-from scaletrain.parallel import ParallelDims, apply_activation_checkpointing, apply_compile, apply_data_parallel
+from scaletrain.parallel import ParallelDims, checkpoint_compile_and_shard
 from scaletrain.parallel.batching import grad_accum_steps
 from scaletrain.parallel.dims import divisors
 from scaletrain.recipes.clip.captions import CAPTION_TEMPLATE, CAPTION_TOKENS, EOT_ID, WordTokenizer, shape_attributes
@@ -110,11 +110,8 @@ def parallelize(model: CLIP, dims: ParallelDims, cfg: JobConfig) -> CLIP:
     if dims.tp_enabled:
         apply_tensor_parallel(model, dims)
     blocks = model.blocks()
-    apply_activation_checkpointing(blocks, cfg.activation_checkpoint)
-    if cfg.train.compile:
-        apply_compile(blocks)
     # The towers are FSDP units of their own: evaluation embeds images and captions in separate calls.
-    apply_data_parallel(model, [*blocks, model.visual, model.text], dims, cfg.train, cfg.parallel)
+    checkpoint_compile_and_shard(model, blocks, dims, cfg, extra_units=[model.visual, model.text])
     model.contrastive_group = dims.axis("dp").get_group() if dims.dp_size > 1 else None
     return model
 

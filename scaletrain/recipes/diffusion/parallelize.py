@@ -23,12 +23,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from scaletrain import ops
 from scaletrain.config.schema import TORCH_DTYPES, JobConfig
 from scaletrain.distributed import training_device_type
-from scaletrain.parallel import (
-    ParallelDims,
-    apply_activation_checkpointing,
-    apply_compile,
-    apply_data_parallel,
-)
+from scaletrain.parallel import ParallelDims, checkpoint_compile_and_shard
 from scaletrain.recipes.diffusion.dit import DiT
 
 
@@ -122,11 +117,7 @@ def parallelize_dit(model: DiT, dims: ParallelDims, cfg: JobConfig) -> DiT:
     blocks = list(model.blocks.values())
     if dims.tp_enabled:
         apply_tensor_parallel(model, dims)
-    apply_activation_checkpointing(blocks, cfg.activation_checkpoint)
-    if cfg.train.compile:
-        apply_compile(blocks)
-    apply_data_parallel(model, blocks, dims, cfg.train, cfg.parallel)
-    return model
+    return checkpoint_compile_and_shard(model, blocks, dims, cfg)
 
 
 def parallelize_blocks(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> nn.Module:
@@ -134,8 +125,4 @@ def parallelize_blocks(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> 
     refused before this runs: the U-Net and the VAE do not declare Recipe.supports.tensor_parallel)."""
     resolve_attention(model, cfg, attention_tokens(cfg))  # the U-Net's; the VAE has no attention modules
     blocks = list(model.fsdp_blocks())
-    apply_activation_checkpointing(blocks, cfg.activation_checkpoint)
-    if cfg.train.compile:
-        apply_compile(blocks)
-    apply_data_parallel(model, blocks, dims, cfg.train, cfg.parallel)
-    return model
+    return checkpoint_compile_and_shard(model, blocks, dims, cfg)

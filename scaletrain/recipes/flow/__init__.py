@@ -23,7 +23,7 @@ from scaletrain.config.schema import JobConfig
 from scaletrain.distributed import destroy_distributed, init_distributed
 from scaletrain.images.datasets import ImageDataConfig, image_dataset, seeded_generator
 from scaletrain.images.grid import image_grid, save_png
-from scaletrain.parallel import ParallelDims, apply_activation_checkpointing, apply_compile, apply_data_parallel
+from scaletrain.parallel import ParallelDims, checkpoint_compile_and_shard
 from scaletrain.recipes.flow.model import Flow, FlowConfig
 from scaletrain.registry import DataSpec, EvalSpec, ModelSpec, Recipe, StepSpec, register_recipe
 from scaletrain.validate import check_all
@@ -135,11 +135,7 @@ def sample(argv: list[str]) -> None:
 def parallelize(model: Flow, dims: ParallelDims, cfg: JobConfig) -> Flow:
     """Activation checkpointing -> compile -> FSDP2/DDP, one unit per flow layer."""
     layers = [layer for level in model.levels for layer in level.layers]
-    apply_activation_checkpointing(layers, cfg.activation_checkpoint)
-    if cfg.train.compile:
-        apply_compile(layers)
-    apply_data_parallel(model, layers, dims, cfg.train, cfg.parallel)
-    return model
+    return checkpoint_compile_and_shard(model, layers, dims, cfg)
 
 
 def validate(cfg: JobConfig, dims: ParallelDims) -> None:

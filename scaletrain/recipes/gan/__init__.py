@@ -19,7 +19,7 @@ from scaletrain.config.schema import JobConfig
 from scaletrain.images.datasets import ImageDataConfig, image_dataset, seeded_generator
 from scaletrain.images.grid import image_grid
 from scaletrain.images.quality import sample_metrics
-from scaletrain.parallel import ParallelDims, apply_activation_checkpointing, apply_compile, apply_data_parallel
+from scaletrain.parallel import ParallelDims, checkpoint_compile_and_shard
 from scaletrain.recipes.gan.model import GAN, GANConfig
 from scaletrain.recipes.gan.sample import generate, sample
 from scaletrain.registry import DataSpec, EvalSpec, ModelSpec, Phase, Recipe, StepSpec, register_recipe
@@ -81,12 +81,8 @@ def phases(cfg: JobConfig) -> list[Phase]:
 def parallelize(model: GAN, dims: ParallelDims, cfg: JobConfig) -> GAN:
     """Activation checkpointing -> compile -> FSDP2/DDP, with each network as one unit."""
     networks = [model.generator, model.discriminator]
-    apply_activation_checkpointing(networks, cfg.activation_checkpoint)
-    if cfg.train.compile:
-        apply_compile(networks)
     # The discriminator phase runs the generator under no_grad: DDP must not wait for its gradients.
-    apply_data_parallel(model, networks, dims, cfg.train, cfg.parallel, find_unused_parameters=True)
-    return model
+    return checkpoint_compile_and_shard(model, networks, dims, cfg, find_unused_parameters=True)
 
 
 def validate(cfg: JobConfig, dims: ParallelDims) -> None:

@@ -22,12 +22,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from scaletrain.config.schema import JobConfig
-from scaletrain.parallel import (
-    ParallelDims,
-    apply_activation_checkpointing,
-    apply_compile,
-    apply_data_parallel,
-)
+from scaletrain.parallel import ParallelDims, checkpoint_compile_and_shard
 from scaletrain.parallel.context_parallel import attention_function, load_balanced_positions
 from scaletrain.parallel.expert_parallel import apply_expert_parallel
 from scaletrain.recipes.gpt.model import GPT
@@ -156,8 +151,4 @@ def parallelize_gpt(model: GPT, dims: ParallelDims, cfg: JobConfig, attention_im
         apply_expert_parallel(experts, ep_mesh)
         for layer in moe_layers:
             layer.ep_group = ep_mesh.get_group()
-    apply_activation_checkpointing(blocks, cfg.activation_checkpoint)
-    if cfg.train.compile:
-        apply_compile(blocks)
-    apply_data_parallel(model, blocks, dims, cfg.train, cfg.parallel, experts=experts)
-    return model
+    return checkpoint_compile_and_shard(model, blocks, dims, cfg, experts=experts)

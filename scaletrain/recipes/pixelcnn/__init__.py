@@ -19,7 +19,7 @@ from torch import nn
 from scaletrain.config.schema import JobConfig
 from scaletrain.images.datasets import SHAPES, ImageDataConfig, image_dataset
 from scaletrain.images.grid import image_grid
-from scaletrain.parallel import ParallelDims, apply_activation_checkpointing, apply_compile, apply_data_parallel
+from scaletrain.parallel import ParallelDims, checkpoint_compile_and_shard
 from scaletrain.recipes.pixelcnn.model import PixelCNN, PixelCNNConfig
 from scaletrain.recipes.pixelcnn.sample import generate, sample
 from scaletrain.registry import DataSpec, EvalSpec, ModelSpec, Recipe, StepSpec, register_recipe
@@ -79,11 +79,7 @@ def evaluate(model: nn.Module, cfg: JobConfig, dims: ParallelDims, step: int, lo
 def parallelize(model: PixelCNN, dims: ParallelDims, cfg: JobConfig) -> PixelCNN:
     """Activation checkpointing -> compile -> FSDP2/DDP, one unit per gated layer."""
     layers = list(model.layers)
-    apply_activation_checkpointing(layers, cfg.activation_checkpoint)
-    if cfg.train.compile:
-        apply_compile(layers)
-    apply_data_parallel(model, layers, dims, cfg.train, cfg.parallel)
-    return model
+    return checkpoint_compile_and_shard(model, layers, dims, cfg)
 
 
 def _odd(k: int) -> bool:

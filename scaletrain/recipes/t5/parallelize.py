@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor, Replicate, distribute_module
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from scaletrain.config.schema import JobConfig
-from scaletrain.parallel import ParallelDims, apply_activation_checkpointing, apply_compile, apply_data_parallel
+from scaletrain.parallel import ParallelDims, checkpoint_compile_and_shard
 from scaletrain.recipes.t5.model import T5
 
 
@@ -62,8 +62,4 @@ def parallelize(model: T5, dims: ParallelDims, cfg: JobConfig) -> T5:
     blocks = model.blocks()
     if dims.tp_enabled:
         apply_tensor_parallel(model, dims)
-    apply_activation_checkpointing(blocks, cfg.activation_checkpoint)
-    if cfg.train.compile:
-        apply_compile(blocks)
-    apply_data_parallel(model, blocks, dims, cfg.train, cfg.parallel)
-    return model
+    return checkpoint_compile_and_shard(model, blocks, dims, cfg)

@@ -25,7 +25,7 @@ from scaletrain.checkpoint.loading import load_job_config, load_model
 from scaletrain.config.schema import JobConfig
 from scaletrain.distributed import destroy_distributed, init_distributed
 from scaletrain.images.grid import class_labels, save_png
-from scaletrain.parallel import ParallelDims, apply_activation_checkpointing, apply_compile, apply_data_parallel
+from scaletrain.parallel import ParallelDims, checkpoint_compile_and_shard
 from scaletrain.recipes.wavenet.audio import (
     PITCH_CLASSES,
     TIMBRES,
@@ -174,11 +174,7 @@ def sample(argv: list[str]) -> None:
 def parallelize(model: WaveNet, dims: ParallelDims, cfg: JobConfig) -> WaveNet:
     """Activation checkpointing -> compile -> FSDP2/DDP, one unit per residual layer."""
     layers = list(model.layers)
-    apply_activation_checkpointing(layers, cfg.activation_checkpoint)
-    if cfg.train.compile:
-        apply_compile(layers)
-    apply_data_parallel(model, layers, dims, cfg.train, cfg.parallel)
-    return model
+    return checkpoint_compile_and_shard(model, layers, dims, cfg)
 
 
 def validate(cfg: JobConfig, dims: ParallelDims) -> None:
