@@ -20,6 +20,8 @@ import inspect
 import math
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from scaletrain.distributed import destroy_distributed, init_distributed, run_as
 from scaletrain.ema import EMA
 from scaletrain.engines import Engine, get_engine
 from scaletrain.metrics import MetricLogger, count_train_flops, live_tensor_bytes, mfu, peak_memory_gib, peak_tflops
+from scaletrain.metrics.step_memory import StepMemoryTracker
 from scaletrain.parallel import ParallelDims, init_model
 from scaletrain.parallel.batching import grad_accum_steps, micro_batch_size, pipeline_microbatches
 from scaletrain.parallel.context_parallel import shard_sequence
@@ -107,6 +110,42 @@ def _full(value: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
+STEP_MEMORY_STEP = 2  # metrics.step_memory follows the step after this many (0-based index)
+
+
+def local_batch(
+    batch: dict[str, torch.Tensor], device: torch.device, dims: ParallelDims, recipe: Recipe
+) -> dict[str, torch.Tensor]:
+    """Move to the device; with cp > 1 keep this rank's load-balanced slice of the sequence."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if dims.cp_enabled:
+        cp_mesh = dims.axis("cp")
+        rank, cp = cp_mesh.get_local_rank(), cp_mesh.size()
+        keys = recipe.supports.context_parallel_keys
+        batch = {k: shard_sequence(v, rank, cp) if k in keys else v for k, v in batch.items()}
+    return batch
+
+
+def micro_step(engine: Engine, recipe: Recipe, loss_context: Callable[[], AbstractContextManager],
+               batch: dict[str, torch.Tensor], last: bool, accum_steps: int, **phase: str) -> torch.Tensor:  # fmt: skip
+    """Forward and backward of one micro-batch (not pipelined); its loss, detached. `scaletrain plan` runs the
+    same function on fake tensors."""
+    # Only the last micro-batch's backward reduces gradients across data-parallel ranks.
+    with loss_context(), engine.micro_batch(last=last):
+        with engine.autocast():
+            output = engine.model(*recipe.step.model_inputs(batch), **phase)
+        # Mean over the micro-batch, divided by the accumulation count: summed over
+        # micro-batches and averaged over dp ranks this is the global-batch mean.
+        loss = recipe.step.loss(output, batch) / accum_steps
+        engine.backward(loss)
+    return loss.detach()
+
+
+def loss_context_for(cfg: JobConfig, dims: ParallelDims) -> Callable[[], AbstractContextManager]:
+    """Tensor parallel's loss_parallel when the head is split over the vocabulary, else nothing."""
+    return loss_parallel if uses_loss_parallel(cfg, dims) else contextlib.nullcontext
+
+
 class Trainer:
     """Holds the built pieces of one run; `fit()` runs the loop."""
 
@@ -159,7 +198,7 @@ class Trainer:
             seed=cfg.job.seed,
             num_workers=getattr(cfg.data, "num_workers", 0),
         )
-        self.loss_context = loss_parallel if uses_loss_parallel(cfg, dims) else contextlib.nullcontext
+        self.loss_context = loss_context_for(cfg, dims)
         self.units_per_step = cfg.train.global_batch_size * self.recipe.data.units_per_sample(cfg)
         self.peak, self.peak_note = peak_tflops(device, TORCH_DTYPES[cfg.train.dtype], cfg.metrics.peak_tflops)
         self.step = 0
@@ -317,8 +356,8 @@ class Trainer:
         if self.phases:
             metrics = self._phased_updates(micro_batches)
         else:
-            loss_sum = self._forward_backward(micro_batches)
-            census = self._state_census()
+            loss_sum, step_memory = self._tracked_forward_backward(micro_batches)
+            census = {**self._state_census(), **step_memory}
             grad_norm, lr = self.engine.step(self.step)
             metrics = {"loss": self._mean_over_ranks(loss_sum), "grad_norm": float(grad_norm), "lr": lr, **census}
         recipe_metrics = self.recipe.step.after_step(self.model, self.dims) if self.recipe.step.after_step else {}
@@ -327,6 +366,18 @@ class Trainer:
         self.step += 1
         return {**metrics, **recipe_metrics}
 
+    def _tracked_forward_backward(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, dict]:
+        """_forward_backward; at the third step with metrics.step_memory, under the step-memory tracker: the peak
+        of what it allocated, less the gradients it leaves (model state), as activation_peak_gib. The third, as
+        the first steady one: DDP rebuilds its gradient buckets in the second."""
+        if not (self.cfg.metrics.step_memory and self.step == STEP_MEMORY_STEP):
+            return self._forward_backward(micro_batches), {}
+        with StepMemoryTracker() as tracker:
+            loss_sum = self._forward_backward(micro_batches)
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            peak = tracker.split_peak(grads)
+        return loss_sum, {"activation_peak_gib": peak / 2**30}
+
     def _forward_backward(self, micro_batches: list[dict[str, torch.Tensor]], **phase: str) -> torch.Tensor:
         """Forward and backward over the step's micro-batches; returns this rank's summed loss."""
         loss_sum = torch.zeros((), device=self.device)
@@ -334,15 +385,9 @@ class Trainer:
             if self.schedule is not None:
                 loss_sum += self._pipeline_micro_step(batch)
                 continue
-            # Only the last micro-batch's backward reduces gradients across data-parallel ranks.
-            with self.loss_context(), self.engine.micro_batch(last=index == len(micro_batches) - 1):
-                with self.engine.autocast():
-                    output = self.engine.model(*self.recipe.step.model_inputs(batch), **phase)
-                # Mean over the micro-batch, divided by the accumulation count: summed over
-                # micro-batches and averaged over dp ranks this is the global-batch mean.
-                loss = self.recipe.step.loss(output, batch) / len(micro_batches)
-                self.engine.backward(loss)
-            loss_sum += _full(loss.detach()).float()
+            last = index == len(micro_batches) - 1
+            loss = micro_step(self.engine, self.recipe, self.loss_context, batch, last, len(micro_batches), **phase)
+            loss_sum += _full(loss).float()
         return loss_sum
 
     def _phased_updates(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -376,14 +421,7 @@ class Trainer:
         return loss_sum.item()
 
     def _local_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Move to the device; with cp > 1 keep this rank's load-balanced slice of the sequence."""
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        if self.dims.cp_enabled:
-            cp_mesh = self.dims.axis("cp")
-            rank, cp = cp_mesh.get_local_rank(), cp_mesh.size()
-            keys = self.recipe.supports.context_parallel_keys
-            batch = {k: shard_sequence(v, rank, cp) if k in keys else v for k, v in batch.items()}
-        return batch
+        return local_batch(batch, self.device, self.dims, self.recipe)
 
     def _pipeline_micro_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         spec = self.recipe.supports.pipeline

@@ -115,6 +115,11 @@ def validate_config(cfg: JobConfig, world_size: int) -> ParallelDims:
         f"engine.name={cfg.engine.name} steps one model with one optimizer: use engine.name=native",
     )
     _check(
+        not cfg.metrics.step_memory or (recipe.step.phases is None and t.steps >= 3),
+        "metrics.step_memory: it follows the third step of a one-loss recipe; "
+        + (f"recipe {cfg.recipe!r} trains in phases" if recipe.step.phases else f"use train.steps >= 3, not {t.steps}"),
+    )
+    _check(
         dims.ep == 1 or not engine.owns_data_parallel,
         f"parallel.ep: expert parallel runs on the native engine only; engine.name={cfg.engine.name} shards "
         "over the data-parallel ranks itself",

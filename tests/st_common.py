@@ -44,9 +44,21 @@ class KernelOps(TorchDispatchMode):
 MODEL_STATE_RTOL = 0.10
 
 
-def assert_model_state_predicted(config: str, overrides: list[str], rows: list[dict]) -> None:
+# The activation peak (activations and temporaries of the second step's forward and backward above the model
+# state): `scaletrain plan`'s simulation of the step on fake tensors against the trainer's metrics.step_memory
+# tracker on the real one. Observed ratios 0.92-1.00 (tensor parallel runs allocate a little more for real).
+ACTIVATION_RTOL = 0.15
+STEP_MEMORY = ["--metrics.step_memory", "true"]
+
+
+def assert_model_state_predicted(
+    config: str, overrides: list[str], rows: list[dict], activations: bool = False
+) -> None:
+    """The model-state prediction against the census; with `activations` (the run had STEP_MEMORY among its
+    overrides) also the activation peak against the tracker's."""
     from scaletrain.config import load_config
     from scaletrain.plan.memory import loader_index_bytes, predict_model_state
+    from scaletrain.plan.simulate import predict_activation_peak
 
     cfg = load_config(config, overrides)
     measured = next(r["model_state_gib"] for r in rows if "model_state_gib" in r) * 2**30
@@ -55,3 +67,9 @@ def assert_model_state_predicted(config: str, overrides: list[str], rows: list[d
     assert abs(predicted.total + host - measured) <= MODEL_STATE_RTOL * measured, (
         f"model state: predicted {predicted.total:,} B ({predicted}) + loader {host:,} B, measured {measured:,.0f} B"
     )
+    if activations:
+        measured = next(r["activation_peak_gib"] for r in rows if "activation_peak_gib" in r) * 2**30
+        predicted = predict_activation_peak(cfg)
+        assert abs(predicted - measured) <= ACTIVATION_RTOL * measured, (
+            f"activation peak: predicted {predicted:,} B, measured {measured:,.0f} B"
+        )

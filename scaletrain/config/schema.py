@@ -148,6 +148,11 @@ class MetricsSection:
     mlflow: bool = opt(False, "Log to MLflow (needs mlflow installed).")
     mlflow_experiment: str = opt("scaletrain", "MLflow experiment.")
     peak_tflops: float = opt(0.0, "Device peak TFLOP/s for MFU; 0 = look the device up in the known-GPU table.")
+    step_memory: bool = opt(
+        False,
+        "Follow every tensor the third step's forward and backward allocate (slow: Python per operator) and log "
+        "activation_peak_gib: the peak of activations and temporaries above the model state (train.steps >= 3).",
+    )
 
 
 @dataclass

@@ -27,10 +27,16 @@ import torch.distributed as dist
 from torch.distributed.nn.functional import all_to_all_single
 
 
+def _chunk_ids(rank: int, cp: int) -> tuple[int, int]:
+    """The two of the sequence's 2*cp equal chunks that `rank` holds: one from each end, so every rank gets
+    the same causal work."""
+    return rank, 2 * cp - 1 - rank
+
+
 @lru_cache(maxsize=64)
 def _positions_cpu(local_len: int, rank: int, cp: int) -> torch.Tensor:
     chunk = local_len // 2
-    first, second = rank, 2 * cp - 1 - rank
+    first, second = _chunk_ids(rank, cp)
     return torch.cat(
         [torch.arange(first * chunk, (first + 1) * chunk), torch.arange(second * chunk, (second + 1) * chunk)]
     )
@@ -122,25 +128,19 @@ def ring_attention(q_BHTE, k_BKTE, v_BKTE, group: dist.ProcessGroup, block_atten
     k, v = k_BKTE, v_BKTE
     half = local_len // 2
     q_chunks = (q_BHTE[:, :, :half], q_BHTE[:, :, half:])
-    q_pos = load_balanced_positions(local_len, rank, cp, q_BHTE.device)
-    q_pos_chunks = (q_pos[:half], q_pos[half:])
+    q_chunk_ids = _chunk_ids(rank, cp)
     outs, lses = [None, None], [None, None]
     for step in range(cp):
         src = (rank - step) % cp
-        k_pos = load_balanced_positions(local_len, src, cp, q_BHTE.device)
+        k_chunk_ids = _chunk_ids(src, cp)
         for j in range(2):
-            kj, vj, kpos = (
-                k[:, :, j * half : (j + 1) * half],
-                v[:, :, j * half : (j + 1) * half],
-                k_pos[j * half : (j + 1) * half],
-            )
+            kj, vj = k[:, :, j * half : (j + 1) * half], v[:, :, j * half : (j + 1) * half]
             for i in range(2):
-                qpos = q_pos_chunks[i]
-                if kpos[0] > qpos[-1]:
-                    continue  # every key is in this query chunk's future
-                # Chunks are equal-sized and aligned, so overlapping ones are the same chunk:
-                # a causal triangle; otherwise every key is in the past (no mask).
-                diagonal = bool(kpos[-1] > qpos[0])
+                # Chunks are equal-sized and aligned (plain ints: no device sync): a later chunk is all
+                # future, the same chunk a causal triangle, an earlier one all past (no mask).
+                if k_chunk_ids[j] > q_chunk_ids[i]:
+                    continue
+                diagonal = k_chunk_ids[j] == q_chunk_ids[i]
                 block_out, block_lse = block_attention(q_chunks[i], kj, vj, diagonal)
                 outs[i], lses[i] = _merge(outs[i], lses[i], block_out, block_lse)
         if step < cp - 1:

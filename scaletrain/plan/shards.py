@@ -95,18 +95,28 @@ def _pipeline_buffer_elements(cfg: JobConfig, dims: ParallelDims, pp_rank: int) 
     return buffers * microbatches * samples * per_sample
 
 
-def rank_shards(cfg: JobConfig, dims: ParallelDims, pp_rank: int = 0) -> RankShards:
-    """The shards of the first rank of pipeline rank `pp_rank` (every rank of a stage holds the same amount,
-    up to FSDP's rounding)."""
+@contextlib.contextmanager
+def parallelized_parts(cfg: JobConfig, dims: ParallelDims, pp_rank: int = 0) -> Iterator[list[nn.Module]]:
+    """The meta-device model parts (pipeline stages) of the first rank of pipeline rank `pp_rank`, parallelized by
+    the recipe under a fake world of the layout's size; valid inside the context."""
     recipe = get_recipe(cfg.recipe)
     rank = pp_rank * (dims.world_size // dims.pp)
     with fake_world(dims.world_size, rank), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # FSDP/DTensor warnings about meta tensors and fake groups
         dims.build_mesh("cpu")
-        with torch.device("meta"):
-            model = recipe.model.build(cfg.model)
-        parts = _stage_modules(model, cfg, dims, pp_rank) if dims.pp_enabled else [model]
-        parts = [recipe.model.parallelize(part, dims, cfg) for part in parts]
+        try:
+            with torch.device("meta"):
+                model = recipe.model.build(cfg.model)
+            parts = _stage_modules(model, cfg, dims, pp_rank) if dims.pp_enabled else [model]
+            yield [recipe.model.parallelize(part, dims, cfg) for part in parts]
+        finally:
+            dims._mesh, dims._axes, dims._expert_root = None, {}, None  # the fake mesh dies with its group
+
+
+def rank_shards(cfg: JobConfig, dims: ParallelDims, pp_rank: int = 0) -> RankShards:
+    """The shards of the first rank of pipeline rank `pp_rank` (every rank of a stage holds the same amount,
+    up to FSDP's rounding)."""
+    with parallelized_parts(cfg, dims, pp_rank) as parts:
         trainable = frozen = buffer_bytes = 0
         for part in parts:
             for param in part.parameters():
@@ -115,6 +125,5 @@ def rank_shards(cfg: JobConfig, dims: ParallelDims, pp_rank: int = 0) -> RankSha
                 else:
                     frozen += _local_numel(param)
             buffer_bytes += sum(_local_numel(b) * b.element_size() for b in part.buffers())
-        dims._mesh, dims._axes, dims._expert_root = None, {}, None  # the fake mesh dies with its group
     pipeline = _pipeline_buffer_elements(cfg, dims, pp_rank) if dims.pp_enabled else 0
-    return RankShards(rank, trainable, frozen, buffer_bytes, pipeline)
+    return RankShards(pp_rank * (dims.world_size // dims.pp), trainable, frozen, buffer_bytes, pipeline)

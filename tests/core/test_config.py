@@ -3,6 +3,8 @@ with a message naming the field. One test per case."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch.distributed as dist
@@ -178,3 +180,11 @@ def test_tensor_parallel_needs_a_recipe_that_declares_it(monkeypatch):
 def test_unknown_key_points_to_the_section_that_has_it():
     with pytest.raises(ConfigError, match=r"compile: unknown key; did you mean 'train\.compile'\?"):
         load_config(TINY, ["--compile", "true"])
+
+
+def test_step_memory_needs_a_third_step_of_a_one_loss_recipe():
+    with pytest.raises(ValueError, match=r"metrics\.step_memory: .*use train\.steps >= 3, not 2"):
+        validate_config(load_config(TINY, ["--metrics.step_memory", "true", "--train.steps", "2", "--train.warmup_steps", "0"]), 1)
+    gan = str(Path(TINY).parents[2] / "gan" / "configs" / "dcgan-tiny.yaml")
+    with pytest.raises(ValueError, match=r"metrics\.step_memory: .*recipe 'gan' trains in phases"):
+        validate_config(load_config(gan, ["--metrics.step_memory", "true"]), 1)

@@ -10,7 +10,7 @@ against the fp32 baseline within 5e-3 relative on the loss.
 from __future__ import annotations
 
 import pytest
-from st_common import FAST, REPO, TINY, assert_model_state_predicted
+from st_common import FAST, REPO, STEP_MEMORY, TINY, assert_model_state_predicted
 
 from scaletrain.parity import compare, run_layout
 
@@ -59,12 +59,12 @@ def gpt2_baseline(tmp_path_factory):
 
 @pytest.mark.parametrize("layout", list(LLAMA_LAYOUTS))
 def test_llama_layout_matches_single_process(layout, llama_baseline, tmp_path):
-    rows = run_layout(TINY, FAST + LLAMA_LAYOUTS[layout], tmp_path, layout)
+    rows = run_layout(TINY, FAST + LLAMA_LAYOUTS[layout] + STEP_MEMORY, tmp_path, layout)
     report = compare(llama_baseline, rows)
     assert len(report.steps) == 5
     assert report.max_loss_rel_diff <= FP32_LOSS_RTOL, report.table()
     assert report.max_grad_norm_rel_diff <= FP32_GNORM_RTOL, report.table()
-    assert_model_state_predicted(TINY, FAST + LLAMA_LAYOUTS[layout], rows)
+    assert_model_state_predicted(TINY, FAST + LLAMA_LAYOUTS[layout], rows, activations=True)
 
 
 @pytest.mark.parametrize(
@@ -98,9 +98,9 @@ def test_gpt2_style_layout_matches_single_process(layout, gpt2_baseline, tmp_pat
     ids=["bf16_fsdp2", "bf16_fsdp2_ac_op", "bf16_autocast", "fp16_ddp2_scaled"],
 )
 def test_low_precision_trains_close_to_fp32(layout, llama_baseline, tmp_path):
-    rows = run_layout(TINY, FAST + layout, tmp_path, "lowp")
+    rows = run_layout(TINY, FAST + layout + STEP_MEMORY, tmp_path, "lowp")
     report = compare(llama_baseline, rows)
-    assert_model_state_predicted(TINY, FAST + layout, rows)
+    assert_model_state_predicted(TINY, FAST + layout, rows, activations=True)
     assert report.max_loss_rel_diff <= LOW_PRECISION_LOSS_RTOL, report.table()
     assert rows[-1]["loss"] < rows[0]["loss"]
 
