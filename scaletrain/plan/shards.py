@@ -56,6 +56,17 @@ def fake_world(world_size: int, rank: int = 0) -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+        _forget_dtensor_plans()
+
+
+def _forget_dtensor_plans() -> None:
+    """DTensor caches its sharding decisions by mesh shape, and those name the groups of the mesh they were made
+    on: after a fake world ends, the next (equal-looking mesh, new groups) must not reuse them."""
+    from torch.distributed.tensor import debug
+
+    clear = getattr(debug, "_clear_sharding_prop_cache", None)  # private; present in torch 2.4-2.13
+    if clear is not None:
+        clear()
 
 
 def _local_numel(param: torch.Tensor) -> int:

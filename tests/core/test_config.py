@@ -184,7 +184,7 @@ def test_unknown_key_points_to_the_section_that_has_it():
 
 def test_step_memory_needs_a_third_step_of_a_one_loss_recipe():
     with pytest.raises(ValueError, match=r"metrics\.step_memory: .*use train\.steps >= 3, not 2"):
-        validate_config(load_config(TINY, ["--metrics.step_memory", "true", "--train.steps", "2", "--train.warmup_steps", "0"]), 1)
+        validate_config(_load("--metrics.step_memory", "true", "--train.steps", "2", "--train.warmup_steps", "0"), 1)
     gan = str(Path(TINY).parents[2] / "gan" / "configs" / "dcgan-tiny.yaml")
     with pytest.raises(ValueError, match=r"metrics\.step_memory: .*recipe 'gan' trains in phases"):
         validate_config(load_config(gan, ["--metrics.step_memory", "true"]), 1)

@@ -6,7 +6,7 @@ Tolerances as in test_parity.py: fp32 loss 1e-5 relative, grad norm 1e-4 relativ
 from __future__ import annotations
 
 import pytest
-from st_common import FAST, TINY, assert_model_state_predicted
+from st_common import FAST, STEP_MEMORY, TINY, assert_model_state_predicted
 
 from scaletrain.config import load_config
 from scaletrain.parallel.context_parallel import load_balanced_positions
@@ -157,11 +157,11 @@ def test_layout_matches_single_process(layout, baseline, tmp_path):
     overrides = LAYOUTS[layout]
     if "--parallel.dp_shard" not in overrides:
         overrides = [*overrides, "--parallel.dp_shard", "1"]
-    rows = run_layout(TINY, PIPE + overrides, tmp_path, layout)
+    rows = run_layout(TINY, PIPE + overrides + STEP_MEMORY, tmp_path, layout)
     report = compare(baseline, rows)
     assert report.max_loss_rel_diff <= FP32_LOSS_RTOL, report.table()
     assert report.max_grad_norm_rel_diff <= FP32_GNORM_RTOL, report.table()
-    assert_model_state_predicted(TINY, PIPE + overrides, rows)
+    assert_model_state_predicted(TINY, PIPE + overrides, rows, activations=True)
 
 
 # Ring chunk pairs through the Triton flash-attention kernel (its lse feeds the merge), interpreted on
