@@ -9,8 +9,8 @@ simulation sees is what the real step allocates: saved activations per the activ
 their recomputation, the logits and loss, FSDP2's unsharded parameters and gradient buffers; the numbers are
 exact up to what the fake kernels cannot know (CPU kernels' internal scratch, torch.compile's fusions).
 
-The step is simulated twice and the second measured: lazily built state exists by then. (The trainer measures
-its third step, the first steady one under DDP, which the simulation replaces: see _without_replicas.)
+The trainer measures its third step, the first steady one under DDP (which the simulation replaces: see
+_without_replicas); the simulation's first step already counts as the real steady one does.
 """
 
 from __future__ import annotations
@@ -66,7 +66,9 @@ def activation_peak_bytes(cfg: JobConfig, dims: ParallelDims, pp_rank: int = 0) 
         cfg, dims = _without_replicas(cfg, dims)
     if dims.pp_enabled:
         return _pipelined_peak(cfg, dims, pp_rank)
+    # The middle micro-batches of an accumulation repeat the first (no gradient sync): two are simulated at most.
     accum = grad_accum_steps(cfg, dims)
+    lasts = [False, True] if accum > 1 else [True]
     with parallelized_parts(cfg, dims) as (model,), _fake_mode():
         model.to_empty(device=CPU)
         model.train()
@@ -74,13 +76,10 @@ def activation_peak_bytes(cfg: JobConfig, dims: ParallelDims, pp_rank: int = 0) 
         shapes = example_batch(recipe, cfg, None, micro_batch_size(cfg, dims))
         batch = local_batch({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in shapes.items()}, CPU, dims, recipe)
         loss_context = loss_context_for(cfg, dims)
-        for _ in range(2):
-            engine.optimizer.zero_grad(set_to_none=True)
-            with StepMemoryTracker() as tracker:
-                for index in range(accum):
-                    micro_step(engine, recipe, loss_context, batch, index == accum - 1, accum)
-                peak = tracker.split_peak([p.grad for p in model.parameters() if p.grad is not None])
-    return peak
+        with StepMemoryTracker() as tracker:
+            for last in lasts:
+                micro_step(engine, recipe, loss_context, batch, last, accum)
+            return tracker.split_peak([p.grad for p in model.parameters() if p.grad is not None])
 
 
 def predict_activation_peak(cfg: JobConfig, pp_rank: int = 0) -> int:
