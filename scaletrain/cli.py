@@ -9,6 +9,7 @@
   scaletrain bench kernels [--seq 128,256 ...]              fused kernels vs PyTorch alternatives
   scaletrain sample CHECKPOINT [...]                        the checkpoint's recipe samples from it
   scaletrain ckpt info DIR                                  step, layout, parameters, size, complete or not
+  scaletrain plan CONFIG [--memory-limit-gb G] [overrides]  per-rank memory of the layout, predicted without a GPU
   scaletrain export CHECKPOINT --format {safetensors,hf}    consolidated weights (HF: transformers loads them)
   scaletrain import hf HF_DIR --out DIR                     HF weights -> a checkpoint for --checkpoint.load_path
   scaletrain <plugin> ...                                   commands other packages register (e.g. launch)
@@ -35,6 +36,8 @@ from scaletrain.config import MissingDataError, config_to_dict, field_help, load
 from scaletrain.config.schema import JobConfig
 from scaletrain.engines import get_engine
 from scaletrain.parallel.dims import ParallelDims, implied_world_size
+from scaletrain.plan.command import USAGE as PLAN_USAGE
+from scaletrain.plan.command import cmd_plan
 from scaletrain.registry import get_recipe, known_recipes
 from scaletrain.validate import validate_config
 
@@ -268,6 +271,7 @@ CSV, Markdown and PNG.""",
 Sample from a checkpoint with its recipe's sampler; scaletrain sample CHECKPOINT --help lists its options.""",
     "ckpt": """usage: scaletrain ckpt info DIR
 Step, layout, parameters, size and integrity of a checkpoint, a checkpoints folder or a run folder.""",
+    "plan": PLAN_USAGE,
 }
 
 
@@ -290,6 +294,7 @@ COMMANDS = {
     "ckpt": cmd_ckpt,
     "export": cmd_export,
     "import": cmd_import,
+    "plan": cmd_plan,
 }
 
 

@@ -58,10 +58,10 @@ def activation_peak_bytes(cfg: JobConfig, dims: ParallelDims, pp_rank: int = 0) 
     """Peak bytes of activations and temporaries above the model state on the first rank of pipeline rank
     `pp_rank`, over one step's forward and backward (its parameter gradients left out: they are model state)."""
     if cfg.engine.name != "native":
-        raise NotImplementedError(f"engine.name: {cfg.engine.name!r} is not simulated; the native engine is")
+        raise ValueError(f"engine.name: {cfg.engine.name!r} is not simulated; the native engine is")
     recipe = get_recipe(cfg.recipe)
     if recipe.step.phases is not None:
-        raise NotImplementedError(f"recipe {cfg.recipe!r} trains in phases; the simulation runs one-loss steps")
+        raise ValueError(f"recipe: {cfg.recipe!r} trains in phases; the step simulation runs one-loss recipes")
     if dims.ddp_enabled:
         cfg, dims = _without_replicas(cfg, dims)
     if dims.pp_enabled:

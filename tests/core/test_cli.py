@@ -3,6 +3,8 @@ path with exit code 2 — checked before any process or model exists. Only bugs 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from st_common import TINY
 
@@ -120,3 +122,37 @@ def test_config_show_plans_each_pipeline_ranks_model_state(capsys):
         gib = float(line.split(": ")[1].split(" GiB")[0])
         state = gib * 2**30 - float(line.split("pipeline_buffers ")[1].rstrip(")")) * 2**30
         assert state == pytest.approx(16 * total / 2 / 4, rel=0.25)  # stages differ by an embedding or a head
+
+
+def test_plan_prints_each_pipeline_ranks_memory_and_checks_the_limit(capsys):
+    """The first stage holds more activations than the last under 1F1B (pp - rank microbatches in flight), and
+    a limit between the two ranks' totals fails the plan (exit 1) naming the rank that does not fit."""
+    layout = ["--parallel.pp", "2", "--parallel.dp_shard", "2"]
+    code, out, _ = _run(capsys, "plan", TINY, *layout)
+    assert code == 0
+    rows = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith("pp ")}
+    header = next(line.split() for line in out.splitlines() if line.startswith("rank"))
+    column = header.index("activations") + 1  # the rank cell is two words ("pp 0")
+    totals = {rank: float(row[-1]) for rank, row in rows.items()}
+    assert float(rows["0"][column]) > float(rows["1"][column]) > 0
+    limit_mib = (totals["0"] + totals["1"]) / 2
+    code, out, _ = _run(capsys, "plan", TINY, *layout, "--memory-limit-gb", str(limit_mib / 1024))
+    assert code == 1 and "does not fit: pp rank 0 needs" in out and "pp rank 1 needs" not in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--memory-limit-gb", "0"], r"--memory-limit-gb: 0.0 is not allowed"),
+        (["--engine.name", "deepspeed"], r"engine\.name: the planner predicts the native engine"),
+    ],
+)
+def test_plan_refuses_bad_input(args, message, capsys):
+    code, _, err = _run(capsys, "plan", TINY, *args)
+    assert code == 2 and re.search(message, err), err
+
+
+def test_plan_refuses_a_recipe_that_trains_in_phases(capsys):
+    gan = TINY.replace("gpt/configs/tiny.yaml", "gan/configs/dcgan-tiny.yaml")
+    code, _, err = _run(capsys, "plan", gan)
+    assert code == 2 and "recipe: 'gan' trains in phases" in err, err

@@ -26,6 +26,7 @@ from scaletrain.config import MissingDataError, load_config
 from scaletrain.launchers import ray_launcher, sbatch, slurm, torchrun
 from scaletrain.launchers.argv import split_overrides
 from scaletrain.launchers.checks import check_launch
+from scaletrain.parallel.dims import implied_world_size
 from scaletrain.parity import check_layout
 from scaletrain.parity import split_overrides as split_quoted
 from scaletrain.validate import validate_config
@@ -157,6 +158,10 @@ def check(argv: list[str], capsys) -> None:  # noqa: ANN001
             check_layout(str(REPO / common[0]), common[1:] + split_quoted(str(layout)))
     elif command == "launch":
         _launch(rest[0], rest[1:])
+    elif command == "plan":  # the trainer's validation for the layout's world size (the plan itself: test_cli)
+        options, overrides = cli._take_options(rest[1:], {"memory-limit-gb": float, "world-size": int})
+        cfg = load_config(REPO / rest[0], overrides)
+        _validate(rest[0], overrides, int(options.get("world-size") or implied_world_size(vars(cfg.parallel))))
     else:
         raise AssertionError(f"no check for `scaletrain {command}`")
 
