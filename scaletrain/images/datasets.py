@@ -196,3 +196,27 @@ def image_dataset(cfg: Any) -> Any:
         return dataset
     raise ValueError(f"data.source: {d.source!r} is not supported by recipe {cfg.recipe!r}")
 
+
+class ImagesWithNoise:
+    """item i = {image, noise}: the base data set's image i and N(0, I) noise of `noise_shape` seeded by
+    (stream, seed, i), so a model that samples noise in its step (a VAE's reparameterisation, a denoising
+    autoencoder's corruption) draws the same numbers under every layout."""
+
+    def __init__(self, base: Any, seed: int, noise_shape: tuple[int, ...], stream: str):
+        self.base, self.seed, self.noise_shape, self.stream = base, seed, noise_shape, stream
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        noise = torch.randn(self.noise_shape, generator=seeded_generator(self.stream, self.seed, int(i)))
+        return {"image": self.base[int(i)]["image"], "noise": noise}
+
+
+def images_with_noise_example(cfg: Any, batch_size: int, noise_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """A meta-device batch shaped like ImagesWithNoise's (for FLOP counting and the planner)."""
+    m = cfg.model
+    return {
+        "image": torch.empty(batch_size, m.in_channels, m.image_size, m.image_size, device="meta"),
+        "noise": torch.empty(batch_size, *noise_shape, device="meta"),
+    }

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from scaletrain.config.schema import JobConfig
-from scaletrain.images.datasets import ImageDataConfig, image_dataset, seeded_generator
+from scaletrain.images.datasets import ImageDataConfig, ImagesWithNoise, image_dataset, images_with_noise_example
 from scaletrain.images.grid import image_grid
 from scaletrain.parallel import ParallelDims, checkpoint_compile_and_shard
 from scaletrain.recipes.autoencoder.model import Autoencoder, AutoencoderConfig
@@ -33,22 +33,8 @@ def noise_shape(cfg: JobConfig) -> tuple[int, int, int]:
     return (m.latent_channels, side, side)
 
 
-class AutoencoderItems:
-    """item i = {image, noise}; noise ~ N(0, I) seeded by (seed, i): the same for every layout."""
-
-    def __init__(self, base: Any, seed: int, shape: tuple[int, int, int]):
-        self.base, self.seed, self.shape = base, seed, shape
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        noise = torch.randn(self.shape, generator=seeded_generator("autoencoder", self.seed, int(i)))
-        return {"image": self.base[int(i)]["image"], "noise": noise}
-
-
-def build_dataset(cfg: JobConfig) -> AutoencoderItems:
-    return AutoencoderItems(image_dataset(cfg), cfg.job.seed, noise_shape(cfg))
+def build_dataset(cfg: JobConfig) -> ImagesWithNoise:
+    return ImagesWithNoise(image_dataset(cfg), cfg.job.seed, noise_shape(cfg), stream="autoencoder")
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,11 +42,7 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Te
 
 
 def example_batch(cfg: JobConfig, batch_size: int) -> dict[str, torch.Tensor]:
-    m = cfg.model
-    return {
-        "image": torch.empty(batch_size, m.in_channels, m.image_size, m.image_size, device="meta"),
-        "noise": torch.empty(batch_size, *noise_shape(cfg), device="meta"),
-    }
+    return images_with_noise_example(cfg, batch_size, noise_shape(cfg))
 
 
 def loss(output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:

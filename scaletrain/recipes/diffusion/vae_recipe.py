@@ -16,24 +16,10 @@ import torch
 from torch import nn
 
 from scaletrain.config.schema import JobConfig
-from scaletrain.images.datasets import image_dataset, seeded_generator
+from scaletrain.images.datasets import ImagesWithNoise, image_dataset, images_with_noise_example
 from scaletrain.images.grid import image_grid
 from scaletrain.parallel.dims import ParallelDims
 from scaletrain.validate import check_all
-
-
-class VAEItems:
-    """item i = {image, noise}; noise ~ N(0, I) of the latent's shape, seeded by (seed, i)."""
-
-    def __init__(self, base: Any, seed: int, latent_shape: tuple[int, int, int]):
-        self.base, self.seed, self.latent_shape = base, seed, latent_shape
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        noise = torch.randn(self.latent_shape, generator=seeded_generator("vae-noise", self.seed, int(i)))
-        return {"image": self.base[int(i)]["image"], "noise": noise}
 
 
 def latent_shape(cfg: JobConfig) -> tuple[int, int, int]:
@@ -42,8 +28,8 @@ def latent_shape(cfg: JobConfig) -> tuple[int, int, int]:
     return (m.latent_channels, side, side)
 
 
-def build_dataset(cfg: JobConfig) -> VAEItems:
-    return VAEItems(image_dataset(cfg), cfg.job.seed, latent_shape(cfg))
+def build_dataset(cfg: JobConfig) -> ImagesWithNoise:
+    return ImagesWithNoise(image_dataset(cfg), cfg.job.seed, latent_shape(cfg), stream="vae-noise")
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,11 +37,7 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Te
 
 
 def example_batch(cfg: JobConfig, batch_size: int) -> dict[str, torch.Tensor]:
-    m = cfg.model
-    return {
-        "image": torch.empty(batch_size, m.in_channels, m.image_size, m.image_size, device="meta"),
-        "noise": torch.empty(batch_size, *latent_shape(cfg), device="meta"),
-    }
+    return images_with_noise_example(cfg, batch_size, latent_shape(cfg))
 
 
 def validate(cfg: JobConfig, dims: ParallelDims) -> None:
