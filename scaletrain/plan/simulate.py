@@ -62,6 +62,8 @@ def activation_peak_bytes(cfg: JobConfig, dims: ParallelDims, pp_rank: int = 0) 
     recipe = get_recipe(cfg.recipe)
     if recipe.step.phases is not None:
         raise ValueError(f"recipe: {cfg.recipe!r} trains in phases; the step simulation runs one-loss recipes")
+    if cfg.train.compile:  # predicted eager: compiled regions fuse ops and keep less, never more, in practice
+        cfg = replace(cfg, train=replace(cfg.train, compile=False))
     if dims.ddp_enabled:
         cfg, dims = _without_replicas(cfg, dims)
     if dims.pp_enabled:
