@@ -162,3 +162,24 @@ def is_local_address(host: str) -> bool:
             except OSError:
                 continue
     return False
+
+
+def plan_lines(cfg: JobConfig, world_size: int, memory_limit_gb: float | None) -> list[str]:
+    """`scaletrain plan`'s prediction for the layout a launch would start: each pipeline rank's memory, and a
+    warning when it exceeds `memory_limit_gb`. A layout the planner cannot simulate says why instead."""
+    from scaletrain.plan.command import plan_memory
+
+    dims = validate_config(cfg, world_size)
+    try:
+        ranks = plan_memory(cfg, dims)
+    except ValueError as exc:
+        return [f"plan: not predicted ({exc})"]
+    lines = []
+    for r in ranks:
+        where = f"pp rank {r.pp_rank}" if len(ranks) > 1 else "each rank"
+        lines.append(f"plan: {where} needs {r.total / 2**30:.3g} GiB (model state {r.state.total / 2**30:.3g}, "
+                     f"activations {r.activations / 2**30:.3g}; scaletrain plan for the breakdown)")  # fmt: skip
+        if memory_limit_gb is not None and r.total > memory_limit_gb * 2**30:
+            lines.append(f"warning: {where} is predicted at {r.total / 2**30:.3g} GiB, over --memory-limit-gb "
+                         f"{memory_limit_gb:g}: it would not fit")  # fmt: skip
+    return lines

@@ -40,8 +40,19 @@ from scaletrain.launchers.inprocess import absolute_job, run_dir_of
 
 TEMPLATES = {False: SOURCE_ROOT / "slurm" / "train.sbatch", True: SOURCE_ROOT / "slurm" / "train_requeue.sbatch"}
 # Requeued jobs pass through REQUEUED/REQUEUE_HOLD before PENDING again: not finished.
-ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
-                 "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
+ACTIVE_STATES = {
+    "PENDING",
+    "CONFIGURING",
+    "RUNNING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_FED",
+    "REQUEUE_HOLD",
+    "RESIZING",
+    "SUSPENDED",
+    "STAGE_OUT",
+    "SIGNALING",
+}
 _FIELD = re.compile(r"\{\{([A-Z_]+)\}\}")
 
 

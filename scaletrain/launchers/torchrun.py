@@ -34,8 +34,10 @@ from scaletrain.launchers.checks import (
     LaunchError,
     check_launch,
     is_local_address,
+    load_checked_config,
     local_address_towards,
     parse_endpoint,
+    plan_lines,
     require,
 )
 
@@ -172,7 +174,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rdzv-id", default="scaletrain", help="c10d rendezvous id, the same on every node")
     parser.add_argument("--max-restarts", type=int, default=0, help="worker group restarts before failing")
     parser.add_argument("--local-addr", default=None, help="this node's address as others reach it")
-    parser.add_argument("--dry-run", action="store_true", help="check and print the command, do not run it")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="check and print the command and the predicted memory; do not run it"
+    )
+    parser.add_argument("--memory-limit-gb", type=float, default=None, help="with --dry-run: warn above this per rank")
 
 
 def from_args(ns: argparse.Namespace, overrides: list[str]) -> TorchrunLaunch:
@@ -196,7 +201,12 @@ def run_args(ns: argparse.Namespace, overrides: list[str]) -> int:
     env = extra_env(launch)
     shown = [f"{k}={v}" for k, v in env.items()] + cmd
     print(f"scaletrain launch: {shlex.join(shown)}", file=sys.stderr, flush=True)
-    return 0 if ns.dry_run else run_command(cmd, {**os.environ, **env})
+    if ns.dry_run:
+        cfg = load_checked_config(launch.config, launch.overrides)
+        for line in plan_lines(cfg, launch.nnodes * launch.nproc_per_node, ns.memory_limit_gb):
+            print(f"scaletrain launch: {line}", file=sys.stderr, flush=True)
+        return 0
+    return run_command(cmd, {**os.environ, **env})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -207,3 +207,24 @@ def test_slurm_launcher_fills_the_same_defaults():
     assert (cpu.gpus_per_node, cpu.cpus_per_task) == (0, 1)
     with pytest.raises(LaunchError, match="--gpus-per-node 3 with --nproc-per-node 2"):
         SlurmLaunch(TINY_CONFIG, [], nproc_per_node=2, gpus_per_node=3).check()
+
+
+def test_torchrun_dry_run_prints_the_plan_and_warns_over_the_memory_limit(capsys):
+    """The launch is not started; each pipeline rank's predicted memory is printed (scaletrain plan's numbers),
+    with a warning for the rank over --memory-limit-gb. Here the limit sits between the two ranks' totals:
+    stage 0 holds two microbatches' activations under 1F1B, stage 1 one."""
+    from scaletrain.config import load_config
+    from scaletrain.plan.command import plan_memory
+    from scaletrain.validate import validate_config
+
+    layout = ["--parallel.pp", "2", "--parallel.dp_shard", "2"]
+    cfg = load_config(TINY_CONFIG, layout)
+    first, last = plan_memory(cfg, validate_config(cfg, 4))
+    limit = (first.total + last.total) / 2 / 2**30
+    code = cli.main(["torchrun", TINY_CONFIG, "--nproc-per-node", "4", "--dry-run", "--memory-limit-gb", str(limit),
+                     *layout])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0
+    assert f"plan: pp rank 0 needs {first.total / 2**30:.3g} GiB" in err
+    assert f"plan: pp rank 1 needs {last.total / 2**30:.3g} GiB" in err
+    assert "warning: pp rank 0 is predicted" in err and "warning: pp rank 1" not in err
