@@ -149,7 +149,7 @@ def model_state_lines(cfg: JobConfig, dims: ParallelDims) -> list[str]:
     from scaletrain.plan.memory import model_state_bytes
     from scaletrain.plan.shards import rank_shards
 
-    lines = ["model state per rank (parameters, gradients, optimizer, EMA, buffers; activations not included)"]
+    lines = ["model state per rank (parameters, gradients, optimizer, EMA, buffers; activations: scaletrain plan)"]
     for pp_rank in range(dims.pp):
         state = model_state_bytes(rank_shards(cfg, dims, pp_rank), cfg, dims)
         parts = ", ".join(f"{name} {n / 2**30:.3g}" for name, n in asdict(state).items() if n)
