@@ -94,12 +94,8 @@ def _pipeline_buffer_elements(cfg: JobConfig, dims: ParallelDims, pp_rank: int) 
     """Elements of this rank's stage receive buffers: for each pipeline microbatch, a non-first stage holds the
     activation it receives and a non-last stage the gradient of the one it sends; both are the trunk's
     activation, whose size per sample a meta-device forward of the first stage gives."""
-    recipe = get_recipe(cfg.recipe)
-    with torch.device("meta"):
-        model = recipe.model.build(cfg.model)
-    stages, layer_split = _stage_split(model, cfg, dims)
-    first = build_stage_module(model, recipe.supports.pipeline, layer_split[0], 0, stages)
-    per_sample = first(*recipe.step.model_inputs(example_batch(recipe, cfg, None, 1))).numel()
+    per_sample = trunk_elements_per_sample(cfg, dims)
+    stages = num_stages(dims.pp, cfg.parallel.stages_per_rank)
     microbatches = pipeline_microbatches(cfg, dims)
     samples = micro_batch_size(cfg, dims) // microbatches
     buffers = sum((sid > 0) + (sid < stages - 1) for sid in _stage_ids(cfg, dims, pp_rank))
@@ -122,6 +118,17 @@ def parallelized_parts(cfg: JobConfig, dims: ParallelDims, pp_rank: int = 0) -> 
             yield [recipe.model.parallelize(part, dims, cfg) for part in parts]
         finally:
             dims._mesh, dims._axes, dims._expert_root = None, {}, None  # the fake mesh dies with its group
+
+
+def trunk_elements_per_sample(cfg: JobConfig, dims: ParallelDims) -> int:
+    """Elements of one sample's activation between the trunk's blocks (what pipeline stages pass on and tensor
+    parallel gathers), from a meta-device forward of the first stage."""
+    recipe = get_recipe(cfg.recipe)
+    with torch.device("meta"):
+        model = recipe.model.build(cfg.model)
+    stages, layer_split = _stage_split(model, cfg, dims)
+    first = build_stage_module(model, recipe.supports.pipeline, layer_split[0], 0, stages)
+    return first(*recipe.step.model_inputs(example_batch(recipe, cfg, None, 1))).numel()
 
 
 def rank_shards(cfg: JobConfig, dims: ParallelDims, pp_rank: int = 0) -> RankShards:
