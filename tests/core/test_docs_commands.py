@@ -29,6 +29,7 @@ from scaletrain.launchers.checks import check_launch
 from scaletrain.parallel.dims import implied_world_size
 from scaletrain.parity import check_layout
 from scaletrain.parity import split_overrides as split_quoted
+from scaletrain.plan.command import SEARCH_OPTIONS
 from scaletrain.validate import validate_config
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -41,6 +42,8 @@ NOT_CHECKED = {
     "scaletrain export": "reads a checkpoint (tests/checkpoint/test_export_hf.py)",
     "scaletrain import": "reads a Hugging Face folder (tests/checkpoint/test_export_hf.py)",
     "scaletrain bench kernels": "a GPU benchmark (tests/kernels/test_bench.py runs its CPU path)",
+    "scaletrain train examples/gru_recipe": "needs the example package installed first, as the docs do "
+    "(tests/core/test_external_recipe.py installs and trains it)",
     "torchrun --nproc-per-node 2 -m scaletrain.recipes.diffusion.latents": "reads a VAE checkpoint "
     "(tests/diffusion/test_latent.py)",
 }
@@ -49,13 +52,15 @@ NOT_CHECKED = {
 def _commands(path: Path) -> list[tuple[str, list[str]]]:
     """(line, argv) of each command in the file's shell code blocks; continuations joined, comments and
     `$VAR`s defined earlier in the file resolved, `ip netns exec NS`, `env` and `NAME=value` prefixes dropped."""
-    found, block, in_block, variables = [], [], False, {}
+    found, block, fenced, in_block, variables = [], [], False, False, {}
     for line in path.read_text().splitlines():
         fence = re.match(r"\s*```(\w*)", line)
         if fence:
             if in_block:
                 found += _block_commands("\n".join(block), variables)
-            in_block, block = not in_block and fence.group(1) in ("", "bash", "sh"), []
+            # Every fence opens or closes a block; only shell blocks hold commands (a closing fence never does).
+            fenced = not fenced
+            in_block, block = fenced and fence.group(1) in ("", "bash", "sh"), []
         elif in_block:
             block.append(line)
     return found
@@ -159,9 +164,10 @@ def check(argv: list[str], capsys) -> None:  # noqa: ANN001
     elif command == "launch":
         _launch(rest[0], rest[1:])
     elif command == "plan":  # the trainer's validation for the layout's world size (the plan itself: test_cli)
-        options, overrides = cli._take_options(rest[1:], {"memory-limit-gb": float, "world-size": int})
+        options, overrides = cli._take_options(rest[1:], SEARCH_OPTIONS)
         cfg = load_config(REPO / rest[0], overrides)
-        _validate(rest[0], overrides, int(options.get("world-size") or implied_world_size(vars(cfg.parallel))))
+        if "gpus" not in options:  # a search validates each of its layouts itself
+            _validate(rest[0], overrides, int(options.get("world-size") or implied_world_size(vars(cfg.parallel))))
     else:
         raise AssertionError(f"no check for `scaletrain {command}`")
 
