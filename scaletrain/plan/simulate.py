@@ -91,8 +91,7 @@ def activation_peak_bytes(cfg: JobConfig, dims: ParallelDims, pp_rank: int = 0) 
         model.to_empty(device=CPU)
         model.train()
         engine = NativeEngine(model, cfg, dims, CPU)
-        shapes = example_batch(recipe, cfg, None, micro_batch_size(cfg, dims))
-        batch = local_batch({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in shapes.items()}, CPU, dims, recipe)
+        batch = _fake_batch(cfg, dims, micro_batch_size(cfg, dims))
         loss_context = loss_context_for(cfg, dims)
         with StepMemoryTracker() as tracker:
             for last in lasts:
