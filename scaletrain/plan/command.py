@@ -16,7 +16,16 @@ from scaletrain.config.schema import JobConfig
 from scaletrain.parallel.batching import micro_batch_size
 from scaletrain.parallel.dims import ParallelDims, implied_world_size
 from scaletrain.plan.memory import ModelStateBytes, model_state_bytes
-from scaletrain.plan.search import COLUMNS, evaluate, layouts, model_facts, ranked, row_cells, write_csv
+from scaletrain.plan.search import (
+    COLUMNS,
+    evaluate,
+    layouts,
+    model_facts,
+    ranked,
+    row_cells,
+    write_csv,
+    write_pngs,
+)
 from scaletrain.plan.shards import rank_shards
 from scaletrain.plan.simulate import activation_peak_bytes
 from scaletrain.plan.step_time import AC_RECOMPUTE, GPU, GPUS
@@ -27,14 +36,15 @@ GIB = 2**30
 USAGE = """usage: scaletrain plan CONFIG [--memory-limit-gb G] [--world-size N] [--section.field VALUE ...]
        scaletrain plan CONFIG --gpus N [--gpu h100|h200|a100] [--gpus-per-node 8] [--top 10] [--tp 1,2,4,8]
                        [--pp 1,2,4] [--ac none,selective,full] [--efficiency 0.5] [--intra-node-gbs B]
-                       [--inter-node-gbs B] [--memory-limit-gb G] [--csv FILE] [overrides]
+                       [--inter-node-gbs B] [--memory-limit-gb G] [--csv FILE] [--png DIR] [overrides]
 Per-rank memory of CONFIG's layout, predicted in this process without a GPU or a process group: the model
 state from the layout's real parameter shards and the activation peak from its training step run on fake
 tensors (the recipe's own parallelize, micro step and pipeline schedule). --memory-limit-gb: fail (exit 1)
 when a rank's total exceeds it. Native engine, one-loss recipes.
 With --gpus: every tp x pp x FSDP/HSDP x activation-checkpointing layout of N GPUs, validated (rejected ones
 say why), sized, and timed by a first-order model (scaletrain/plan/step_time.py); ranked by tokens/s per GPU
-among those that fit (--memory-limit-gb, default the GPU's memory)."""
+among those that fit (--memory-limit-gb, default the GPU's memory). --png DIR: memory.png (model state and
+activations per layout against the limit) and step_time.png (compute, exposed communication, bubble)."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +129,7 @@ def _names(text: str) -> list[str]:
 
 SEARCH_OPTIONS = {"memory-limit-gb": float, "world-size": int, "gpus": int, "gpu": str, "gpus-per-node": int,
                   "top": int, "tp": _ints, "pp": _ints, "ac": _names, "efficiency": float, "intra-node-gbs": float,
-                  "inter-node-gbs": float, "csv": str}  # fmt: skip
+                  "inter-node-gbs": float, "csv": str, "png": str}  # fmt: skip
 
 
 def _gpu(options: dict) -> GPU:
@@ -169,6 +179,9 @@ def search_command(config: str, overrides: list[str], options: dict) -> int:
     if "csv" in options:
         write_csv(rows, Path(options["csv"]))
         print(f"# every layout: {options['csv']}")
+    if "png" in options:
+        for path in write_pngs(rows, Path(options["png"]), limit):
+            print(f"# {path}")
     if all(r.rejected for r in rows):
         fitting = [r for r in rows if r.time is not None]
         hint = (

@@ -50,6 +50,8 @@ class Row:
     layout: Layout
     rejected: str = ""  # why the layout cannot run (validation) or does not fit
     memory_bytes: int = 0  # the fullest pipeline rank's total
+    state_bytes: int = 0  # of which model state
+    activation_bytes: int = 0  # and activation peak
     time: StepTime | None = None
     tokens_per_gpu_s: float = 0.0
     mfu: float = 0.0
@@ -96,16 +98,17 @@ def evaluate(config: str, overrides: list[str], layout: Layout, gpus: int, gpu: 
     except ValueError as exc:
         return Row(layout, rejected=str(exc))
     try:
-        memory = max(rank.total for rank in plan_memory(cfg, dims))
+        fullest = max(plan_memory(cfg, dims), key=lambda rank: rank.total)
     except ValueError as exc:
         return Row(layout, rejected=f"not simulated: {exc}")
+    memory = fullest.total
     time = step_time(cfg, dims, gpu, gpus_per_node, efficiency, facts)
     units = get_recipe(cfg.recipe).data.units_per_sample(cfg)
     tokens = cfg.train.global_batch_size * units / time.step_s / gpus
     flops = facts.flops_per_sample * cfg.train.global_batch_size / time.step_s / gpus
     peak = (gpu.bf16_tflops if cfg.train.dtype in ("bf16", "fp16") else gpu.fp32_tflops) * 1e12
     rejected = f"needs {memory / GIB:.3g} GiB > {limit_gib:g}" if memory > limit_gib * GIB else ""
-    return Row(layout, rejected, memory, time, tokens, flops / peak)
+    return Row(layout, rejected, memory, fullest.state.total, fullest.activations, time, tokens, flops / peak)
 
 
 def ranked(rows: list[Row]) -> list[Row]:
@@ -134,3 +137,52 @@ def write_csv(rows: list[Row], path: Path) -> None:
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
         writer.writerows(row_cells(r) for r in rows)
+
+
+def write_pngs(rows: list[Row], folder: Path, limit_gib: float) -> list[Path]:
+    """memory.png: each sized layout's fullest rank, model state and activations stacked, against the limit;
+    step_time.png: each timed layout's step split into compute, exposed FSDP, replicate, TP and bubble."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if r.time is not None]
+    names = [r.layout.name for r in timed]
+    folder.mkdir(parents=True, exist_ok=True)
+    fig, axis = plt.subplots(figsize=(8, 0.35 * len(timed) + 1.5))
+    largest = max(r.memory_bytes for r in timed)
+    unit, scale = ("GiB", GIB) if largest >= GIB else ("MiB", 2**20)
+    state = [r.state_bytes / scale for r in timed]
+    axis.barh(names, state, color="tab:orange", label="model state")
+    axis.barh(names, [r.activation_bytes / scale for r in timed], left=state, color="tab:blue", label="activations")
+    if limit_gib * GIB <= 1.5 * largest:  # a limit far beyond every bar would flatten them
+        axis.axvline(limit_gib * GIB / scale, color="black", linestyle="--", label=f"limit {limit_gib:g} GiB")
+    axis.set_xlabel(f"{unit} on the fullest rank (limit {limit_gib:g} GiB)")
+    axis.invert_yaxis()
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    memory = folder / "memory.png"
+    fig.savefig(memory, dpi=110)
+    plt.close(fig)
+
+    fig, axis = plt.subplots(figsize=(8, 0.35 * len(timed) + 1.5))
+    left = [0.0] * len(timed)
+    parts = {
+        "compute": [r.time.compute_s for r in timed],
+        "exposed FSDP": [r.time.exposed_fsdp_s for r in timed],
+        "replicate": [r.time.replicate_s for r in timed],
+        "TP": [r.time.tp_s for r in timed],
+        "bubble": [r.time.step_s * r.time.bubble for r in timed],
+    }
+    for label, values in parts.items():
+        axis.barh(names, values, left=left, label=label)
+        left = [a + b for a, b in zip(left, values, strict=True)]
+    axis.set_xlabel("seconds per optimizer step")
+    axis.invert_yaxis()
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    step = folder / "step_time.png"
+    fig.savefig(step, dpi=110)
+    plt.close(fig)
+    return [memory, step]

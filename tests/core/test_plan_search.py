@@ -55,8 +55,12 @@ def test_pipeline_bubble_and_tensor_parallel_traffic():
 
 def test_search_ranks_the_layouts_that_fit_and_keeps_why_the_others_do_not(capsys, tmp_path):
     table = tmp_path / "plan.csv"
-    code, out, _ = _plan(capsys, "--gpus", "4", *SMALL, "--csv", str(table), "--train.global_batch_size", "2")
+    pictures = tmp_path / "png"
+    code, out, _ = _plan(capsys, "--gpus", "4", *SMALL, "--csv", str(table), "--png", str(pictures),
+                         "--train.global_batch_size", "2")  # fmt: skip
     assert code == 0, out
+    for name in ("memory.png", "step_time.png"):
+        assert (pictures / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader(table.open()))
     assert {r["layout"] for r in rows} == {"fsdp4 ac=none", "fsdp4 ac=full", "hsdp2x2 ac=none", "hsdp2x2 ac=full",
                                           "tp2 fsdp2 ac=none", "tp2 fsdp2 ac=full"}  # fmt: skip
