@@ -27,47 +27,21 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-import torch
 import yaml
 
 from scaletrain.checkpoint.commands import cmd_ckpt, cmd_export, cmd_import
 from scaletrain.checkpoint.format import CheckpointError
+from scaletrain.command_options import split_config as _split_config
+from scaletrain.command_options import take_options as _take_options
 from scaletrain.config import MissingDataError, config_to_dict, field_help, load_config
 from scaletrain.config.schema import JobConfig
 from scaletrain.engines import get_engine
 from scaletrain.parallel.dims import ParallelDims, implied_world_size
 from scaletrain.plan.command import USAGE as PLAN_USAGE
 from scaletrain.plan.command import cmd_plan
+from scaletrain.plan.summary import model_summary
 from scaletrain.registry import get_recipe, known_recipes
 from scaletrain.validate import validate_config
-
-
-def _split_config(argv: list[str]) -> tuple[str | None, list[str]]:
-    if argv and not argv[0].startswith("--"):
-        return argv[0], argv[1:]
-    return None, argv
-
-
-def _take_options(argv: list[str], names: dict[str, type]) -> tuple[dict[str, object], list[str]]:
-    """Pull command options (e.g. --bench-steps) out of argv; the rest are config overrides."""
-    found, rest, i = {}, [], 0
-    while i < len(argv):
-        key = argv[i][2:] if argv[i].startswith("--") else None
-        if key is not None and "=" in key:
-            key, value = key.split("=", 1)
-            if key in names:
-                found[key] = names[key](value)
-                i += 1
-                continue
-        elif key in names:
-            if i + 1 >= len(argv):
-                raise ValueError(f"--{key} needs a value")
-            found[key] = names[key](argv[i + 1])
-            i += 2
-            continue
-        rest.append(argv[i])
-        i += 1
-    return found, rest
 
 
 def cmd_train(argv: list[str]) -> int:
@@ -75,30 +49,6 @@ def cmd_train(argv: list[str]) -> int:
 
     train_main(argv)
     return 0
-
-
-def model_summary(cfg: JobConfig) -> dict[str, float]:
-    """Parameter and FLOP counts from a meta-device model: free even for 70B configs."""
-    from scaletrain.train import count_params, flops_per_sample
-
-    recipe = get_recipe(cfg.recipe)
-    with torch.device("meta"):
-        model = recipe.model.build(cfg.model)
-    flops = flops_per_sample(recipe, cfg, model)
-    units = recipe.data.units_per_sample(cfg)
-    total = count_params(model)
-    active = recipe.model.active_parameters(model, cfg.model) if recipe.model.active_parameters else total
-    # Several networks: each one's size (a GAN's generator and discriminator are sized separately).
-    named = [*(p.trains for p in recipe.step.phases(cfg)), *recipe.step.frozen] if recipe.step.phases else []
-    per_network = {f"parameters.{name}": count_params(model.get_submodule(name)) for name in dict.fromkeys(named)}
-    return {
-        "parameters": total,
-        **per_network,
-        **({"active_parameters": active} if active != total else {}),  # models that route (MoE)
-        "train_flops_per_sample": flops,
-        f"train_flops_per_{recipe.data.unit[:-1]}": flops / units,
-        "train_flops_per_step": flops * cfg.train.global_batch_size,
-    }
 
 
 def cmd_config(argv: list[str]) -> int:

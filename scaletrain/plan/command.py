@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from scaletrain.command_options import split_config, take_options
 from scaletrain.config import load_config
 from scaletrain.config.schema import JobConfig
 from scaletrain.parallel.batching import micro_batch_size
@@ -89,12 +90,10 @@ def memory_table(ranks: list[RankMemory], limit_gib: float | None) -> list[str]:
 
 
 def cmd_plan(argv: list[str]) -> int:
-    from scaletrain.cli import _split_config, _take_options
-
-    config, rest = _split_config(argv)
+    config, rest = split_config(argv)
     if config is None:
         raise ValueError("plan needs a CONFIG: scaletrain plan CONFIG [--memory-limit-gb G] [overrides]")
-    options, overrides = _take_options(rest, SEARCH_OPTIONS)
+    options, overrides = take_options(rest, SEARCH_OPTIONS)
     limit = options.get("memory-limit-gb")
     if limit is not None and limit <= 0:
         raise ValueError(f"--memory-limit-gb: {limit} is not allowed; use a size in GiB > 0")

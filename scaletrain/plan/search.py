@@ -73,8 +73,8 @@ def layouts(gpus: int, gpus_per_node: int, tps: list[int], pps: list[int], acs: 
 def model_facts(cfg: JobConfig) -> ModelFacts:
     """FLOPs and parameters from the meta-device model; the trunk activation from a two-stage split of it (its
     first stage's output), for recipes that declare a pipeline trunk."""
-    from scaletrain.cli import model_summary
     from scaletrain.plan.shards import trunk_elements_per_sample
+    from scaletrain.plan.summary import model_summary
 
     summary = model_summary(cfg)
     flops, parameters = int(summary["train_flops_per_sample"]), int(summary["parameters"])
