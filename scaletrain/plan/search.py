@@ -13,6 +13,7 @@ import csv
 import itertools
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from scaletrain.config import load_config
 from scaletrain.config.schema import JobConfig
@@ -159,12 +160,7 @@ def write_pngs(rows: list[Row], folder: Path, limit_gib: float) -> list[Path]:
     if limit_gib * GIB <= 1.5 * largest:  # a limit far beyond every bar would flatten them
         axis.axvline(limit_gib * GIB / scale, color="black", linestyle="--", label=f"limit {limit_gib:g} GiB")
     axis.set_xlabel(f"{unit} on the fullest rank (limit {limit_gib:g} GiB)")
-    axis.invert_yaxis()
-    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.tight_layout()
-    memory = folder / "memory.png"
-    fig.savefig(memory, dpi=110)
-    plt.close(fig)
+    memory = _save(fig, axis, folder / "memory.png")
 
     fig, axis = plt.subplots(figsize=(8, 0.35 * len(timed) + 1.5))
     left = [0.0] * len(timed)
@@ -179,10 +175,16 @@ def write_pngs(rows: list[Row], folder: Path, limit_gib: float) -> list[Path]:
         axis.barh(names, values, left=left, label=label)
         left = [a + b for a, b in zip(left, values, strict=True)]
     axis.set_xlabel("seconds per optimizer step")
+    return [memory, _save(fig, axis, folder / "step_time.png")]
+
+
+def _save(fig: Any, axis: Any, path: Path) -> Path:
+    """Layouts top-down in ranked order, the legend outside the bars; written and closed."""
+    import matplotlib.pyplot as plt
+
     axis.invert_yaxis()
     axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
-    step = folder / "step_time.png"
-    fig.savefig(step, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return [memory, step]
+    return path
