@@ -10,7 +10,8 @@ def split_config(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def take_options(argv: list[str], names: dict[str, type]) -> tuple[dict[str, object], list[str]]:
-    """Pull command options (e.g. --bench-steps) out of argv; the rest are config overrides."""
+    """Pull command options (e.g. --bench-steps) out of argv; the rest are config overrides. An option whose
+    type is bool is a flag: present means True, and it takes no value."""
     found, rest, i = {}, [], 0
     while i < len(argv):
         key = argv[i][2:] if argv[i].startswith("--") else None
@@ -20,6 +21,10 @@ def take_options(argv: list[str], names: dict[str, type]) -> tuple[dict[str, obj
                 found[key] = names[key](value)
                 i += 1
                 continue
+        elif key in names and names[key] is bool:
+            found[key] = True
+            i += 1
+            continue
         elif key in names:
             if i + 1 >= len(argv):
                 raise ValueError(f"--{key} needs a value")

@@ -45,6 +45,9 @@ class PipelineSpec:
     # model config -> the number of blocks in the trunk: the core checks that they split over the
     # stages (parallel.pp x stages_per_rank, parallel.pp_layer_boundaries) before any process starts.
     trunk_depth: Callable[[Any], int] = lambda model_cfg: model_cfg.n_layers
+    # (model config, n) -> the same model with n blocks, or None where its blocks differ from one another (then
+    # a shallower copy would not scale linearly): the planner sizes deep models from two shallow ones.
+    with_trunk_depth: Callable[[Any, int], Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,12 @@ class ParallelSection:
         "FSDP2: free gathered params after forward (always), keep them (never), or all but the root (default).",
     )
     fsdp_cpu_offload: bool = opt(False, "FSDP2: keep params, grads and optimizer state on the CPU (needs a GPU).")
+    fsdp_reduce_every_microbatch: bool = opt(
+        True,
+        "FSDP2/HSDP with gradient accumulation: reduce-scatter each micro-batch's gradients into the sharded ones "
+        "(ZeRO-3's memory; HSDP's all-reduce still waits for the last). false: keep them unsharded until the last "
+        "micro-batch, one reduce-scatter per step but a full fp32 gradient of the rank's model meanwhile.",
+    )
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zbv", "dualpipev"] = opt(
         "1f1b", "Pipeline schedule; zero_bubble = interleaved zero-bubble, zbv/dualpipev = V-shaped (2 stages/rank)."
     )

@@ -167,7 +167,7 @@ def is_local_address(host: str) -> bool:
 def plan_lines(cfg: JobConfig, world_size: int, memory_limit_gb: float | None) -> list[str]:
     """`scaletrain plan`'s prediction for the layout a launch would start: each pipeline rank's memory, and a
     warning when it exceeds `memory_limit_gb`. A layout the planner cannot simulate says why instead."""
-    from scaletrain.plan.command import plan_memory
+    from scaletrain.plan.ranks import plan_memory
 
     dims = validate_config(cfg, world_size)
     try:

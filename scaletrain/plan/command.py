@@ -7,67 +7,52 @@ fake tensors), their sum, and with --memory-limit-gb whether it fits. Exit statu
 
 from __future__ import annotations
 
+import gc
+import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from scaletrain.command_options import split_config, take_options
 from scaletrain.config import load_config
-from scaletrain.config.schema import JobConfig
 from scaletrain.parallel.batching import micro_batch_size
-from scaletrain.parallel.dims import ParallelDims, implied_world_size
-from scaletrain.plan.memory import ModelStateBytes, model_state_bytes
+from scaletrain.parallel.dims import implied_world_size
+from scaletrain.plan.ranks import RankMemory, plan_memory, shallow_depths
 from scaletrain.plan.search import (
-    COLUMNS,
-    evaluate,
+    Cluster,
+    columns,
     layouts,
-    model_facts,
-    ranked,
     row_cells,
+    search,
     write_csv,
     write_pngs,
 )
-from scaletrain.plan.shards import rank_shards
-from scaletrain.plan.simulate import activation_peak_bytes
 from scaletrain.plan.step_time import AC_RECOMPUTE, GPU, GPUS
+from scaletrain.registry import get_recipe
 from scaletrain.validate import validate_config
 
 GIB = 2**30
 
-USAGE = """usage: scaletrain plan CONFIG [--memory-limit-gb G] [--world-size N] [--section.field VALUE ...]
+USAGE = """usage: scaletrain plan CONFIG [--memory-limit-gb G] [--world-size N] [--exact] [--jobs J] [overrides]
+       scaletrain plan CONFIG --calibrate [--steps 6] [--world-size N] [overrides]
        scaletrain plan CONFIG --gpus N [--gpu h100|h200|a100] [--gpus-per-node 8] [--top 10] [--tp 1,2,4,8]
-                       [--pp 1,2,4] [--ac none,selective,full] [--efficiency 0.5] [--intra-node-gbs B]
-                       [--inter-node-gbs B] [--memory-limit-gb G] [--csv FILE] [--png DIR] [overrides]
+                       [--pp 1,2,4] [--cp 1] [--ac none,selective,full] [--mbs 1,2,4] [--efficiency 0.5]
+                       [--intra-node-gbs B] [--inter-node-gbs B] [--memory-limit-gb G] [--size-all]
+                       [--csv FILE] [--png DIR] [--jobs J] [overrides]
 Per-rank memory of CONFIG's layout, predicted in this process without a GPU or a process group: the model
 state from the layout's real parameter shards and the activation peak from its training step run on fake
 tensors (the recipe's own parallelize, micro step and pipeline schedule). --memory-limit-gb: fail (exit 1)
-when a rank's total exceeds it. Native engine, one-loss recipes.
-With --gpus: every tp x pp x FSDP/HSDP x activation-checkpointing layout of N GPUs, validated (rejected ones
-say why), sized, and timed by a first-order model (scaletrain/plan/step_time.py); ranked by tokens/s per GPU
-among those that fit (--memory-limit-gb, default the GPU's memory). --png DIR: memory.png (model state and
+when a rank's total exceeds it. Native engine, one-loss recipes. A deep model is sized from copies 3 and 4
+blocks deep per stage, carried to its depth (scaletrain/plan/ranks.py); --exact simulates it whole.
+--jobs: processes for the simulations (default: this machine's CPUs).
+--calibrate: the prediction beside a real run of the layout here (torchrun, --steps steps): model state,
+activation peak, step time per component, and the efficiency to give the search (scaletrain/plan/calibrate.py).
+With --gpus: every tp x pp x cp x FSDP/HSDP x activation-checkpointing x micro-batch (--mbs; default the
+config's train.micro_batch_size if set, else 1,2,4; 0 = global batch / dp) layout of N GPUs, validated
+(rejected ones say why), timed by a first-order model (scaletrain/plan/step_time.py)
+and sized fastest first until --top of them fit (--size-all: every one); ranked by tokens/s per GPU among
+those that fit (--memory-limit-gb, default the GPU's memory). --png DIR: memory.png (model state and
 activations per layout against the limit) and step_time.png (compute, exposed communication, bubble)."""
-
-
-@dataclass(frozen=True)
-class RankMemory:
-    pp_rank: int
-    state: ModelStateBytes
-    activations: int
-
-    @property
-    def total(self) -> int:
-        return self.state.total + self.activations
-
-
-def plan_memory(cfg: JobConfig, dims: ParallelDims) -> list[RankMemory]:
-    """Every pipeline rank's predicted memory (the first rank of each: the others of a stage hold the same)."""
-    if cfg.engine.name != "native":
-        raise ValueError(f"engine.name: the planner predicts the native engine, not {cfg.engine.name!r}")
-    return [
-        RankMemory(pp_rank, model_state_bytes(rank_shards(cfg, dims, pp_rank), cfg, dims),
-                   activation_peak_bytes(cfg, dims, pp_rank))
-        for pp_rank in range(dims.pp)
-    ]  # fmt: skip
 
 
 def memory_table(ranks: list[RankMemory], limit_gib: float | None) -> list[str]:
@@ -102,8 +87,13 @@ def cmd_plan(argv: list[str]) -> int:
     cfg = load_config(config, overrides)
     world = options.get("world-size") or implied_world_size(vars(cfg.parallel))
     dims = validate_config(cfg, world)
+    if options.get("calibrate"):
+        from scaletrain.plan.calibrate import calibrate
+
+        return calibrate(config, overrides, dims, options.get("steps", 6), _jobs(options))
     start = time.perf_counter()
-    ranks = plan_memory(cfg, dims)
+    exact = bool(options.get("exact"))
+    ranks = plan_memory(cfg, dims, exact, _jobs(options))
     print(f"# {cfg.recipe}: {dims.describe()} on {dims.world_size} ranks, micro-batch {micro_batch_size(cfg, dims)}, "
           f"{cfg.train.dtype}, activation checkpointing {cfg.activation_checkpoint.mode}")  # fmt: skip
     for line in memory_table(ranks, limit):
@@ -112,6 +102,10 @@ def cmd_plan(argv: list[str]) -> int:
         f"# planned in {time.perf_counter() - start:.1f} s; activations: the peak of a step's forward and backward "
         "above the model state"
     )
+    depths = None if exact else shallow_depths(cfg, dims)
+    if depths is not None:
+        print(f"# sized from copies {depths[0]} and {depths[1]} blocks deep, carried to the full depth "
+              "(scaletrain/plan/ranks.py); --exact simulates the whole model")  # fmt: skip
     over = [r for r in ranks if limit is not None and r.total / GIB > limit]
     for r in over:
         print(f"does not fit: pp rank {r.pp_rank} needs {r.total / GIB:.3g} GiB > --memory-limit-gb {limit:g}")
@@ -128,7 +122,16 @@ def _names(text: str) -> list[str]:
 
 SEARCH_OPTIONS = {"memory-limit-gb": float, "world-size": int, "gpus": int, "gpu": str, "gpus-per-node": int,
                   "top": int, "tp": _ints, "pp": _ints, "ac": _names, "efficiency": float, "intra-node-gbs": float,
-                  "inter-node-gbs": float, "csv": str, "png": str}  # fmt: skip
+                  "inter-node-gbs": float, "csv": str, "png": str, "exact": bool, "cp": _ints, "mbs": _ints,
+                  "size-all": bool, "jobs": int, "calibrate": bool, "steps": int}  # fmt: skip
+
+
+def _jobs(options: dict) -> int:
+    """--jobs: processes for the simulations; default one per CPU this process may use."""
+    jobs = options.get("jobs", len(os.sched_getaffinity(0)))
+    if jobs < 1:
+        raise ValueError(f"--jobs: {jobs} is not allowed; use >= 1 processes")
+    return jobs
 
 
 def _gpu(options: dict) -> GPU:
@@ -156,38 +159,58 @@ def search_command(config: str, overrides: list[str], options: dict) -> int:
     bad = [a for a in acs if a not in AC_RECOMPUTE]
     if bad:
         raise ValueError(f"--ac: {bad} not allowed; use some of {list(AC_RECOMPUTE)}")
-    limit = options.get("memory-limit-gb", gpu.memory_gib)
-    candidates = layouts(gpus, per_node, options.get("tp", [1, 2, 4, 8]), options.get("pp", [1, 2, 4]), acs)
+    for flag, least, allowed in (("tp", 1, "degrees >= 1"), ("pp", 1, "degrees >= 1"), ("cp", 1, "degrees >= 1"),
+                                 ("mbs", 0, "samples >= 1, or 0 for the config's")):  # fmt: skip
+        if any(n < least for n in options.get(flag, [])):
+            raise ValueError(f"--{flag}: {options[flag]} is not allowed; use {allowed}")
+    top = options.get("top", 10)
+    if top < 1:
+        raise ValueError(f"--top: {top} is not allowed; use >= 1 layouts to show")
+    cluster = Cluster(gpus, gpu, per_node, efficiency, options.get("memory-limit-gb", gpu.memory_gib))
+    # Micro-batches: the config's when it sets one, else 1, 2 and 4 samples (each must divide a rank's batch).
+    default_mbs = [0] if load_config(config, overrides).train.micro_batch_size else [1, 2, 4]
+    candidates = layouts(gpus, per_node, options.get("tp", [1, 2, 4, 8]), options.get("pp", [1, 2, 4]), acs,
+                         options.get("cp", [1]), options.get("mbs", default_mbs))  # fmt: skip
     if not candidates:
-        raise ValueError(f"--gpus: no tp x pp of the given degrees divides {gpus} GPUs")
+        raise ValueError(f"--gpus: no tp x pp x cp of the given degrees divides {gpus} GPUs")
     start = time.perf_counter()
-    facts = model_facts(load_config(config, overrides))
-    rows = ranked([evaluate(config, overrides, c, gpus, gpu, per_node, efficiency, facts, limit) for c in candidates])
-    shown = rows[: options.get("top", 10)]
-    widths = [max(len(h), *(len(row_cells(r)[i]) for r in shown)) for i, h in enumerate(COLUMNS[:-1])]
+    # Each simulation collects garbage first (simulate.py: _fake_mode); with what is alive now (torch's modules:
+    # 260k objects) set aside, that costs microseconds instead of a quarter second.
+    gc.collect()
+    gc.freeze()
+    try:
+        rows = search(config, overrides, candidates, cluster, None if options.get("size-all") else top, _jobs(options))
+    finally:
+        gc.unfreeze()
+    limit = cluster.limit_gib
+    shown = rows[:top]
+    unit = get_recipe(load_config(config, overrides).recipe).data.unit
+    header = columns(unit)[:-1]
+    widths = [max(len(h), *(len(row_cells(r)[i]) for r in shown)) for i, h in enumerate(header)]
+    fits = [r for r in rows if r.sized and not r.rejected]
     print(f"# {gpus} x {gpu.name} ({per_node} per node), limit {limit:g} GiB, efficiency {efficiency:g}: "
-          f"{sum(not r.rejected for r in rows)} of {len(rows)} layouts fit; planned in "
-          f"{time.perf_counter() - start:.1f} s")  # fmt: skip
-    print("  ".join(h.rjust(w) for h, w in zip(COLUMNS[:-1], widths, strict=True)))
+          f"{len(rows)} layouts, {sum(r.time is not None for r in rows)} valid, {sum(r.sized for r in rows)} sized "
+          f"(fastest first), {len(fits)} fit; planned in {time.perf_counter() - start:.1f} s")  # fmt: skip
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
     for r in shown:
         cells = row_cells(r)
-        print(
-            "  ".join(c.rjust(w) for c, w in zip(cells[:-1], widths, strict=True))
-            + (f"  ({r.rejected})" if r.rejected else "")
-        )
+        line = "  ".join(c.rjust(w) for c, w in zip(cells[:-1], widths, strict=True))
+        print(line + (f"  ({cells[-1]})" if cells[-1] else ""))
     if "csv" in options:
-        write_csv(rows, Path(options["csv"]))
+        write_csv(rows, Path(options["csv"]), unit)
         print(f"# every layout: {options['csv']}")
     if "png" in options:
         for path in write_pngs(rows, Path(options["png"]), limit):
             print(f"# {path}")
-    if all(r.rejected for r in rows):
-        fitting = [r for r in rows if r.time is not None]
-        hint = (
-            f"; the smallest needs {fitting[0].memory_bytes / GIB:.3g} GiB ({fitting[0].layout.name})"
-            if fitting
-            else ""
+    if not fits:
+        # Sized ones by what they need; the others by the model state they need at least.
+        known = [r for r in rows if r.sized and (r.memory_bytes or r.state_floor)]
+        closest = sorted(known, key=lambda r: r.memory_bytes or r.state_floor)[:3]
+        hint = "; the closest: " + ", ".join(
+            f"{r.layout.name} needs {r.memory_bytes / GIB:.3g} GiB" if r.memory_bytes
+            else f"{r.layout.name} needs at least {r.state_floor / GIB:.3g} GiB" for r in closest
         )
-        print(f"no layout fits {limit:g} GiB{hint}: raise tp or pp, use ac=full, or a smaller micro-batch")
+        print(f"no layout fits {limit:g} GiB{hint if closest else ''}: raise tp, pp or cp, use ac=full, or a smaller "
+              "micro-batch (--mbs 1,2)")  # fmt: skip
         return 1
     return 0

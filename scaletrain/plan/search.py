@@ -1,10 +1,11 @@
-"""`scaletrain plan CONFIG --gpus N`: every layout of N GPUs, checked, sized and timed, best first.
+"""`scaletrain plan CONFIG --gpus N`: every layout of N GPUs, checked, timed and sized, best first.
 
-Layouts are tp x pp x data parallel (FSDP2 over what is left, or HSDP with one replica per node), each with
-every activation-checkpointing mode asked for. Each goes through the trainer's own validation (a rejected one
-keeps its reason), then memory (shards.py + simulate.py: model state and the activation peak, per pipeline
-rank) and the step-time model (step_time.py). Rows are ranked by tokens per second per GPU among those that
-fit the memory limit; the rest follow, with why.
+Layouts are tp x pp x cp x data parallel (FSDP2 over what is left, or HSDP with one replica per node), each
+with every activation-checkpointing mode and micro-batch size asked for. Each goes through the trainer's own
+validation (a rejected one keeps its reason) and the step-time model (step_time.py, a formula); then, fastest
+first, memory (ranks.py: model state and the activation peak, per pipeline rank, simulated) until enough fit:
+a layout slower than those cannot rank above them, so it is left unsized unless asked. Rows are ranked by
+tokens per second per GPU among those that fit the memory limit; the rest follow, with why.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from scaletrain.config import load_config
+import torch
+
+from scaletrain.config import MissingDataError, load_config
 from scaletrain.config.schema import JobConfig
+from scaletrain.parallel.batching import micro_batch_size
 from scaletrain.parallel.dims import ParallelDims
 from scaletrain.plan.step_time import GPU, ModelFacts, StepTime, step_time
 from scaletrain.registry import get_recipe
@@ -29,21 +33,26 @@ GIB = 2**30
 class Layout:
     tp: int
     pp: int
+    cp: int
     dp_replicate: int
     dp_shard: int
     ac: str
+    micro_batch: int = 0  # samples per rank per forward; 0 = the config's (global batch / dp unless it sets one)
 
     @property
     def overrides(self) -> list[str]:
         return ["--parallel.tp", str(self.tp), "--parallel.pp", str(self.pp), "--parallel.dp_replicate",
-                str(self.dp_replicate), "--parallel.dp_shard", str(self.dp_shard), "--parallel.cp", "1",
-                "--activation_checkpoint.mode", self.ac]  # fmt: skip
+                str(self.dp_replicate), "--parallel.dp_shard", str(self.dp_shard), "--parallel.cp", str(self.cp),
+                "--activation_checkpoint.mode", self.ac,
+                *(["--train.micro_batch_size", str(self.micro_batch)] if self.micro_batch else [])]  # fmt: skip
 
     @property
     def name(self) -> str:
         data = f"hsdp{self.dp_replicate}x{self.dp_shard}" if self.dp_replicate > 1 else f"fsdp{self.dp_shard}"
-        parts = [f"tp{self.tp}" if self.tp > 1 else "", f"pp{self.pp}" if self.pp > 1 else "", data]
-        return " ".join(p for p in parts if p) + f" ac={self.ac}"
+        parts = [f"tp{self.tp}" if self.tp > 1 else "", f"pp{self.pp}" if self.pp > 1 else "",
+                 f"cp{self.cp}" if self.cp > 1 else "", data, f"ac={self.ac}",
+                 f"mbs={self.micro_batch}" if self.micro_batch else ""]  # fmt: skip
+        return " ".join(p for p in parts if p)
 
 
 @dataclass(frozen=True)
@@ -56,120 +65,243 @@ class Row:
     time: StepTime | None = None
     tokens_per_gpu_s: float = 0.0
     mfu: float = 0.0
+    sized: bool = False  # memory predicted (the search sizes the fastest layouts until enough of them fit)
+    micro_batch: int = 0  # samples per rank per forward
+    state_floor: int = 0  # model_state_floor: a bound known before any simulation
 
 
-def layouts(gpus: int, gpus_per_node: int, tps: list[int], pps: list[int], acs: list[str]) -> list[Layout]:
+def layouts(gpus: int, gpus_per_node: int, tps: list[int], pps: list[int], acs: list[str], cps: list[int] = (1,),
+            micro_batches: list[int] = (0,)) -> list[Layout]:  # fmt: skip
     found = []
-    for tp, pp, ac in itertools.product(tps, pps, acs):
-        if gpus % (tp * pp):
+    for tp, pp, cp, ac, mbs in itertools.product(tps, pps, cps, acs, micro_batches):
+        if gpus % (tp * pp * cp):
             continue
-        dp = gpus // (tp * pp)
-        found.append(Layout(tp, pp, 1, dp, ac))
+        dp = gpus // (tp * pp * cp)
+        found.append(Layout(tp, pp, cp, 1, dp, ac, mbs))
         nodes = max(1, gpus // gpus_per_node)
         if 1 < nodes < dp and dp % nodes == 0:  # HSDP: shard inside a node, replicate across nodes
-            found.append(Layout(tp, pp, nodes, dp // nodes, ac))
+            found.append(Layout(tp, pp, cp, nodes, dp // nodes, ac, mbs))
     return found
 
 
 def model_facts(cfg: JobConfig) -> ModelFacts:
     """FLOPs and parameters from the meta-device model; the trunk activation from a two-stage split of it (its
-    first stage's output), for recipes that declare a pipeline trunk."""
+    first stage's output), for recipes that declare a pipeline trunk. A trunk of like blocks is counted on
+    copies one and two blocks deep and carried to its depth, as ranks.py does with memory: both counts are
+    linear in depth, exactly (Llama-3-70B: 2.4 s at 80 blocks, 0.12 s for the two copies)."""
     from scaletrain.plan.shards import trunk_elements_per_sample
+
+    pipeline = get_recipe(cfg.recipe).supports.pipeline
+    depth = pipeline.trunk_depth(cfg.model) if pipeline is not None else 0
+    copies = None
+    if pipeline is not None and pipeline.with_trunk_depth is not None and depth > 2:
+        copies = [pipeline.with_trunk_depth(cfg.model, n) for n in (1, 2)]
+    if copies is None or None in copies:
+        flops, parameters, trainable = _counts(cfg)
+    else:
+        one, two = (_counts(replace(cfg, model=m)) for m in copies)
+        flops, parameters, trainable = (a + (depth - 1) * (b - a) for a, b in zip(one, two, strict=True))
+    if pipeline is None:
+        return ModelFacts(flops, parameters, 0, 0, trainable)
+    split = replace(cfg.parallel, pp=2, tp=1, cp=1, dp_shard=1, dp_replicate=1, ep=1, stages_per_rank=1,
+                    pp_schedule="1f1b", pp_layer_boundaries=[])  # fmt: skip
+    two_stages = replace(cfg, parallel=split, model=copies[1] if copies and copies[1] is not None else cfg.model)
+    trunk = trunk_elements_per_sample(two_stages, ParallelDims.resolve(two_stages.parallel.degrees, 2))
+    return ModelFacts(flops, parameters, trunk, depth, trainable)
+
+
+def _counts(cfg: JobConfig) -> tuple[int, int, int]:
+    """Training FLOPs per sample, parameters and trainable parameters of the config's model."""
     from scaletrain.plan.summary import model_summary
 
     summary = model_summary(cfg)
-    flops, parameters = int(summary["train_flops_per_sample"]), int(summary["parameters"])
-    pipeline = get_recipe(cfg.recipe).supports.pipeline
-    if pipeline is None:
-        return ModelFacts(flops, parameters, 0, 0)
-    split = replace(cfg.parallel, pp=2, tp=1, cp=1, dp_shard=1, dp_replicate=1, ep=1, stages_per_rank=1,
-                    pp_schedule="1f1b", pp_layer_boundaries=[])  # fmt: skip
-    two_stages = replace(cfg, parallel=split)
-    dims = ParallelDims.resolve(two_stages.parallel.degrees, 2)
-    return ModelFacts(flops, parameters, trunk_elements_per_sample(two_stages, dims), pipeline.trunk_depth(cfg.model))
+    with torch.device("meta"):
+        model = get_recipe(cfg.recipe).model.build(cfg.model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return int(summary["train_flops_per_sample"]), int(summary["parameters"]), trainable
 
 
-def evaluate(config: str, overrides: list[str], layout: Layout, gpus: int, gpu: GPU, gpus_per_node: int,
-             efficiency: float, facts: ModelFacts, limit_gib: float) -> Row:  # fmt: skip
-    from scaletrain.plan.command import plan_memory
+def model_state_floor(cfg: JobConfig, dims: ParallelDims, facts: ModelFacts) -> int:
+    """The fewest bytes of model state the fullest rank can hold: each parameter's fp32 master, and for the
+    trainable ones a gradient and AdamW's two moments (and EMA's copy), spread over the ranks that split them
+    (the fullest holds at least their mean). What ranks.py simulates is never less."""
+    per_trainable = 16 + (4 if cfg.train.ema_decay > 0 else 0)
+    total = 4 * (facts.parameters - facts.trainable) + per_trainable * facts.trainable
+    sharded = dims.fsdp_enabled or dims.hsdp_enabled
+    return total // (dims.tp * dims.pp * (dims.dp_shard * dims.cp if sharded else 1))
 
+
+@dataclass(frozen=True)
+class Cluster:
+    gpus: int
+    gpu: GPU
+    gpus_per_node: int
+    efficiency: float  # achieved fraction of the GPU's peak FLOP rate
+    limit_gib: float
+
+
+def timed(config: str, overrides: list[str], layout: Layout, cluster: Cluster, facts: ModelFacts) -> Row:
+    """The layout validated as the trainer validates it, and timed (step_time.py); not yet sized."""
     cfg = load_config(config, [*overrides, *layout.overrides])
     try:
-        dims = validate_config(cfg, gpus)
+        dims = validate_config(cfg, cluster.gpus)
+    except MissingDataError:
+        raise  # no layout can be sized without the data's shapes: one error, not one per layout
     except ValueError as exc:
         return Row(layout, rejected=str(exc))
-    try:
-        fullest = max(plan_memory(cfg, dims), key=lambda rank: rank.total)
-    except ValueError as exc:
-        return Row(layout, rejected=f"not simulated: {exc}")
-    memory = fullest.total
-    time = step_time(cfg, dims, gpu, gpus_per_node, efficiency, facts)
+    time = step_time(cfg, dims, cluster.gpu, cluster.gpus_per_node, cluster.efficiency, facts)
     units = get_recipe(cfg.recipe).data.units_per_sample(cfg)
-    tokens = cfg.train.global_batch_size * units / time.step_s / gpus
-    flops = facts.flops_per_sample * cfg.train.global_batch_size / time.step_s / gpus
+    tokens = cfg.train.global_batch_size * units / time.step_s / cluster.gpus
+    flops = facts.flops_per_sample * cfg.train.global_batch_size / time.step_s / cluster.gpus
+    gpu = cluster.gpu
     peak = (gpu.bf16_tflops if cfg.train.dtype in ("bf16", "fp16") else gpu.fp32_tflops) * 1e12
-    rejected = f"needs {memory / GIB:.3g} GiB > {limit_gib:g}" if memory > limit_gib * GIB else ""
-    return Row(layout, rejected, memory, fullest.state.total, fullest.activations, time, tokens, flops / peak)
+    return Row(layout, time=time, tokens_per_gpu_s=tokens, mfu=flops / peak, micro_batch=micro_batch_size(cfg, dims),
+               state_floor=model_state_floor(cfg, dims, facts))  # fmt: skip
+
+
+def sized(config: str, overrides: list[str], row: Row, cluster: Cluster, jobs: int = 1) -> Row:
+    """`row` with its fullest pipeline rank's predicted memory, rejected when over the limit."""
+    from scaletrain.plan.ranks import plan_memory
+
+    cfg = load_config(config, [*overrides, *row.layout.overrides])
+    try:
+        fullest = max(plan_memory(cfg, validate_config(cfg, cluster.gpus), jobs=jobs), key=lambda rank: rank.total)
+    except ValueError as exc:
+        return replace(row, rejected=f"not simulated: {exc}", sized=True)
+    memory = fullest.total
+    over = memory > cluster.limit_gib * GIB
+    rejected = f"needs {memory / GIB:.3g} GiB > {cluster.limit_gib:g}" if over else ""
+    return replace(row, rejected=rejected, memory_bytes=memory, state_bytes=fullest.state.total,
+                   activation_bytes=fullest.activations, sized=True)  # fmt: skip
+
+
+MORE_CHECKPOINTING = {"none": 0, "selective": 1, "full": 2}  # keeps less activation memory, left to right
+
+
+def _needs_at_least(row: Row, other: Row) -> bool:
+    """`row` needs no less memory than `other`: the same pipeline split, and no more activation checkpointing,
+    no smaller micro-batch, no more tensor or context parallel and no fewer replicas (with as many GPUs, those
+    shard the model state and the activations over fewer ranks, never more)."""
+    a, b = row.layout, other.layout
+    return (
+        a.pp == b.pp
+        and MORE_CHECKPOINTING[a.ac] <= MORE_CHECKPOINTING[b.ac]
+        and row.micro_batch >= other.micro_batch
+        and a.tp <= b.tp
+        and a.cp <= b.cp
+        and a.dp_replicate >= b.dp_replicate
+    )
+
+
+def search(config: str, overrides: list[str], candidates: list[Layout], cluster: Cluster, enough: int | None,
+           jobs: int = 1) -> list[Row]:  # fmt: skip
+    """Every candidate timed; then sized fastest first until `enough` fit (None: all simulated). Timing is a formula
+    and sizing a simulation, and a layout slower than `enough` that fit cannot enter the ranking above them:
+    so only the ones that could are simulated. Before a layout, the least needy one it needs at least as much
+    as (_needs_at_least; with the same checkpointing) is sized, and then its own smallest micro-batch: when one
+    of them does not fit, neither does this one, nor any other that needs at least as much, and those are
+    rejected without a simulation."""
+    facts = model_facts(load_config(config, overrides))
+    rows = [timed(config, overrides, c, cluster, facts) for c in candidates]
+    rows.sort(key=lambda r: -r.tokens_per_gpu_s)
+    index = {r.layout: i for i, r in enumerate(rows)}
+
+    limit = cluster.limit_gib * GIB
+
+    def size(i: int) -> None:
+        too_big = [r for r in rows if r.sized and r.memory_bytes > limit]
+        bound = next((r for r in too_big if _needs_at_least(rows[i], r)), None) if enough is not None else None
+        if enough is not None and rows[i].state_floor > limit:
+            rows[i] = replace(rows[i], sized=True, rejected=f"model state alone needs at least "
+                              f"{rows[i].state_floor / GIB:.3g} GiB > {cluster.limit_gib:g}")  # fmt: skip
+        elif bound is None:
+            rows[i] = sized(config, overrides, rows[i], cluster, jobs)
+        else:
+            rows[i] = replace(rows[i], sized=True, rejected=f"needs more than {bound.layout.name}: "
+                              f"{bound.memory_bytes / GIB:.3g} GiB > {cluster.limit_gib:g}")  # fmt: skip
+
+    for n, row in enumerate(list(rows)):
+        # Fits sized ahead of their turn (as another's bound) are slower: they count once they are reached.
+        if row.time is None or (enough is not None and sum(r.sized and not r.rejected for r in rows[:n]) >= enough):
+            continue
+        below = [r for r in rows if r.time is not None and r.layout.ac == row.layout.ac and _needs_at_least(row, r)]
+        least = min(below, key=lambda r: (r.micro_batch, -r.layout.tp, -r.layout.cp, r.layout.dp_replicate))
+        # Then its own smallest micro-batch: when the least needy fits, that one may not (and bounds its family).
+        family = [r for r in below if r.layout == replace(row.layout, micro_batch=r.layout.micro_batch)]
+        smallest = min(family, key=lambda r: r.micro_batch)
+        for r in (least, smallest, row):
+            if not rows[index[r.layout]].sized:
+                size(index[r.layout])
+    return ranked(rows)
 
 
 def ranked(rows: list[Row]) -> list[Row]:
-    """Those that fit, fastest first; then those that do not fit (smallest first); then the invalid ones."""
-    fits = sorted((r for r in rows if not r.rejected), key=lambda r: -r.tokens_per_gpu_s)
-    too_big = sorted((r for r in rows if r.rejected and r.time is not None), key=lambda r: r.memory_bytes)
+    """Those that fit, fastest first; then those left unsized (fastest first); then those that do not fit
+    (smallest first); then the invalid ones."""
+    fits = sorted((r for r in rows if r.sized and not r.rejected), key=lambda r: -r.tokens_per_gpu_s)
+    unsized = sorted((r for r in rows if r.time is not None and not r.sized), key=lambda r: -r.tokens_per_gpu_s)
+    too_big = sorted((r for r in rows if r.sized and r.rejected), key=lambda r: (not r.memory_bytes, r.memory_bytes))
     invalid = [r for r in rows if r.time is None]
-    return fits + too_big + invalid
+    return fits + unsized + too_big + invalid
 
 
-COLUMNS = ["layout", "tokens/s/GPU", "MFU", "memory GiB", "compute s", "fsdp s", "replicate s", "tp s",
-           "bubble", "step s", "rejected"]  # fmt: skip
+def columns(unit: str) -> list[str]:
+    """The table's header; `unit` is what the recipe counts (tokens, images, ...)."""
+    return ["layout", f"{unit}/s/GPU", "MFU", "memory GiB", "compute s", "fsdp s", "replicate s", "tp s", "bubble",
+            "step s", "rejected"]  # fmt: skip
+
+
+NOT_SIZED = "not sized: slower than the fastest that fit (--size-all sizes it)"
 
 
 def row_cells(row: Row) -> list[str]:
     t = row.time
     if t is None:
         return [row.layout.name, "", "", "", "", "", "", "", "", "", row.rejected]
-    return [row.layout.name, f"{row.tokens_per_gpu_s:,.0f}", f"{row.mfu:.1%}", f"{row.memory_bytes / GIB:.3g}",
+    memory = f"{row.memory_bytes / GIB:.3g}" if row.memory_bytes else ""
+    why = row.rejected if row.sized else NOT_SIZED
+    return [row.layout.name, f"{row.tokens_per_gpu_s:,.0f}", f"{row.mfu:.1%}", memory,
             f"{t.compute_s:.3g}", f"{t.fsdp_s:.3g}", f"{t.replicate_s:.3g}", f"{t.tp_s:.3g}", f"{t.bubble:.2f}",
-            f"{t.step_s:.3g}", row.rejected]  # fmt: skip
+            f"{t.step_s:.3g}", why]  # fmt: skip
 
 
-def write_csv(rows: list[Row], path: Path) -> None:
+def write_csv(rows: list[Row], path: Path, unit: str) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(COLUMNS)
+        writer.writerow(columns(unit))
         writer.writerows(row_cells(r) for r in rows)
 
 
 def write_pngs(rows: list[Row], folder: Path, limit_gib: float) -> list[Path]:
     """memory.png: each sized layout's fullest rank, model state and activations stacked, against the limit;
-    step_time.png: each timed layout's step split into compute, exposed FSDP, replicate, TP and bubble."""
+    step_time.png: each sized layout's step split into compute, exposed FSDP, replicate, TP and bubble."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    timed = [r for r in rows if r.time is not None]
-    names = [r.layout.name for r in timed]
+    plotted = [r for r in rows if r.memory_bytes and r.time is not None]
+    names = [r.layout.name for r in plotted]
     folder.mkdir(parents=True, exist_ok=True)
-    fig, axis = plt.subplots(figsize=(8, 0.35 * len(timed) + 1.5))
-    largest = max(r.memory_bytes for r in timed)
+    fig, axis = plt.subplots(figsize=(8, 0.35 * len(plotted) + 1.5))
+    largest = max(r.memory_bytes for r in plotted)
     unit, scale = ("GiB", GIB) if largest >= GIB else ("MiB", 2**20)
-    state = [r.state_bytes / scale for r in timed]
+    state = [r.state_bytes / scale for r in plotted]
     axis.barh(names, state, color="tab:orange", label="model state")
-    axis.barh(names, [r.activation_bytes / scale for r in timed], left=state, color="tab:blue", label="activations")
+    axis.barh(names, [r.activation_bytes / scale for r in plotted], left=state, color="tab:blue", label="activations")
     if limit_gib * GIB <= 1.5 * largest:  # a limit far beyond every bar would flatten them
         axis.axvline(limit_gib * GIB / scale, color="black", linestyle="--", label=f"limit {limit_gib:g} GiB")
     axis.set_xlabel(f"{unit} on the fullest rank (limit {limit_gib:g} GiB)")
     memory = _save(fig, axis, folder / "memory.png")
 
-    fig, axis = plt.subplots(figsize=(8, 0.35 * len(timed) + 1.5))
-    left = [0.0] * len(timed)
+    fig, axis = plt.subplots(figsize=(8, 0.35 * len(plotted) + 1.5))
+    left = [0.0] * len(plotted)
     parts = {
-        "compute": [r.time.compute_s for r in timed],
-        "exposed FSDP": [r.time.exposed_fsdp_s for r in timed],
-        "replicate": [r.time.replicate_s for r in timed],
-        "TP": [r.time.tp_s for r in timed],
-        "bubble": [r.time.step_s * r.time.bubble for r in timed],
+        "compute": [r.time.compute_s for r in plotted],
+        "exposed FSDP": [r.time.exposed_fsdp_s for r in plotted],
+        "replicate": [r.time.replicate_s for r in plotted],
+        "TP": [r.time.tp_s for r in plotted],
+        "bubble": [r.time.step_s * r.time.bubble for r in plotted],
     }
     for label, values in parts.items():
         axis.barh(names, values, left=left, label=label)

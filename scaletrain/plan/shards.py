@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.utils._pytree import tree_leaves
 
 from scaletrain.config.schema import JobConfig
 from scaletrain.parallel.batching import micro_batch_size, pipeline_microbatches
@@ -31,7 +32,6 @@ from scaletrain.train import example_batch
 class RankShards:
     """What one rank holds: its parameters' local element counts (trainable and frozen) and buffers' bytes."""
 
-    rank: int
     trainable: int  # elements of parameters with requires_grad (they get gradients and optimizer states)
     frozen: int
     buffer_bytes: int
@@ -105,8 +105,11 @@ def _pipeline_buffer_elements(cfg: JobConfig, dims: ParallelDims, pp_rank: int) 
 @contextlib.contextmanager
 def parallelized_parts(cfg: JobConfig, dims: ParallelDims, pp_rank: int = 0) -> Iterator[list[nn.Module]]:
     """The meta-device model parts (pipeline stages) of the first rank of pipeline rank `pp_rank`, parallelized by
-    the recipe under a fake world of the layout's size; valid inside the context."""
+    the recipe under a fake world of the layout's size, eager (compiling changes no shard and no tensor the
+    simulation counts, and costs seconds); valid inside the context."""
     recipe = get_recipe(cfg.recipe)
+    if cfg.train.compile:
+        cfg = replace(cfg, train=replace(cfg.train, compile=False))
     rank = pp_rank * (dims.world_size // dims.pp)
     with fake_world(dims.world_size, rank), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # FSDP/DTensor warnings about meta tensors and fake groups
@@ -128,20 +131,27 @@ def trunk_elements_per_sample(cfg: JobConfig, dims: ParallelDims) -> int:
         model = recipe.model.build(cfg.model)
     stages, layer_split = _stage_split(model, cfg, dims)
     first = build_stage_module(model, recipe.supports.pipeline, layer_split[0], 0, stages)
-    return first(*recipe.step.model_inputs(example_batch(recipe, cfg, None, 1))).numel()
+    output = first(*recipe.step.model_inputs(example_batch(recipe, cfg, None, 1)))
+    # Some stages pass several tensors on (DiT: the tokens and the conditioning vector).
+    return sum(t.numel() for t in tree_leaves(output) if isinstance(t, torch.Tensor))
 
 
 def rank_shards(cfg: JobConfig, dims: ParallelDims, pp_rank: int = 0) -> RankShards:
     """The shards of the first rank of pipeline rank `pp_rank` (every rank of a stage holds the same amount,
     up to FSDP's rounding)."""
     with parallelized_parts(cfg, dims, pp_rank) as parts:
-        trainable = frozen = buffer_bytes = 0
-        for part in parts:
-            for param in part.parameters():
-                if param.requires_grad:
-                    trainable += _local_numel(param)
-                else:
-                    frozen += _local_numel(param)
-            buffer_bytes += sum(_local_numel(b) * b.element_size() for b in part.buffers())
+        return count_shards(parts, cfg, dims, pp_rank)
+
+
+def count_shards(parts: list[nn.Module], cfg: JobConfig, dims: ParallelDims, pp_rank: int) -> RankShards:
+    """What the parallelized (still meta) parts of pipeline rank `pp_rank` hold locally."""
+    trainable = frozen = buffer_bytes = 0
+    for part in parts:
+        for param in part.parameters():
+            if param.requires_grad:
+                trainable += _local_numel(param)
+            else:
+                frozen += _local_numel(param)
+        buffer_bytes += sum(_local_numel(b) * b.element_size() for b in part.buffers())
     pipeline = _pipeline_buffer_elements(cfg, dims, pp_rank) if dims.pp_enabled else 0
-    return RankShards(pp_rank * (dims.world_size // dims.pp), trainable, frozen, buffer_bytes, pipeline)
+    return RankShards(trainable, frozen, buffer_bytes, pipeline)

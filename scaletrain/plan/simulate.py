@@ -31,7 +31,7 @@ from scaletrain.metrics.step_memory import StepMemoryTracker
 from scaletrain.parallel.batching import grad_accum_steps, micro_batch_size, pipeline_microbatches
 from scaletrain.parallel.dims import ParallelDims, implied_world_size
 from scaletrain.parallel.pipeline import build_schedule, num_stages
-from scaletrain.plan.shards import _stage_ids, parallelized_parts
+from scaletrain.plan.shards import RankShards, _stage_ids, count_shards, parallelized_parts
 from scaletrain.registry import get_recipe
 from scaletrain.train import example_batch, local_batch, loss_context_for, micro_step
 
@@ -59,6 +59,22 @@ def _fake_mode() -> Iterator[FakeTensorMode]:
             gc.enable()
 
 
+def _as_simulated(cfg: JobConfig, dims: ParallelDims) -> tuple[JobConfig, ParallelDims]:
+    """The layout as simulated: eager (compiled regions fuse ops and keep less, never more, in practice) and
+    without DDP (_without_replicas)."""
+    if cfg.train.compile:
+        cfg = replace(cfg, train=replace(cfg.train, compile=False))
+    if dims.ddp_enabled:  # the same local shards: DDP replicates
+        cfg, dims = _without_replicas(cfg, dims)
+    return cfg, dims
+
+
+def share_pipeline_input(cfg: JobConfig, dims: ParallelDims) -> None:
+    """Work out the stages' received activation now, so that simulations forked after this inherit it."""
+    if dims.pp_enabled:
+        trunk_input(*_as_simulated(cfg, dims))
+
+
 def _without_replicas(cfg: JobConfig, dims: ParallelDims) -> tuple[JobConfig, ParallelDims]:
     """The same rank's step without DDP: DDP's reducer needs real storage, and it changes no activation (its
     gradients are views into its all-reduce buckets, model state). Each rank keeps its micro-batches."""
@@ -73,21 +89,27 @@ def _without_replicas(cfg: JobConfig, dims: ParallelDims) -> tuple[JobConfig, Pa
 def activation_peak_bytes(cfg: JobConfig, dims: ParallelDims, pp_rank: int = 0) -> int:
     """Peak bytes of activations and temporaries above the model state on the first rank of pipeline rank
     `pp_rank`, over one step's forward and backward (its parameter gradients left out: they are model state)."""
+    return simulate_rank(cfg, dims, pp_rank)[1]
+
+
+def simulate_rank(cfg: JobConfig, dims: ParallelDims, pp_rank: int = 0) -> tuple[RankShards, int]:
+    """The first rank of pipeline rank `pp_rank`: its shards (shards.py) and its activation peak, from one build
+    of its parallelized parts."""
     if cfg.engine.name != "native":
         raise ValueError(f"engine.name: {cfg.engine.name!r} is not simulated; the native engine is")
     recipe = get_recipe(cfg.recipe)
     if recipe.step.phases is not None:
         raise ValueError(f"recipe: {cfg.recipe!r} trains in phases; the step simulation runs one-loss recipes")
-    if cfg.train.compile:  # predicted eager: compiled regions fuse ops and keep less, never more, in practice
-        cfg = replace(cfg, train=replace(cfg.train, compile=False))
-    if dims.ddp_enabled:
-        cfg, dims = _without_replicas(cfg, dims)
+    cfg, dims = _as_simulated(cfg, dims)
     if dims.pp_enabled:
         return _pipelined_peak(cfg, dims, pp_rank)
-    # The middle micro-batches of an accumulation repeat the first (no gradient sync): two are simulated at most.
+    # The middle micro-batches of an accumulation repeat the first: two are simulated at most.
     accum = grad_accum_steps(cfg, dims)
-    lasts = [False, True] if accum > 1 else [True]
+    # Under FSDP2 reducing every micro-batch (and not HSDP, whose last one all-reduces), each is like the last.
+    alike = (dims.fsdp_enabled and not dims.hsdp_enabled) and cfg.parallel.fsdp_reduce_every_microbatch
+    lasts = [False, True] if accum > 1 and not alike else [True]
     with parallelized_parts(cfg, dims) as (model,), _fake_mode():
+        shards = count_shards([model], cfg, dims, 0)
         model.to_empty(device=CPU)
         model.train()
         engine = NativeEngine(model, cfg, dims, CPU)
@@ -96,7 +118,7 @@ def activation_peak_bytes(cfg: JobConfig, dims: ParallelDims, pp_rank: int = 0) 
         with StepMemoryTracker() as tracker:
             for last in lasts:
                 micro_step(engine, recipe, loss_context, batch, last, accum)
-            return tracker.split_peak([p.grad for p in model.parameters() if p.grad is not None])
+            return shards, tracker.split_peak([p.grad for p in model.parameters() if p.grad is not None])
 
 
 def predict_activation_peak(cfg: JobConfig, pp_rank: int = 0) -> int:
@@ -155,10 +177,30 @@ def _fake_batch(cfg: JobConfig, dims: ParallelDims, samples: int) -> dict[str, t
     return local_batch({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in shapes.items()}, CPU, dims, recipe)
 
 
-def _trunk_input(cfg: JobConfig, dims: ParallelDims) -> tuple[torch.Size, torch.dtype]:
+_TRUNK_INPUTS: dict[tuple[str, int], tuple[torch.Size, torch.dtype]] = {}
+
+
+def trunk_input(cfg: JobConfig, dims: ParallelDims) -> tuple[torch.Size, torch.dtype]:
     """Shape and dtype of what a non-first stage receives: the first stage's output for one pipeline microbatch
     as this layout's first stage makes it (under tensor parallel with sequence parallel, a share of the
-    sequence), from pipeline rank 0's fake stage."""
+    sequence), from pipeline rank 0's fake stage. The same for every pipeline rank and any depth: computed
+    once per layout, on a copy one block deep per stage where the recipe can make one."""
+    cfg = _one_block_per_stage(cfg, dims)
+    key = (repr(cfg), dims.world_size)
+    if key not in _TRUNK_INPUTS:
+        _TRUNK_INPUTS[key] = _first_stage_output(cfg, dims)
+    return _TRUNK_INPUTS[key]
+
+
+def _one_block_per_stage(cfg: JobConfig, dims: ParallelDims) -> JobConfig:
+    spec = get_recipe(cfg.recipe).supports.pipeline
+    if spec.with_trunk_depth is None or cfg.parallel.pp_layer_boundaries:
+        return cfg
+    shallow = spec.with_trunk_depth(cfg.model, num_stages(dims.pp, cfg.parallel.stages_per_rank))
+    return cfg if shallow is None else replace(cfg, model=shallow)
+
+
+def _first_stage_output(cfg: JobConfig, dims: ParallelDims) -> tuple[torch.Size, torch.dtype]:
     recipe = get_recipe(cfg.recipe)
     with parallelized_parts(cfg, dims, 0) as parts, _fake_mode():
         first = parts[0]  # stage 0 is the first of pipeline rank 0's stages
@@ -200,19 +242,20 @@ def _microbatches_in_flight(cfg: JobConfig, dims: ParallelDims, pp_rank: int, sc
     return timeline
 
 
-def _pipelined_peak(cfg: JobConfig, dims: ParallelDims, pp_rank: int) -> int:
+def _pipelined_peak(cfg: JobConfig, dims: ParallelDims, pp_rank: int) -> tuple[RankShards, int]:
     """This rank's stages each profiled for one microbatch (_stage_profile); the schedule's order says how many
     microbatches each holds at once. Peak = the most they hold together, plus the largest extra a single
     forward/backward needs on top of what it keeps."""
-    trunk_input = _trunk_input(cfg, dims)
+    received = trunk_input(cfg, dims)
     with parallelized_parts(cfg, dims, pp_rank) as parts, _fake_mode():
+        shards = count_shards(parts, cfg, dims, pp_rank)
         stage_ids = _stage_ids(cfg, dims, pp_rank)
         count = num_stages(dims.pp, cfg.parallel.stages_per_rank)
         for part in parts:
             part.to_empty(device=CPU)
             part.train()
         pairs = zip(parts, stage_ids, strict=True)
-        profiles = {sid: _stage_profile(part, sid, count, cfg, dims, trunk_input) for part, sid in pairs}
+        profiles = {sid: _stage_profile(part, sid, count, cfg, dims, received) for part, sid in pairs}
         microbatches, pp_group = pipeline_microbatches(cfg, dims), dims.axis("pp").get_group()
         schedule, _ = build_schedule(
             parts, stage_ids, count, CPU, pp_group, cfg.parallel.pp_schedule, microbatches, lambda output, _: output
@@ -220,4 +263,4 @@ def _pipelined_peak(cfg: JobConfig, dims: ParallelDims, pp_rank: int) -> int:
         timeline = _microbatches_in_flight(cfg, dims, pp_rank, schedule)
     held = max(sum(n * profiles[sid].held for sid, n in state.items()) for state in timeline)
     base = sum(p.base for p in profiles.values())
-    return base + held + max(p.transient for p in profiles.values())
+    return shards, base + held + max(p.transient for p in profiles.values())

@@ -2,7 +2,8 @@
 
     compute    = training FLOPs per rank (counted on the meta device, x the recompute of activation
                  checkpointing) / (peak x efficiency)
-    fsdp       = parameter all-gathers (forward, and backward when resharded) and the gradient reduce-scatter,
+    fsdp       = parameter all-gathers (forward, and backward when resharded) and the gradient reduce-scatter
+                 (each micro-batch's, unless parallel.fsdp_reduce_every_microbatch is off),
                  (n-1)/n of the shard group's bytes at its link's bandwidth; overlapped with compute, so only
                  what exceeds it is exposed
     replicate  = HSDP's / DDP's gradient all-reduce, 2(n-1)/n, exposed
@@ -82,6 +83,7 @@ class ModelFacts:
     parameters: int
     trunk_elements_per_sample: int  # the activation between blocks, one whole sample (0 if no trunk)
     blocks: int  # the trunk's depth
+    trainable: int = 0  # parameters with requires_grad (0: unknown)
 
 
 def step_time(cfg: JobConfig, dims: ParallelDims, gpu: GPU, gpus_per_node: int, efficiency: float,
@@ -102,8 +104,10 @@ def step_time(cfg: JobConfig, dims: ParallelDims, gpu: GPU, gpus_per_node: int, 
     if (dims.fsdp_enabled or dims.hsdp_enabled) and shard > 1:
         link = _link_gbs(gpu, dims.tp * shard, gpus_per_node) * 1e9
         gathers = 2 if cfg.parallel.reshard_after_forward != "never" else 1
-        gather_bytes = slice_elements * compute_bytes * gathers * grad_accum_steps(cfg, dims)
-        scatter_bytes = slice_elements * 4  # fp32 gradients (train.reduce_dtype)
+        accum = grad_accum_steps(cfg, dims)
+        gather_bytes = slice_elements * compute_bytes * gathers * accum
+        scatters = accum if cfg.parallel.fsdp_reduce_every_microbatch else 1
+        scatter_bytes = slice_elements * 4 * scatters  # fp32 gradients (train.reduce_dtype)
         fsdp_s = (gather_bytes + scatter_bytes) * (shard - 1) / shard / link
     replicas = dims.dp_replicate
     if replicas > 1:

@@ -41,6 +41,10 @@ LLAMA_LAYOUTS = {
         "2",
     ],
     "grad_accum_fsdp2": ["--train.micro_batch_size", "2", "--parallel.dp_shard", "2"],
+    # Reduce-scatter each micro-batch (the default) vs once per step; HSDP all-reduces on the last one only.
+    "grad_accum_fsdp2_sync_last": ["--train.micro_batch_size", "2", "--parallel.dp_shard", "2",
+                                   "--parallel.fsdp_reduce_every_microbatch", "false"],
+    "grad_accum_hsdp2x2": ["--train.micro_batch_size", "2", "--parallel.dp_replicate", "2", "--parallel.dp_shard", "2"],
     "grad_accum_single": ["--train.micro_batch_size", "2"],
 }
 

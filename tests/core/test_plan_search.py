@@ -18,7 +18,7 @@ from scaletrain.config import load_config
 from scaletrain.plan.step_time import GPUS, ModelFacts, step_time
 from scaletrain.validate import validate_config
 
-SMALL = ["--tp", "1,2", "--pp", "1", "--ac", "none,full", "--gpus-per-node", "2"]
+SMALL = ["--tp", "1,2", "--pp", "1", "--ac", "none,full", "--gpus-per-node", "2", "--mbs", "0"]
 
 
 def _plan(capsys, *args: str) -> tuple[int, str, str]:
@@ -73,20 +73,20 @@ def test_search_ranks_the_layouts_that_fit_and_keeps_why_the_others_do_not(capsy
     speeds = [float(r["tokens/s/GPU"].replace(",", "")) for r in fits]
     assert speeds == sorted(speeds, reverse=True)
     assert rows[: len(fits)] == fits  # the ones that fit come first
-    assert "layouts fit" in out and "tp2 fsdp2" in out
+    assert re.search(r"6 layouts, 2 valid, 2 sized \(fastest first\), 2 fit", out) and "tp2 fsdp2" in out
 
 
 def test_no_layout_under_the_limit_fails_naming_the_smallest(capsys):
     code, out, _ = _plan(capsys, "--gpus", "2", *SMALL, "--memory-limit-gb", "0.001")
     assert code == 1
-    assert re.search(r"no layout fits 0\.001 GiB; the smallest needs [\d.e-]+ GiB \(.*ac=full\)", out), out
+    assert re.search(r"no layout fits 0\.001 GiB; the closest: [^:]*ac=\w+ needs (at least )?[\d.e-]+ GiB", out), out
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--gpus", "4", "--gpu", "tpu9"], r"--gpu: 'tpu9' is not in the table; use one of \['a100', 'h100', 'h200'\]"),
-        (["--gpus", "3", "--tp", "2", "--pp", "2"], r"--gpus: no tp x pp of the given degrees divides 3 GPUs"),
+        (["--gpus", "3", "--tp", "2", "--pp", "2"], r"--gpus: no tp x pp x cp of the given degrees divides 3 GPUs"),
         (["--gpus", "4", "--ac", "some"], r"--ac: \['some'\] not allowed"),
         (["--gpus", "4", "--efficiency", "1.5"], r"--efficiency: 1.5 is not allowed"),
         (["--gpus", "0"], r"--gpus / --gpus-per-node: 0 / 8 are not allowed"),
@@ -95,3 +95,53 @@ def test_no_layout_under_the_limit_fails_naming_the_smallest(capsys):
 def test_bad_search_input_is_refused_before_any_simulation(args, message, capsys):
     code, _, err = _plan(capsys, *args)
     assert code == 2 and re.search(message, err), err
+
+
+def test_pruned_search_ranks_the_same_layouts_first_as_sizing_every_one():
+    """The search sizes fastest first and rejects, without simulating, a layout that needs at least as much
+    as one already over the limit: its top rows must be those of sizing every layout, and each rejection it
+    inferred must be over the limit when sized."""
+    from scaletrain.plan.search import Cluster, layouts, search
+
+    candidates = layouts(4, 2, [1, 2], [1], ["none", "full"], [1], [1, 2])
+    simulated = search(TINY, [], candidates, Cluster(4, GPUS["h100"], 2, 0.5, 80), None)
+    sizes = sorted(r.memory_bytes for r in simulated)
+    # Two fit: ac=none never does (its least needy layout, tp2 fsdp2 at one sample, is the 3rd smallest), so
+    # the search can reject it wherever the least needy was sized.
+    limit = (sizes[1] + sizes[2]) / 2 / 2**30
+    every = search(TINY, [], candidates, Cluster(4, GPUS["h100"], 2, 0.5, limit), None)
+    pruned = search(TINY, [], candidates, Cluster(4, GPUS["h100"], 2, 0.5, limit), 2)
+    assert [r.layout for r in pruned[:2]] == [r.layout for r in every[:2]]
+    assert all(not r.rejected for r in pruned[:2])
+    inferred = [r.layout for r in pruned if r.rejected.startswith("needs more than")]
+    assert inferred, "the limit leaves layouts whose rejection can be inferred"
+    over = {r.layout for r in simulated if r.memory_bytes > limit * 2**30}
+    assert set(inferred) <= over
+    assert sum(bool(r.memory_bytes) for r in pruned) < len(simulated)
+
+
+def test_simulations_in_two_processes_give_the_same_prediction():
+    from scaletrain.plan.ranks import plan_memory
+
+    cfg = load_config(TINY, ["--parallel.pp", "2", "--parallel.dp_shard", "2", "--model.n_layers", "16"])
+    dims = validate_config(cfg, 4)
+    assert plan_memory(cfg, dims, jobs=2) == plan_memory(cfg, dims, jobs=1)
+
+
+@pytest.mark.parametrize(
+    ("layout", "world"),
+    [(["--parallel.dp_shard", "4"], 4), (["--parallel.tp", "2", "--parallel.dp_shard", "2"], 4),
+     (["--parallel.pp", "2", "--parallel.dp_shard", "2"], 4), (["--parallel.dp_replicate", "2"], 2),
+     (["--parallel.dp_shard", "2", "--train.ema_decay", "0.999"], 2)],
+)  # fmt: skip
+def test_model_state_floor_is_never_above_the_simulated_state(layout, world):
+    """The search rejects a layout whose model-state floor exceeds the limit without simulating it: the floor
+    must not exceed what the simulation finds on the fullest rank, and be close to it (within 25 %)."""
+    from scaletrain.plan.ranks import plan_memory
+    from scaletrain.plan.search import model_facts, model_state_floor
+
+    cfg = load_config(TINY, layout)
+    dims = validate_config(cfg, world)
+    floor = model_state_floor(cfg, dims, model_facts(cfg))
+    fullest = max(r.state.total for r in plan_memory(cfg, dims))
+    assert 0.75 * fullest <= floor <= fullest, (floor, fullest)

@@ -214,7 +214,7 @@ def test_torchrun_dry_run_prints_the_plan_and_warns_over_the_memory_limit(capsys
     with a warning for the rank over --memory-limit-gb. Here the limit sits between the two ranks' totals:
     stage 0 holds two microbatches' activations under 1F1B, stage 1 one."""
     from scaletrain.config import load_config
-    from scaletrain.plan.command import plan_memory
+    from scaletrain.plan.ranks import plan_memory
     from scaletrain.validate import validate_config
 
     layout = ["--parallel.pp", "2", "--parallel.dp_shard", "2"]

@@ -14,6 +14,8 @@ latents.py (latent cache). Image data, FID/KID and grids are the core's (scaletr
 
 from __future__ import annotations
 
+import dataclasses
+
 from scaletrain.recipes.diffusion import recipe as _r
 from scaletrain.recipes.diffusion import vae_recipe as _v
 from scaletrain.recipes.diffusion.config import DiffusionDataConfig, DiTConfig, UNetConfig
@@ -54,6 +56,7 @@ DIT = register_recipe(
                 first=("patch_embed", "t_embedder", "y_embedder"),
                 last=("final",),
                 trunk_depth=lambda model_cfg: model_cfg.depth,
+                with_trunk_depth=lambda model_cfg, n: dataclasses.replace(model_cfg, depth=n),
             ),
         ),
         evaluation=EvalSpec(evaluate=_r.evaluate, sample=make_sample_command("dit")),

@@ -5,7 +5,7 @@ Configs: scaletrain/recipes/gpt/configs/ (tiny for a CPU; gpt2-small; llama 1B, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,6 +87,15 @@ def loss(output: torch.Tensor | tuple[torch.Tensor, torch.Tensor], batch: dict[s
         # Loss parallel: the loss is a DTensor replicated over tp, and so are the balancing losses (MoE.route).
         balancing = DTensor.from_local(balancing, ce.device_mesh, [Replicate()])
     return ce + balancing
+
+
+def with_depth(model: GPTConfig, n_layers: int) -> GPTConfig | None:
+    """The same GPT with n_layers blocks; None for an MoE model whose blocks differ (dense ones first, or MoE
+    only every few), which a shallower copy would not scale from."""
+    moe = model.moe
+    if moe.enabled and (moe.first_dense or moe.every != 1):
+        return None
+    return replace(model, n_layers=n_layers)
 
 
 def after_step(model: GPT, dims: ParallelDims) -> dict[str, float]:
@@ -354,6 +363,7 @@ RECIPE = register_recipe(
                 last=("norm", "output"),
                 target_key="target",
                 target_kwarg="targets",  # train.fused_cross_entropy: the last stage returns the loss
+                with_trunk_depth=with_depth,
             ),
             context_parallel_keys=("input", "target"),
         ),
