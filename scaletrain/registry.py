@@ -74,6 +74,9 @@ class ModelSpec:
     # (model on meta, model config) -> the parameters one token uses, for models that route (MoE); `config
     # show` prints it beside the total. FLOPs need no hook: they are counted on the routed path.
     active_parameters: Callable[[nn.Module, Any], int] | None = None
+    # model config -> (routed-expert blocks, experts each token goes to): what expert parallel's all-to-alls
+    # move, for the planner's step time (scaletrain/plan/step_time.py). None: the model does not route.
+    expert_routing: Callable[[Any], tuple[int, int]] | None = None
     # (parallelized + initialized model, job config, dataset) -> a line to print: data-dependent
     # initialization (Glow's actnorm), run once before the first step of a fresh run; not on resume, nor after
     # checkpoint.load_path loaded weights. It must give every rank the same values (e.g. from the same items).

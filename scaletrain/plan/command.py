@@ -17,6 +17,7 @@ from scaletrain.command_options import split_config, take_options
 from scaletrain.config import load_config
 from scaletrain.parallel.batching import micro_batch_size
 from scaletrain.parallel.dims import implied_world_size
+from scaletrain.parallel.pipeline import SCHEDULE_NAMES
 from scaletrain.plan.ranks import RankMemory, plan_memory, shallow_depths
 from scaletrain.plan.search import (
     Cluster,
@@ -36,7 +37,8 @@ GIB = 2**30
 USAGE = """usage: scaletrain plan CONFIG [--memory-limit-gb G] [--world-size N] [--exact] [--jobs J] [overrides]
        scaletrain plan CONFIG --calibrate [--steps 6] [--world-size N] [overrides]
        scaletrain plan CONFIG --gpus N [--gpu h100|h200|a100] [--gpus-per-node 8] [--top 10] [--tp 1,2,4,8]
-                       [--pp 1,2,4] [--cp 1] [--ac none,selective,full] [--mbs 1,2,4] [--efficiency 0.5]
+                       [--pp 1,2,4] [--pp-schedule 1f1b,...] [--microbatches M,...] [--cp 1] [--ep 1]
+                       [--ac none,selective,full] [--mbs 1,2,4] [--efficiency 0.5]
                        [--intra-node-gbs B] [--inter-node-gbs B] [--memory-limit-gb G] [--size-all]
                        [--csv FILE] [--png DIR] [--jobs J] [overrides]
 Per-rank memory of CONFIG's layout, predicted in this process without a GPU or a process group: the model
@@ -47,7 +49,8 @@ blocks deep per stage, carried to its depth (scaletrain/plan/ranks.py); --exact 
 --jobs: processes for the simulations (default: this machine's CPUs).
 --calibrate: the prediction beside a real run of the layout here (torchrun, --steps steps): model state,
 activation peak, step time per component, and the efficiency to give the search (scaletrain/plan/calibrate.py).
-With --gpus: every tp x pp x cp x FSDP/HSDP x activation-checkpointing x micro-batch (--mbs; default the
+With --gpus: every tp x pp (x schedule x microbatches) x cp x FSDP/HSDP x ep x activation-checkpointing
+x micro-batch (--mbs; default the
 config's train.micro_batch_size if set, else 1,2,4; 0 = global batch / dp) layout of N GPUs, validated
 (rejected ones say why), timed by a first-order model (scaletrain/plan/step_time.py)
 and sized fastest first until --top of them fit (--size-all: every one); ranked by tokens/s per GPU among
@@ -123,7 +126,8 @@ def _names(text: str) -> list[str]:
 SEARCH_OPTIONS = {"memory-limit-gb": float, "world-size": int, "gpus": int, "gpu": str, "gpus-per-node": int,
                   "top": int, "tp": _ints, "pp": _ints, "ac": _names, "efficiency": float, "intra-node-gbs": float,
                   "inter-node-gbs": float, "csv": str, "png": str, "exact": bool, "cp": _ints, "mbs": _ints,
-                  "size-all": bool, "jobs": int, "calibrate": bool, "steps": int}  # fmt: skip
+                  "size-all": bool, "jobs": int, "calibrate": bool, "steps": int, "ep": _ints,
+                  "pp-schedule": _names, "microbatches": _ints}  # fmt: skip
 
 
 def _jobs(options: dict) -> int:
@@ -160,7 +164,8 @@ def search_command(config: str, overrides: list[str], options: dict) -> int:
     if bad:
         raise ValueError(f"--ac: {bad} not allowed; use some of {list(AC_RECOMPUTE)}")
     for flag, least, allowed in (("tp", 1, "degrees >= 1"), ("pp", 1, "degrees >= 1"), ("cp", 1, "degrees >= 1"),
-                                 ("mbs", 0, "samples >= 1, or 0 for the config's")):  # fmt: skip
+                                 ("ep", 1, "degrees >= 1"), ("mbs", 0, "samples >= 1, or 0 for the config's"),
+                                 ("microbatches", 0, "counts >= 1, or 0 for the config's")):  # fmt: skip
         if any(n < least for n in options.get(flag, [])):
             raise ValueError(f"--{flag}: {options[flag]} is not allowed; use {allowed}")
     top = options.get("top", 10)
@@ -169,10 +174,16 @@ def search_command(config: str, overrides: list[str], options: dict) -> int:
     cluster = Cluster(gpus, gpu, per_node, efficiency, options.get("memory-limit-gb", gpu.memory_gib))
     # Micro-batches: the config's when it sets one, else 1, 2 and 4 samples (each must divide a rank's batch).
     default_mbs = [0] if load_config(config, overrides).train.micro_batch_size else [1, 2, 4]
+    schedules = options.get("pp-schedule", [""])
+    bad = [name for name in schedules if name and name not in SCHEDULE_NAMES]
+    if bad:
+        raise ValueError(f"--pp-schedule: {bad} not allowed; use some of {list(SCHEDULE_NAMES)}")
     candidates = layouts(gpus, per_node, options.get("tp", [1, 2, 4, 8]), options.get("pp", [1, 2, 4]), acs,
-                         options.get("cp", [1]), options.get("mbs", default_mbs))  # fmt: skip
+                         options.get("cp", [1]), options.get("mbs", default_mbs), options.get("ep", [1]), schedules,
+                         options.get("microbatches", [0]))  # fmt: skip
     if not candidates:
-        raise ValueError(f"--gpus: no tp x pp x cp of the given degrees divides {gpus} GPUs")
+        raise ValueError(f"--gpus: no tp x pp x cp (x ep dividing the data-parallel ranks) of the given degrees "
+                         f"divides {gpus} GPUs")
     start = time.perf_counter()
     # Each simulation collects garbage first (simulate.py: _fake_mode); with what is alive now (torch's modules:
     # 260k objects) set aside, that costs microseconds instead of a quarter second.
@@ -202,6 +213,10 @@ def search_command(config: str, overrides: list[str], options: dict) -> int:
     if "png" in options:
         for path in write_pngs(rows, Path(options["png"]), limit):
             print(f"# {path}")
+    unsimulated = [r for r in rows if r.rejected.startswith("not simulated")]
+    if not fits and unsimulated and not any(r.memory_bytes for r in rows):
+        print(f"no layout could be sized: {unsimulated[0].rejected}; the times above stand")
+        return 1
     if not fits:
         # Sized ones by what they need; the others by the model state they need at least.
         known = [r for r in rows if r.sized and (r.memory_bytes or r.state_floor)]

@@ -29,6 +29,9 @@ from scaletrain.validate import validate_config
 GIB = 2**30
 
 
+MULTI_STAGE = {"interleaved_1f1b": 2, "zero_bubble": 2, "zbv": 2, "dualpipev": 2}  # stages per rank
+
+
 @dataclass(frozen=True)
 class Layout:
     tp: int
@@ -38,19 +41,31 @@ class Layout:
     dp_shard: int
     ac: str
     micro_batch: int = 0  # samples per rank per forward; 0 = the config's (global batch / dp unless it sets one)
+    ep: int = 1  # expert parallel, borrowed from dp_shard x cp
+    schedule: str = ""  # pipeline schedule; "" = the config's
+    microbatches: int = 0  # pipeline microbatches; 0 = the config's
 
     @property
     def overrides(self) -> list[str]:
+        pipeline = []
+        if self.schedule:
+            stages = MULTI_STAGE.get(self.schedule, 1)
+            pipeline += ["--parallel.pp_schedule", self.schedule, "--parallel.stages_per_rank", str(stages)]
+        if self.microbatches:
+            pipeline += ["--parallel.microbatches", str(self.microbatches)]
         return ["--parallel.tp", str(self.tp), "--parallel.pp", str(self.pp), "--parallel.dp_replicate",
                 str(self.dp_replicate), "--parallel.dp_shard", str(self.dp_shard), "--parallel.cp", str(self.cp),
-                "--activation_checkpoint.mode", self.ac,
+                "--parallel.ep", str(self.ep), "--activation_checkpoint.mode", self.ac, *pipeline,
                 *(["--train.micro_batch_size", str(self.micro_batch)] if self.micro_batch else [])]  # fmt: skip
 
     @property
     def name(self) -> str:
         data = f"hsdp{self.dp_replicate}x{self.dp_shard}" if self.dp_replicate > 1 else f"fsdp{self.dp_shard}"
-        parts = [f"tp{self.tp}" if self.tp > 1 else "", f"pp{self.pp}" if self.pp > 1 else "",
-                 f"cp{self.cp}" if self.cp > 1 else "", data, f"ac={self.ac}",
+        pipeline = f"pp{self.pp}" if self.pp > 1 else ""
+        if pipeline and (self.schedule or self.microbatches):
+            pipeline += f"({self.schedule or 'config'}" + (f"/m{self.microbatches})" if self.microbatches else ")")
+        parts = [f"tp{self.tp}" if self.tp > 1 else "", pipeline, f"cp{self.cp}" if self.cp > 1 else "", data,
+                 f"ep{self.ep}" if self.ep > 1 else "", f"ac={self.ac}",
                  f"mbs={self.micro_batch}" if self.micro_batch else ""]  # fmt: skip
         return " ".join(p for p in parts if p)
 
@@ -71,16 +86,23 @@ class Row:
 
 
 def layouts(gpus: int, gpus_per_node: int, tps: list[int], pps: list[int], acs: list[str], cps: list[int] = (1,),
-            micro_batches: list[int] = (0,)) -> list[Layout]:  # fmt: skip
+            micro_batches: list[int] = (0,), eps: list[int] = (1,), schedules: list[str] = ("",),
+            pipeline_microbatches: list[int] = (0,)) -> list[Layout]:  # fmt: skip
+    """Every combination that divides `gpus`; pipeline schedules and microbatch counts only where pp > 1, expert
+    parallel only where it divides the data-parallel ranks it is carved from (dp_shard x cp)."""
     found = []
-    for tp, pp, cp, ac, mbs in itertools.product(tps, pps, cps, acs, micro_batches):
+    for tp, pp, cp, ac, mbs, ep in itertools.product(tps, pps, cps, acs, micro_batches, eps):
         if gpus % (tp * pp * cp):
             continue
         dp = gpus // (tp * pp * cp)
-        found.append(Layout(tp, pp, cp, 1, dp, ac, mbs))
         nodes = max(1, gpus // gpus_per_node)
+        shardings = [(1, dp)]
         if 1 < nodes < dp and dp % nodes == 0:  # HSDP: shard inside a node, replicate across nodes
-            found.append(Layout(tp, pp, cp, nodes, dp // nodes, ac, mbs))
+            shardings.append((nodes, dp // nodes))
+        pipelines = itertools.product(schedules, pipeline_microbatches) if pp > 1 else [("", 0)]
+        for (replicas, shard), (schedule, count) in itertools.product(shardings, list(pipelines)):
+            if (shard * cp) % ep == 0:
+                found.append(Layout(tp, pp, cp, replicas, shard, ac, mbs, ep, schedule, count))
     return found
 
 
@@ -101,13 +123,15 @@ def model_facts(cfg: JobConfig) -> ModelFacts:
     else:
         one, two = (_counts(replace(cfg, model=m)) for m in copies)
         flops, parameters, trainable = (a + (depth - 1) * (b - a) for a, b in zip(one, two, strict=True))
+    routing = get_recipe(cfg.recipe).model.expert_routing
+    expert_blocks, top_k = routing(cfg.model) if routing is not None else (0, 0)
     if pipeline is None:
-        return ModelFacts(flops, parameters, 0, 0, trainable)
+        return ModelFacts(flops, parameters, 0, 0, trainable, expert_blocks, top_k)
     split = replace(cfg.parallel, pp=2, tp=1, cp=1, dp_shard=1, dp_replicate=1, ep=1, stages_per_rank=1,
                     pp_schedule="1f1b", pp_layer_boundaries=[])  # fmt: skip
     two_stages = replace(cfg, parallel=split, model=copies[1] if copies and copies[1] is not None else cfg.model)
     trunk = trunk_elements_per_sample(two_stages, ParallelDims.resolve(two_stages.parallel.degrees, 2))
-    return ModelFacts(flops, parameters, trunk, depth, trainable)
+    return ModelFacts(flops, parameters, trunk, depth, trainable, expert_blocks, top_k)
 
 
 def _counts(cfg: JobConfig) -> tuple[int, int, int]:
@@ -184,7 +208,8 @@ def _needs_at_least(row: Row, other: Row) -> bool:
     shard the model state and the activations over fewer ranks, never more)."""
     a, b = row.layout, other.layout
     return (
-        a.pp == b.pp
+        (a.pp, a.schedule, a.microbatches) == (b.pp, b.schedule, b.microbatches)
+        and a.ep <= b.ep
         and MORE_CHECKPOINTING[a.ac] <= MORE_CHECKPOINTING[b.ac]
         and row.micro_batch >= other.micro_batch
         and a.tp <= b.tp
@@ -225,7 +250,8 @@ def search(config: str, overrides: list[str], candidates: list[Layout], cluster:
         if row.time is None or (enough is not None and sum(r.sized and not r.rejected for r in rows[:n]) >= enough):
             continue
         below = [r for r in rows if r.time is not None and r.layout.ac == row.layout.ac and _needs_at_least(row, r)]
-        least = min(below, key=lambda r: (r.micro_batch, -r.layout.tp, -r.layout.cp, r.layout.dp_replicate))
+        least = min(below, key=lambda r: (r.micro_batch, -r.layout.tp, -r.layout.cp, -r.layout.ep,
+                                          r.layout.dp_replicate))  # fmt: skip
         # Then its own smallest micro-batch: when the least needy fits, that one may not (and bounds its family).
         family = [r for r in below if r.layout == replace(row.layout, micro_batch=r.layout.micro_batch)]
         smallest = min(family, key=lambda r: r.micro_batch)
@@ -247,8 +273,8 @@ def ranked(rows: list[Row]) -> list[Row]:
 
 def columns(unit: str) -> list[str]:
     """The table's header; `unit` is what the recipe counts (tokens, images, ...)."""
-    return ["layout", f"{unit}/s/GPU", "MFU", "memory GiB", "compute s", "fsdp s", "replicate s", "tp s", "bubble",
-            "step s", "rejected"]  # fmt: skip
+    return ["layout", f"{unit}/s/GPU", "MFU", "memory GiB", "compute s", "fsdp s", "replicate s", "tp s", "ep s",
+            "bubble", "step s", "rejected"]  # fmt: skip
 
 
 NOT_SIZED = "not sized: slower than the fastest that fit (--size-all sizes it)"
@@ -257,12 +283,12 @@ NOT_SIZED = "not sized: slower than the fastest that fit (--size-all sizes it)"
 def row_cells(row: Row) -> list[str]:
     t = row.time
     if t is None:
-        return [row.layout.name, "", "", "", "", "", "", "", "", "", row.rejected]
+        return [row.layout.name, "", "", "", "", "", "", "", "", "", "", row.rejected]
     memory = f"{row.memory_bytes / GIB:.3g}" if row.memory_bytes else ""
     why = row.rejected if row.sized else NOT_SIZED
     return [row.layout.name, f"{row.tokens_per_gpu_s:,.0f}", f"{row.mfu:.1%}", memory,
-            f"{t.compute_s:.3g}", f"{t.fsdp_s:.3g}", f"{t.replicate_s:.3g}", f"{t.tp_s:.3g}", f"{t.bubble:.2f}",
-            f"{t.step_s:.3g}", why]  # fmt: skip
+            f"{t.compute_s:.3g}", f"{t.fsdp_s:.3g}", f"{t.replicate_s:.3g}", f"{t.tp_s:.3g}", f"{t.ep_s:.3g}",
+            f"{t.bubble:.2f}", f"{t.step_s:.3g}", why]  # fmt: skip
 
 
 def write_csv(rows: list[Row], path: Path, unit: str) -> None:
@@ -274,7 +300,7 @@ def write_csv(rows: list[Row], path: Path, unit: str) -> None:
 
 def write_pngs(rows: list[Row], folder: Path, limit_gib: float) -> list[Path]:
     """memory.png: each sized layout's fullest rank, model state and activations stacked, against the limit;
-    step_time.png: each sized layout's step split into compute, exposed FSDP, replicate, TP and bubble."""
+    step_time.png: each sized layout's step split into compute, exposed FSDP, replicate, TP, EP and bubble."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -301,6 +327,7 @@ def write_pngs(rows: list[Row], folder: Path, limit_gib: float) -> list[Path]:
         "exposed FSDP": [r.time.exposed_fsdp_s for r in plotted],
         "replicate": [r.time.replicate_s for r in plotted],
         "TP": [r.time.tp_s for r in plotted],
+        "EP": [r.time.ep_s for r in plotted],
         "bubble": [r.time.step_s * r.time.bubble for r in plotted],
     }
     for label, values in parts.items():

@@ -95,6 +95,18 @@ def activation_peak_bytes(cfg: JobConfig, dims: ParallelDims, pp_rank: int = 0) 
 def simulate_rank(cfg: JobConfig, dims: ParallelDims, pp_rank: int = 0) -> tuple[RankShards, int]:
     """The first rank of pipeline rank `pp_rank`: its shards (shards.py) and its activation peak, from one build
     of its parallelized parts."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+
+    try:
+        return _simulate_rank(cfg, dims, pp_rank)
+    except DataDependentOutputException as exc:
+        # Fake tensors carry no values: a step whose shapes follow them (a mixture of experts: tokens per expert
+        # follow the router's choices) cannot be run on them.
+        raise ValueError(f"the step's shapes depend on data values ({exc.func}): routed experts (MoE) are not "
+                         "simulated") from None  # fmt: skip
+
+
+def _simulate_rank(cfg: JobConfig, dims: ParallelDims, pp_rank: int) -> tuple[RankShards, int]:
     if cfg.engine.name != "native":
         raise ValueError(f"engine.name: {cfg.engine.name!r} is not simulated; the native engine is")
     recipe = get_recipe(cfg.recipe)

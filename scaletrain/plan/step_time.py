@@ -9,8 +9,10 @@
     replicate  = HSDP's / DDP's gradient all-reduce, 2(n-1)/n, exposed
     tp         = sequence-parallel all-gathers and reduce-scatters of the trunk activation, 4 per block in the
                  forward and 4 in the backward, (tp-1)/tp each, exposed
+    ep         = expert parallel's all-to-alls: each routed token's activation (top_k copies) dispatched and
+                 combined in the forward and again in the backward, (ep-1)/ep each, exposed
     bubble     = pipeline idle fraction (pp-1) / (microbatches x stages per rank + pp - 1)
-    step       = (compute + exposed fsdp + replicate + tp) / (1 - bubble)
+    step       = (compute + exposed fsdp + replicate + tp + ep) / (1 - bubble)
 
 Links: a group whose ranks fit in one node (axis order pp, dp_replicate, dp_shard, cp, tp: tp innermost)
 uses the intra-node bandwidth, otherwise the inter-node one. This is a first-order model, stated so it can
@@ -64,6 +66,7 @@ class StepTime:
     tp_s: float
     bubble: float
     step_s: float
+    ep_s: float = 0.0  # expert parallel's all-to-alls, exposed
 
     @property
     def exposed_fsdp_s(self) -> float:
@@ -84,6 +87,8 @@ class ModelFacts:
     trunk_elements_per_sample: int  # the activation between blocks, one whole sample (0 if no trunk)
     blocks: int  # the trunk's depth
     trainable: int = 0  # parameters with requires_grad (0: unknown)
+    expert_blocks: int = 0  # blocks with routed experts (ModelSpec.expert_routing)
+    top_k: int = 0  # experts each token goes to
 
 
 def step_time(cfg: JobConfig, dims: ParallelDims, gpu: GPU, gpus_per_node: int, efficiency: float,
@@ -118,8 +123,14 @@ def step_time(cfg: JobConfig, dims: ParallelDims, gpu: GPU, gpus_per_node: int, 
         link = _link_gbs(gpu, dims.tp, gpus_per_node) * 1e9
         activation = model.trunk_elements_per_sample * compute_bytes * samples_per_rank / dims.cp
         tp_s = 8 * model.blocks / dims.pp * activation * (dims.tp - 1) / dims.tp / link
+    ep_s = 0.0
+    if cfg.parallel.ep > 1 and model.expert_blocks:
+        # The ep group is carved from dp_shard x cp, outside tp: its ranks span ep x tp.
+        link = _link_gbs(gpu, cfg.parallel.ep * dims.tp, gpus_per_node) * 1e9
+        routed = model.trunk_elements_per_sample * model.top_k * compute_bytes * samples_per_rank / (dims.tp * dims.cp)
+        ep_s = 4 * model.expert_blocks / dims.pp * routed * (cfg.parallel.ep - 1) / cfg.parallel.ep / link
     bubble = 0.0
     if dims.pp > 1:
         bubble = (dims.pp - 1) / (pipeline_microbatches(cfg, dims) * cfg.parallel.stages_per_rank + dims.pp - 1)
-    busy = compute_s + max(0.0, fsdp_s - compute_s) + replicate_s + tp_s
-    return StepTime(compute_s, fsdp_s, replicate_s, tp_s, bubble, busy / (1 - bubble))
+    busy = compute_s + max(0.0, fsdp_s - compute_s) + replicate_s + tp_s + ep_s
+    return StepTime(compute_s, fsdp_s, replicate_s, tp_s, bubble, busy / (1 - bubble), ep_s)

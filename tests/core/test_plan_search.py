@@ -86,7 +86,8 @@ def test_no_layout_under_the_limit_fails_naming_the_smallest(capsys):
     ("args", "message"),
     [
         (["--gpus", "4", "--gpu", "tpu9"], r"--gpu: 'tpu9' is not in the table; use one of \['a100', 'h100', 'h200'\]"),
-        (["--gpus", "3", "--tp", "2", "--pp", "2"], r"--gpus: no tp x pp x cp of the given degrees divides 3 GPUs"),
+        (["--gpus", "3", "--tp", "2", "--pp", "2"], r"--gpus: no tp x pp x cp \(x ep dividing the data-parallel "
+                                                    r"ranks\) of the given degrees divides 3 GPUs"),
         (["--gpus", "4", "--ac", "some"], r"--ac: \['some'\] not allowed"),
         (["--gpus", "4", "--efficiency", "1.5"], r"--efficiency: 1.5 is not allowed"),
         (["--gpus", "0"], r"--gpus / --gpus-per-node: 0 / 8 are not allowed"),
@@ -145,3 +146,40 @@ def test_model_state_floor_is_never_above_the_simulated_state(layout, world):
     floor = model_state_floor(cfg, dims, model_facts(cfg))
     fullest = max(r.state.total for r in plan_memory(cfg, dims))
     assert 0.75 * fullest <= floor <= fullest, (floor, fullest)
+
+
+def test_layouts_add_schedules_only_to_pipelines_and_expert_parallel_only_where_it_divides():
+    from scaletrain.plan.search import layouts
+
+    found = layouts(8, 8, [1], [1, 2], ["full"], [1], [0], [1, 4], ["1f1b", "interleaved_1f1b"], [0, 4])
+    names = sorted(f.name for f in found)
+    assert "fsdp8 ac=full" in names and "fsdp8 ep4 ac=full" in names  # pp = 1: no schedule
+    assert "pp2(interleaved_1f1b/m4) fsdp4 ep4 ac=full" in names and "pp2(1f1b) fsdp4 ac=full" in names
+    assert len(names) == 2 * 1 + 2 * 2 * 2  # pp1: ep 1,4; pp2: ep 1,4 x 2 schedules x 2 counts
+    assert not layouts(8, 8, [2], [2], ["full"], [1], [0], [4])  # dp_shard 2 cannot lend 4 expert ranks
+    interleaved = next(f for f in found if f.schedule == "interleaved_1f1b" and f.microbatches == 4)
+    assert interleaved.overrides[-6:] == ["--parallel.pp_schedule", "interleaved_1f1b", "--parallel.stages_per_rank",
+                                          "2", "--parallel.microbatches", "4"]  # fmt: skip
+
+
+def test_expert_parallel_all_to_alls_are_four_per_routed_block():
+    """Dispatch and combine, forward and backward, of top_k copies of each token's activation, (ep-1)/ep each,
+    over NVLink when ep x tp fits a node."""
+    cfg = load_config(TINY, ["--parallel.dp_shard", "4", "--parallel.ep", "2", "--train.global_batch_size", "8",
+                             "--train.dtype", "bf16", "--model.moe.num_experts", "4"])  # fmt: skip
+    dims = validate_config(cfg, 4)
+    facts = ModelFacts(1e9, 1e6, trunk_elements_per_sample=1000, blocks=4, expert_blocks=3, top_k=2)
+    t = step_time(cfg, dims, GPUS["h100"], 8, 0.5, facts)
+    assert t.ep_s == pytest.approx(4 * 3 * (1000 * 2 * 2 * 2) * (1 / 2) / 450e9)
+    assert t.step_s == pytest.approx(t.compute_s + t.exposed_fsdp_s + t.ep_s)
+
+
+def test_search_over_pipeline_schedules_and_microbatch_counts(capsys):
+    code, out, _ = _plan(capsys, "--gpus", "2", "--tp", "1", "--pp", "2", "--ac", "none", "--mbs", "0",
+                         "--pp-schedule", "1f1b,interleaved_1f1b", "--microbatches", "2,4")  # fmt: skip
+    assert code == 0, out
+    for name in ("pp2(1f1b/m2)", "pp2(1f1b/m4)", "pp2(interleaved_1f1b/m2)", "pp2(interleaved_1f1b/m4)"):
+        assert name in out, out
+    bubbles = {m.group(1): float(m.group(2)) for m in re.finditer(r"(pp2\(\S+\)) fsdp1 ac=none .*?(0\.\d\d)  ", out)}
+    assert bubbles["pp2(1f1b/m4)"] < bubbles["pp2(1f1b/m2)"]  # (pp-1) / (m x v + pp - 1)
+    assert bubbles["pp2(interleaved_1f1b/m2)"] < bubbles["pp2(1f1b/m2)"]

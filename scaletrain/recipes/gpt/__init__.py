@@ -342,6 +342,7 @@ RECIPE = register_recipe(
             parallelize=parallelize,
             startup_notes=startup_notes,
             active_parameters=active_parameters,
+            expert_routing=lambda m: (sum(m.moe.is_moe_block(i) for i in range(m.n_layers)), m.moe.top_k),
         ),
         data=DataSpec(
             config=TextDataConfig,
