@@ -212,6 +212,25 @@ class EngineSection:
 
 
 @dataclass
+class ClusterSection:
+    """The machines `scaletrain plan --gpus N` plans for (scaletrain/plan/step_time.py); training ignores it."""
+
+    gpu: str = opt(
+        "h100", "A GPU of the planner's table (h100, h200, a100), or 'custom' with peak_tflops and memory_gib."
+    )
+    gpus_per_node: int = opt(8, "GPUs per node: groups within one node use the intra-node link.")
+    peak_tflops: float = opt(
+        0.0, "Dense bf16 peak per GPU in TFLOP/s; 0 = the table's (fp32 runs use the table's fp32 peak)."
+    )
+    memory_gib: float = opt(0.0, "Memory per GPU in GiB; 0 = the table's.")
+    intra_node_gbs: float = opt(0.0, "GB/s per GPU, one direction, inside a node (NVLink); 0 = the table's.")
+    inter_node_gbs: float = opt(0.0, "GB/s per GPU, one direction, across nodes (the NIC); 0 = the table's.")
+    efficiency: float = opt(
+        0.5, "Fraction of the peak FLOP rate compute reaches (scaletrain plan --calibrate measures it)."
+    )
+
+
+@dataclass
 class JobConfig:
     recipe: str = opt("gpt", "Model family; `scaletrain recipes` lists the registered ones.")
     job: JobSection = field(default_factory=JobSection)
@@ -224,3 +243,4 @@ class JobConfig:
     metrics: MetricsSection = field(default_factory=MetricsSection)
     eval: EvalSection = field(default_factory=EvalSection)
     engine: EngineSection = field(default_factory=EngineSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from scaletrain.command_options import split_config, take_options
 from scaletrain.config import load_config
+from scaletrain.config.schema import ClusterSection
 from scaletrain.parallel.batching import micro_batch_size
 from scaletrain.parallel.dims import implied_world_size
 from scaletrain.parallel.pipeline import SCHEDULE_NAMES
@@ -138,27 +139,49 @@ def _jobs(options: dict) -> int:
     return jobs
 
 
-def _gpu(options: dict) -> GPU:
-    name = str(options.get("gpu", "h100")).lower()
-    if name not in GPUS:
-        raise ValueError(f"--gpu: {name!r} is not in the table; use one of {sorted(GPUS)}")
-    gpu = GPUS[name]
-    for flag, field in (("intra-node-gbs", "intra_node_gbs"), ("inter-node-gbs", "inter_node_gbs")):
-        if flag in options:
-            if options[flag] <= 0:
-                raise ValueError(f"--{flag}: {options[flag]} is not allowed; use GB/s > 0")
-            gpu = replace(gpu, **{field: options[flag]})
+def _cluster_gpu(cluster: ClusterSection, options: dict) -> GPU:
+    """The config's `cluster:` GPU, with the command's flags over it (--gpu, --intra-node-gbs, ...)."""
+    name = str(options.get("gpu", cluster.gpu)).lower()
+    field = "--gpu" if "gpu" in options else "cluster.gpu"
+    if name == "custom":
+        if cluster.peak_tflops <= 0 or cluster.memory_gib <= 0:
+            raise ValueError(f"{field}: 'custom' needs cluster.peak_tflops and cluster.memory_gib > 0 "
+                             f"(got {cluster.peak_tflops:g} and {cluster.memory_gib:g})")  # fmt: skip
+        # fp32 runs: TF32 tensor cores at half the bf16 peak, as on the A100 and H100 (metrics/device.py).
+        gpu = GPU("custom", cluster.memory_gib, cluster.peak_tflops, cluster.peak_tflops / 2, 0.0, 0.0)
+    elif name in GPUS:
+        gpu = GPUS[name]
+    else:
+        raise ValueError(f"{field}: {name!r} is not in the table; use one of {sorted(GPUS)}, or 'custom' with "
+                         "cluster.peak_tflops and cluster.memory_gib")  # fmt: skip
+    for key in ("peak_tflops", "memory_gib", "intra_node_gbs", "inter_node_gbs"):
+        if getattr(cluster, key) < 0:
+            raise ValueError(f"cluster.{key}: {getattr(cluster, key)} is not allowed; use >= 0 (0 = the table's)")
+    if cluster.peak_tflops:
+        gpu = replace(gpu, bf16_tflops=cluster.peak_tflops)
+    if cluster.memory_gib:
+        gpu = replace(gpu, memory_gib=cluster.memory_gib)
+    for flag, key in (("intra-node-gbs", "intra_node_gbs"), ("inter-node-gbs", "inter_node_gbs")):
+        value = options.get(flag, getattr(cluster, key))
+        if flag in options and value <= 0:
+            raise ValueError(f"--{flag}: {value} is not allowed; use GB/s > 0")
+        if value:
+            gpu = replace(gpu, **{key: value})
+    if not gpu.intra_node_gbs or not gpu.inter_node_gbs:
+        raise ValueError("cluster.intra_node_gbs / inter_node_gbs: a custom GPU needs both links (GB/s > 0)")
     return gpu
 
 
 def search_command(config: str, overrides: list[str], options: dict) -> int:
-    gpus, per_node = options["gpus"], options.get("gpus-per-node", 8)
+    section = load_config(config, overrides).cluster
+    gpus, per_node = options["gpus"], options.get("gpus-per-node", section.gpus_per_node)
     if gpus < 1 or per_node < 1:
         raise ValueError(f"--gpus / --gpus-per-node: {gpus} / {per_node} are not allowed; use >= 1")
-    gpu = _gpu(options)
-    efficiency = options.get("efficiency", 0.5)
+    gpu = _cluster_gpu(section, options)
+    efficiency = options.get("efficiency", section.efficiency)
     if not 0 < efficiency <= 1:
-        raise ValueError(f"--efficiency: {efficiency} is not allowed; use a fraction of peak in (0, 1]")
+        where = "--efficiency" if "efficiency" in options else "cluster.efficiency"
+        raise ValueError(f"{where}: {efficiency} is not allowed; use a fraction of peak in (0, 1]")
     acs = options.get("ac", ["none", "selective", "full"])
     bad = [a for a in acs if a not in AC_RECOMPUTE]
     if bad:

@@ -86,6 +86,12 @@ def test_no_layout_under_the_limit_fails_naming_the_smallest(capsys):
     ("args", "message"),
     [
         (["--gpus", "4", "--gpu", "tpu9"], r"--gpu: 'tpu9' is not in the table; use one of \['a100', 'h100', 'h200'\]"),
+        (["--gpus", "4", "--cluster.gpu", "mi300"], r"cluster.gpu: 'mi300' is not in the table; .* or 'custom'"),
+        (["--gpus", "4", "--cluster.gpu", "custom", "--cluster.peak_tflops", "400"],
+         r"cluster.gpu: 'custom' needs cluster.peak_tflops and cluster.memory_gib > 0 \(got 400 and 0\)"),
+        (["--gpus", "4", "--cluster.gpu", "custom", "--cluster.peak_tflops", "400", "--cluster.memory_gib", "48"],
+         r"a custom GPU needs both links"),
+        (["--gpus", "4", "--cluster.efficiency", "1.5"], r"cluster.efficiency: 1.5 is not allowed"),
         (["--gpus", "3", "--tp", "2", "--pp", "2"], r"--gpus: no tp x pp x cp \(x ep dividing the data-parallel "
                                                     r"ranks\) of the given degrees divides 3 GPUs"),
         (["--gpus", "4", "--ac", "some"], r"--ac: \['some'\] not allowed"),
@@ -183,3 +189,22 @@ def test_search_over_pipeline_schedules_and_microbatch_counts(capsys):
     bubbles = {m.group(1): float(m.group(2)) for m in re.finditer(r"(pp2\(\S+\)) fsdp1 ac=none .*?(0\.\d\d)  ", out)}
     assert bubbles["pp2(1f1b/m4)"] < bubbles["pp2(1f1b/m2)"]  # (pp-1) / (m x v + pp - 1)
     assert bubbles["pp2(interleaved_1f1b/m2)"] < bubbles["pp2(1f1b/m2)"]
+
+
+def test_the_config_cluster_section_sets_the_gpu_links_and_efficiency(capsys):
+    """`cluster:` in the config (or --cluster.* overrides) describes the machines; the flags win over it."""
+    custom = ["--cluster.gpu", "custom", "--cluster.peak_tflops", "400", "--cluster.memory_gib", "48",
+              "--cluster.intra_node_gbs", "100", "--cluster.inter_node_gbs", "25", "--cluster.gpus_per_node", "2",
+              "--cluster.efficiency", "0.25"]  # fmt: skip
+    code, out, _ = _plan(capsys, "--gpus", "4", *SMALL, *custom)
+    assert code == 0, out
+    assert "# 4 x custom (2 per node), limit 48 GiB, efficiency 0.25" in out
+    code, out, _ = _plan(capsys, "--gpus", "4", *SMALL, *custom, "--gpu", "a100", "--efficiency", "0.5")
+    assert code == 0 and "# 4 x A100" in out and "efficiency 0.5" in out, out
+    cfg = load_config(TINY, ["--parallel.dp_shard", "4", "--train.dtype", "bf16", *custom])
+    facts = ModelFacts(flops_per_sample=6e9, parameters=1e9, trunk_elements_per_sample=0, blocks=0)
+    from scaletrain.plan.command import _cluster_gpu
+
+    t = step_time(cfg, validate_config(cfg, 4), _cluster_gpu(cfg.cluster, {}), 2, 0.25, facts)
+    assert t.compute_s == pytest.approx(6e9 * (16 / 4) / (400e12 * 0.25))  # 16 samples over 4 ranks
+    assert t.fsdp_s == pytest.approx((2 * 2e9 + 4e9) * 3 / 4 / 25e9)  # 4 ranks over 2 nodes: the NIC
