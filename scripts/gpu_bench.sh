@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Benchmark the fused kernels on one NVIDIA GPU and produce docs/benchmarks.md's GPU kernel table.
 #
-#   bash scripts/gpu_bench.sh                 # every step: tests, d64, d128, then the table (~15 min on an H100)
-#   bash scripts/gpu_bench.sh tests d64       # some steps only (each fits a 10-minute command)
+#   bash scripts/gpu_bench.sh                 # the quick set, one device call of about 8 minutes (estimated,
+#                                             # not yet timed): tests, d128 at SEQ=2048,8192, plan, then the table
+#   bash scripts/gpu_bench.sh tests d64 d128  # the full kernel set (~15 min on an H100: two 10-minute calls)
 #   BENCH_OUT=/some/dir SEQ=1024,2048 bash scripts/gpu_bench.sh d128
 #
 # Steps (results under $BENCH_OUT, default runs/gpu-bench):
@@ -11,16 +12,19 @@
 #   d64    attention only, bf16, Llama-3.2-1B heads (32 query / 8 kv heads, head dim 64)      -> d64/
 #   d128   every kernel, bf16, Llama-3-8B shapes (32 / 8 heads, head dim 128; RMSNorm over 4096; SwiGLU
 #          over 16384; fused cross-entropy at vocab 128256, width 4096)                       -> d128/
+#   plan   scaletrain plan --calibrate on llama-1b (seq 2048, global batch 8, 6 steps) under activation
+#          checkpointing none / selective / full: predicted vs measured model state, activations, peak
+#          allocated and step time, each capped at 150 s                                       -> plan/
 #   table  splice d64/ and d128/ (kernels.md, kernels.png) and the test summary into docs/benchmarks.md
 #          between its gpu-kernels markers; needs no GPU (python3 scripts/bench_table.py ...)
 # Each benchmark folder holds kernels.csv (every row), kernels.md (table + the issue's goals, MET / NOT MET,
 # and the scaletrain.ops.TRITON_ATTENTION_FASTER entry for model.attention=auto), kernels.png, env.json and
 # bench.log. Sequence lengths: $SEQ (default 1024,2048,4096,8192); batch = 16384 // seq.
 #
-# On the lent GPU machine (10-minute commands; only files under its $OUT come back, at most 8 per call):
-#   run: BENCH_OUT=$OUT PYTHONUNBUFFERED=1 bash scripts/gpu_bench.sh tests d64
-#   run: BENCH_OUT=$OUT PYTHONUNBUFFERED=1 bash scripts/gpu_bench.sh d128
-# then here: python3 scripts/bench_table.py docs/benchmarks.md <d64 dir> <d128 dir> --tests <pytest.txt>
+# On the lent GPU machine (15 minutes of device time in all; only files under its $OUT come back):
+#   run (timeout_s 540): BENCH_OUT=$OUT PYTHONUNBUFFERED=1 bash scripts/gpu_bench.sh
+# then here: python3 scripts/bench_table.py docs/benchmarks.md <d128 dir> --tests <pytest.txt>, and copy
+# plan/calibrate-*.txt's lines into docs/benchmarks.md and docs/planning.md
 # and commit docs/benchmarks.md + docs/img/. If a card's row says to, add its entry to
 # scaletrain/ops.py TRITON_ATTENTION_FASTER.
 #
@@ -30,11 +34,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 BENCH_OUT=${BENCH_OUT:-runs/gpu-bench}
-SEQ=${SEQ:-1024,2048,4096,8192}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET  # the compiled kernels, not the interpreter
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests d64 d128 table)
+if [ ${#steps[@]} -eq 0 ]; then  # the quick set: one device call
+  steps=(tests d128 plan table)
+  SEQ=${SEQ:-2048,8192}
+fi
+SEQ=${SEQ:-1024,2048,4096,8192}
 
 need_gpu() {
   "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "scripts/gpu_bench.sh: no CUDA device (the table step alone needs none)")'
@@ -65,6 +72,16 @@ for step in "${steps[@]}"; do
       need_gpu
       bench d128 --heads 32 --kv-heads 8 --head-dim 128
       ;;
+    plan)
+      need_gpu
+      mkdir -p "$BENCH_OUT/plan"
+      for ac in none selective full; do
+        # Not fatal: a layout that does not fit or times out is itself a result.
+        timeout 150 "$PYTHON" -m scaletrain.cli plan scaletrain/recipes/gpt/configs/llama-1b.yaml --calibrate \
+          --steps 6 --data.seq_len 2048 --train.global_batch_size 8 --train.compile false \
+          --activation_checkpoint.mode "$ac" 2>&1 | tee "$BENCH_OUT/plan/calibrate-$ac.txt" || true
+      done
+      ;;
     table)
       args=()
       for name in d64 d128; do [ -f "$BENCH_OUT/$name/kernels.md" ] && args+=("$BENCH_OUT/$name"); done
@@ -72,7 +89,7 @@ for step in "${steps[@]}"; do
       "$PYTHON" scripts/bench_table.py docs/benchmarks.md "${args[@]}"
       ;;
     *)
-      echo "scripts/gpu_bench.sh: unknown step '$step' (choose from tests d64 d128 table)" >&2
+      echo "scripts/gpu_bench.sh: unknown step '$step' (choose from tests d64 d128 plan table)" >&2
       exit 2
       ;;
   esac

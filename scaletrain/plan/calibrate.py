@@ -56,10 +56,17 @@ def local_gpu(cfg: JobConfig) -> GPU:
     """The device this machine trains on, as the step-time model sees it."""
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
-        known = next((g for g in GPUS.values() if lookup_spec(name) and g.name == lookup_spec(name).name), None)
-        if known is None:
-            raise ValueError(f"--calibrate: {name!r} is not in the planner's GPU table ({sorted(GPUS)})")
-        return known
+        spec = lookup_spec(name)
+        if spec is None:
+            raise ValueError(f"--calibrate: {name!r} has no peak in scaletrain/metrics/device.py's table")
+        known = next((g for g in GPUS.values() if g.name == spec.name), None)
+        if known is not None:
+            return known
+        # A card the planner's table lacks (e.g. an H100 PCIe): its datasheet peak and its memory, with the H100
+        # row's links (a calibration run stays on this node).
+        memory = torch.cuda.get_device_properties(0).total_memory / 2**30
+        return GPU(spec.name, memory, spec.bf16, spec.tf32 or spec.fp32, GPUS["h100"].intra_node_gbs,
+                   GPUS["h100"].inter_node_gbs)  # fmt: skip
     rate = cpu_matmul_tflops(TORCH_DTYPES[cfg.train.dtype])
     infinite = float("inf")  # communication is not predicted on a CPU
     return GPU("this CPU (1 thread per rank)", 0.0, rate, rate, infinite, infinite)
