@@ -173,7 +173,8 @@ def _cluster_gpu(cluster: ClusterSection, options: dict) -> GPU:
 
 
 def search_command(config: str, overrides: list[str], options: dict) -> int:
-    section = load_config(config, overrides).cluster
+    base = load_config(config, overrides)  # the config before any layout's overrides
+    section = base.cluster
     gpus, per_node = options["gpus"], options.get("gpus-per-node", section.gpus_per_node)
     if gpus < 1 or per_node < 1:
         raise ValueError(f"--gpus / --gpus-per-node: {gpus} / {per_node} are not allowed; use >= 1")
@@ -196,7 +197,7 @@ def search_command(config: str, overrides: list[str], options: dict) -> int:
         raise ValueError(f"--top: {top} is not allowed; use >= 1 layouts to show")
     cluster = Cluster(gpus, gpu, per_node, efficiency, options.get("memory-limit-gb", gpu.memory_gib))
     # Micro-batches: the config's when it sets one, else 1, 2 and 4 samples (each must divide a rank's batch).
-    default_mbs = [0] if load_config(config, overrides).train.micro_batch_size else [1, 2, 4]
+    default_mbs = [0] if base.train.micro_batch_size else [1, 2, 4]
     schedules = options.get("pp-schedule", [""])
     bad = [name for name in schedules if name and name not in SCHEDULE_NAMES]
     if bad:
@@ -218,7 +219,7 @@ def search_command(config: str, overrides: list[str], options: dict) -> int:
         gc.unfreeze()
     limit = cluster.limit_gib
     shown = rows[:top]
-    unit = get_recipe(load_config(config, overrides).recipe).data.unit
+    unit = get_recipe(base.recipe).data.unit
     header = columns(unit)[:-1]
     widths = [max(len(h), *(len(row_cells(r)[i]) for r in shown)) for i, h in enumerate(header)]
     fits = [r for r in rows if r.sized and not r.rejected]
