@@ -247,7 +247,7 @@ def feature_labels(cfg: Any, data: Any | None = None) -> list[str]:
     data = data if data is not None else real_data_section(cfg)
     lines = []
     if data is not None and data.source == "shapes":
-        lines.append(f"fid_shapes/kid_shapes/class_accuracy_shapes: {SHAPES_LABEL}")
+        lines.append(f"fid_shapes/kid_shapes/class_accuracy_shapes/diversity_shapes: {SHAPES_LABEL}")
     path = getattr(cfg.model, "eval_inception_weights", "")
     if path and data is not None:
         lines.append(f"fid_inception/kid_inception: {inception_extractor(path)[1]}")
@@ -257,15 +257,30 @@ def feature_labels(cfg: Any, data: Any | None = None) -> list[str]:
 @functools.cache
 def _real_features(
     extractor: str, weights: str, source: str, path: str, shapes_seed: int, n: int, size: int, channels: int
-) -> np.ndarray:
-    """Features of the n real images the samples are compared with (`extractor` "shapes", or "inception"
-    from `weights`): the real set is fixed for a run, so it is drawn and extracted once per process."""
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(features, the shapes classifier's labels or None) of the n real images the samples are compared with
+    (`extractor` "shapes", or "inception" from `weights`): the real set is fixed for a run, so it is drawn
+    and extracted once per process."""
     images = real_images(SimpleNamespace(source=source, path=path, shapes_seed=shapes_seed), n, size, channels)
     if extractor == "shapes":
-        return extract(shapes_classifier(32, 6), to_classifier_size(images))[0]
+        return extract(shapes_classifier(32, 6), to_classifier_size(images))
     from scaletrain.images.inception import inception_features
 
-    return inception_features(inception_extractor(weights)[0], images)
+    return inception_features(inception_extractor(weights)[0], images), None
+
+
+def diversity(real_BF: np.ndarray, real_labels_B: np.ndarray, fake_BF: np.ndarray, fake_labels_B: np.ndarray) -> float:
+    """How varied the samples of a class are next to real images of that class: the mean over classes of
+    tr(cov(fake features of c)) / tr(cov(real features of c)), i.e. of their mean squared pairwise distances.
+    About 1 when a class's samples vary as much as the data; near 0 when every sample of a class is the same
+    image (mode collapse within the class, which FID and class accuracy can miss). Classes with fewer than
+    2 images on either side are left out; nan when none is left."""
+    ratios = []
+    for c in np.unique(fake_labels_B):
+        fake, real = fake_BF[fake_labels_B == c], real_BF[real_labels_B == c]
+        if len(fake) >= 2 and len(real) >= 2:
+            ratios.append(fake.var(axis=0, ddof=1).sum() / max(real.var(axis=0, ddof=1).sum(), 1e-12))
+    return float(np.mean(ratios)) if ratios else float("nan")
 
 
 def sample_metrics(
@@ -274,7 +289,8 @@ def sample_metrics(
     """FID/KID of generated images against as many real ones, with every extractor that applies:
     the shapes classifier on shapes data (plus the share of samples it labels as the requested
     class; other sizes are resized to its 32 px — real 16 px shapes resized so are still
-    labelled 99.7% right), and Inception-v3 when model.eval_inception_weights is set."""
+    labelled 99.7% right) and the within-class diversity of its features (`diversity`), and Inception-v3
+    when model.eval_inception_weights is set."""
     data = data if data is not None else real_data_section(cfg)
     if data is None:
         return {}
@@ -284,16 +300,21 @@ def sample_metrics(
     out: dict[str, float] = {}
     if data.source == "shapes" and channels == 3:
         fake, predicted = extract(shapes_classifier(32, 6), to_classifier_size(images))
-        real = _real_features("shapes", "", *data_key)
+        real, real_predicted = _real_features("shapes", "", *data_key)
         out.update(_distances("shapes", real, fake))
+        requested = labels_B.cpu().numpy()
         if getattr(cfg.model, "num_classes", 0) > 0:
-            out["class_accuracy_shapes"] = float((predicted == labels_B.cpu().numpy()).mean())
+            out["class_accuracy_shapes"] = float((predicted == requested).mean())
+            # Real images grouped by the classifier's label (99.7 % right on held-out shapes).
+            out["diversity_shapes"] = diversity(real, real_predicted, fake, requested)
+        else:
+            out["diversity_shapes"] = diversity(real, np.zeros(n), fake, np.zeros(n))
     path = getattr(cfg.model, "eval_inception_weights", "")
     if path:
         from scaletrain.images.inception import inception_features
 
         model, _ = inception_extractor(path)
-        real = _real_features("inception", path, *data_key)
+        real, _ = _real_features("inception", path, *data_key)
         out.update(_distances("inception", real, inception_features(model, images)))
     return out
 

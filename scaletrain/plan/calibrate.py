@@ -27,12 +27,11 @@ from scaletrain.config.schema import TORCH_DTYPES, JobConfig
 from scaletrain.metrics.device import lookup_spec
 from scaletrain.parallel.dims import ParallelDims
 from scaletrain.parity import run_layout
-from scaletrain.plan.memory import loader_index_bytes
+from scaletrain.plan.memory import MIB, loader_index_bytes
 from scaletrain.plan.ranks import plan_memory
 from scaletrain.plan.search import model_facts
 from scaletrain.plan.step_time import GPU, GPUS, step_time
 
-MIB = 2**20
 MEASURED_STEP = 3  # the step the trainer's step-memory tracker measures; later ones are timed
 
 

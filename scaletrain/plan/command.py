@@ -19,6 +19,7 @@ from scaletrain.config.schema import ClusterSection
 from scaletrain.parallel.batching import micro_batch_size
 from scaletrain.parallel.dims import implied_world_size
 from scaletrain.parallel.pipeline import SCHEDULE_NAMES
+from scaletrain.plan.memory import GIB, display_unit
 from scaletrain.plan.ranks import RankMemory, plan_memory, shallow_depths
 from scaletrain.plan.search import (
     Cluster,
@@ -32,8 +33,6 @@ from scaletrain.plan.search import (
 from scaletrain.plan.step_time import AC_RECOMPUTE, GPU, GPUS
 from scaletrain.registry import get_recipe
 from scaletrain.validate import validate_config
-
-GIB = 2**30
 
 USAGE = """usage: scaletrain plan CONFIG [--memory-limit-gb G] [--world-size N] [--exact] [--jobs J] [overrides]
        scaletrain plan CONFIG --calibrate [--steps 6] [--world-size N] [overrides]
@@ -61,7 +60,7 @@ activations per layout against the limit) and step_time.png (compute, exposed co
 
 def memory_table(ranks: list[RankMemory], limit_gib: float | None) -> list[str]:
     """One row per pipeline rank, in GiB (MiB for small models)."""
-    unit, scale = ("GiB", GIB) if max(r.total for r in ranks) >= GIB else ("MiB", 2**20)
+    unit, scale = display_unit(max(r.total for r in ranks))
     names = [name for name in asdict(ranks[0].state) if any(asdict(r.state)[name] for r in ranks)]
     header = ["rank", *names, "activations", "total", *(["headroom"] if limit_gib else [])]
     rows = []

@@ -25,6 +25,12 @@ from scaletrain.plan.shards import RankShards
 
 FP32 = 4
 ADAMW_MOMENTS = 2
+GIB, MIB = 2**30, 2**20
+
+
+def display_unit(largest_bytes: int) -> tuple[str, int]:
+    """("GiB", 2**30) for sizes of a GiB or more, else ("MiB", 2**20): tiny models' tables keep their digits."""
+    return ("GiB", GIB) if largest_bytes >= GIB else ("MiB", MIB)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import csv
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,10 @@ from scaletrain.config import MissingDataError, load_config
 from scaletrain.config.schema import JobConfig
 from scaletrain.parallel.batching import micro_batch_size
 from scaletrain.parallel.dims import ParallelDims
+from scaletrain.plan.memory import GIB, display_unit
 from scaletrain.plan.step_time import GPU, ModelFacts, StepTime, step_time
 from scaletrain.registry import get_recipe
 from scaletrain.validate import validate_config
-
-GIB = 2**30
-
 
 MULTI_STAGE = {"interleaved_1f1b": 2, "zero_bubble": 2, "zbv": 2, "dualpipev": 2}  # stages per rank
 
@@ -83,6 +81,9 @@ class Row:
     sized: bool = False  # memory predicted (the search sizes the fastest layouts until enough of them fit)
     micro_batch: int = 0  # samples per rank per forward
     state_floor: int = 0  # model_state_floor: a bound known before any simulation
+    # The validated config and dims `timed` made, kept for `sized` (one load and validation per layout).
+    cfg: JobConfig | None = field(default=None, compare=False, repr=False)
+    dims: ParallelDims | None = field(default=None, compare=False, repr=False)
 
 
 def layouts(gpus: int, gpus_per_node: int, tps: list[int], pps: list[int], acs: list[str], cps: list[int] = (1,),
@@ -138,9 +139,9 @@ def _counts(cfg: JobConfig) -> tuple[int, int, int]:
     """Training FLOPs per sample, parameters and trainable parameters of the config's model."""
     from scaletrain.plan.summary import model_summary
 
-    summary = model_summary(cfg)
     with torch.device("meta"):
         model = get_recipe(cfg.recipe).model.build(cfg.model)
+    summary = model_summary(cfg, model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return int(summary["train_flops_per_sample"]), int(summary["parameters"]), trainable
 
@@ -180,16 +181,15 @@ def timed(config: str, overrides: list[str], layout: Layout, cluster: Cluster, f
     gpu = cluster.gpu
     peak = (gpu.bf16_tflops if cfg.train.dtype in ("bf16", "fp16") else gpu.fp32_tflops) * 1e12
     return Row(layout, time=time, tokens_per_gpu_s=tokens, mfu=flops / peak, micro_batch=micro_batch_size(cfg, dims),
-               state_floor=model_state_floor(cfg, dims, facts))  # fmt: skip
+               state_floor=model_state_floor(cfg, dims, facts), cfg=cfg, dims=dims)  # fmt: skip
 
 
-def sized(config: str, overrides: list[str], row: Row, cluster: Cluster, jobs: int = 1) -> Row:
-    """`row` with its fullest pipeline rank's predicted memory, rejected when over the limit."""
+def sized(row: Row, cluster: Cluster, jobs: int = 1) -> Row:
+    """`row` (a timed one) with its fullest pipeline rank's predicted memory, rejected when over the limit."""
     from scaletrain.plan.ranks import plan_memory
 
-    cfg = load_config(config, [*overrides, *row.layout.overrides])
     try:
-        fullest = max(plan_memory(cfg, validate_config(cfg, cluster.gpus), jobs=jobs), key=lambda rank: rank.total)
+        fullest = max(plan_memory(row.cfg, row.dims, jobs=jobs), key=lambda rank: rank.total)
     except ValueError as exc:
         return replace(row, rejected=f"not simulated: {exc}", sized=True)
     memory = fullest.total
@@ -240,7 +240,7 @@ def search(config: str, overrides: list[str], candidates: list[Layout], cluster:
             rows[i] = replace(rows[i], sized=True, rejected=f"model state alone needs at least "
                               f"{rows[i].state_floor / GIB:.3g} GiB > {cluster.limit_gib:g}")  # fmt: skip
         elif bound is None:
-            rows[i] = sized(config, overrides, rows[i], cluster, jobs)
+            rows[i] = sized(rows[i], cluster, jobs)
         else:
             rows[i] = replace(rows[i], sized=True, rejected=f"needs more than {bound.layout.name}: "
                               f"{bound.memory_bytes / GIB:.3g} GiB > {cluster.limit_gib:g}")  # fmt: skip
@@ -311,7 +311,7 @@ def write_pngs(rows: list[Row], folder: Path, limit_gib: float) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     fig, axis = plt.subplots(figsize=(8, 0.35 * len(plotted) + 1.5))
     largest = max(r.memory_bytes for r in plotted)
-    unit, scale = ("GiB", GIB) if largest >= GIB else ("MiB", 2**20)
+    unit, scale = display_unit(largest)
     state = [r.state_bytes / scale for r in plotted]
     axis.barh(names, state, color="tab:orange", label="model state")
     axis.barh(names, [r.activation_bytes / scale for r in plotted], left=state, color="tab:blue", label="activations")

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from scaletrain.config.schema import JobConfig
 from scaletrain.registry import get_recipe
 
 
-def model_summary(cfg: JobConfig) -> dict[str, float]:
-    """Parameter and FLOP counts from a meta-device model: free even for 70B configs."""
+def model_summary(cfg: JobConfig, model: nn.Module | None = None) -> dict[str, float]:
+    """Parameter and FLOP counts from a meta-device model (`model`, or one built here): free even for 70B
+    configs."""
     from scaletrain.train import count_params, flops_per_sample
 
     recipe = get_recipe(cfg.recipe)
-    with torch.device("meta"):
-        model = recipe.model.build(cfg.model)
+    if model is None:
+        with torch.device("meta"):
+            model = recipe.model.build(cfg.model)
     flops = flops_per_sample(recipe, cfg, model)
     units = recipe.data.units_per_sample(cfg)
     total = count_params(model)

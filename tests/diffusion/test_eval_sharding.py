@@ -51,7 +51,9 @@ def _check(one_process, grid, ranks, dp: int) -> None:
         assert r["forward_samples"] == 2 * per * STEPS, ranks  # its share, not the whole grid
         assert r["forwards"] == ref["forwards"]  # same number of collectives on every rank
     assert ranks[0]["metrics"] and all(not r["metrics"] for r in ranks[1:])  # rank 0 scores
-    assert set(ranks[0]["metrics"]) == set(ref["metrics"]) == {"fid_shapes", "kid_shapes", "class_accuracy_shapes"}
+    assert set(ranks[0]["metrics"]) == set(ref["metrics"]) == {
+        "fid_shapes", "kid_shapes", "class_accuracy_shapes", "diversity_shapes"
+    }
     assert not any(r["text"] for r in ranks)  # the extractor is named once, at start-up (test_errors_and_sample.py)
     torch.testing.assert_close(grid, ref_grid, atol=1e-4, rtol=0)
     assert ranks[0]["metrics"]["class_accuracy_shapes"] == ref["metrics"]["class_accuracy_shapes"]

@@ -107,6 +107,30 @@ def test_eval_metrics_separate_real_shapes_from_noise():
     labels = torch.arange(60) % 6
     good = sample_metrics(cfg, real, labels)
     bad = sample_metrics(cfg, torch.rand(60, 3, 32, 32) * 2 - 1, labels)
-    assert set(good) == {"fid_shapes", "kid_shapes", "class_accuracy_shapes"}
+    assert set(good) == {"fid_shapes", "kid_shapes", "class_accuracy_shapes", "diversity_shapes"}
     assert good["class_accuracy_shapes"] >= 0.95 and bad["class_accuracy_shapes"] <= 0.5
     assert bad["fid_shapes"] > 10 * good["fid_shapes"] and bad["kid_shapes"] > good["kid_shapes"]
+    # Other real shapes vary within a class about as much as the reference set does.
+    assert 0.6 < good["diversity_shapes"] < 1.6, good
+
+
+def test_diversity_sees_mode_collapse_within_a_class():
+    """One image per class, repeated (a per-class mode collapse), keeps the class accuracy of real images but
+    has near-zero within-class diversity; adding a little noise to it does not fake diversity."""
+    import torch
+
+    from scaletrain.config import load_config
+    from scaletrain.images.datasets import ShapesDataset
+    from scaletrain.images.quality import sample_metrics
+
+    cfg = load_config(None, {"recipe": "dit", "model": {"num_classes": 6}})
+    data = ShapesDataset(60, 32, 6, seed=42)
+    labels = torch.tensor([int(data[i]["label"]) for i in range(60)])
+    first_of_class = {int(c): data[int((labels == c).nonzero()[0])]["image"] for c in labels.unique()}
+    collapsed = torch.stack([first_of_class[int(c)] for c in labels])
+    noise = torch.randn(collapsed.shape, generator=torch.Generator().manual_seed(0))
+    jittered = (collapsed + 0.02 * noise).clamp(-1, 1)
+    for images in (collapsed, jittered):
+        metrics = sample_metrics(cfg, images, labels)
+        assert metrics["class_accuracy_shapes"] >= 0.95, metrics
+        assert metrics["diversity_shapes"] < 0.1, metrics
