@@ -120,12 +120,27 @@ def deepspeed_config(cfg: JobConfig, dims: ParallelDims) -> dict[str, Any]:
     return _merge(user, derived)
 
 
+def cpu_has_fp16() -> bool:
+    """Whether DeepSpeed's CPU accelerator accepts fp16 on this machine: it asks oneDNN, which has fp16 only
+    on CPUs with AVX512-FP16 or AMX-FP16 (recent Xeons; not, for one, the AMD EPYC a CI machine had)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class DeepSpeedEngine:
     name = "deepspeed"
 
     def __init__(self, model: nn.Module, cfg: JobConfig, dims: ParallelDims, device: torch.device):
         if device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # instead of a warning that it guessed so
+            if cfg.train.dtype == "fp16" and not cpu_has_fp16():
+                raise ValueError(
+                    "train.dtype: fp16 with engine.name=deepspeed on this CPU is refused by DeepSpeed's CPU "
+                    "accelerator: oneDNN has no fp16 here (it needs AVX512-FP16 or AMX-FP16). Use bf16 or fp32, "
+                    "or the native engine, or a GPU"
+                )
         import deepspeed
         from deepspeed.utils import logger as ds_logger
 

@@ -35,8 +35,13 @@ class GANConfig:
     channels: int = opt(32, "Width of the generator's last and the discriminator's first layer; doubles per level.")
     num_classes: int = opt(
         0,
-        "0 = unconditional; > 0 = class-conditional: a class embedding joins z in the generator, and the "
-        "discriminator adds a projection term (Miyato & Koyama 2018).",
+        "0 = unconditional; > 0 = class-conditional: the generator takes the class (see `conditioning`), and "
+        "the discriminator adds a projection term (Miyato & Koyama 2018).",
+    )
+    conditioning: Literal["norm", "input"] = opt(
+        "norm",
+        "How the generator takes the class: norm = each level's group norm gets a per-class gain and shift "
+        "(the conditional batch norm of SNGAN/BigGAN, per sample here); input = a class embedding added to z.",
     )
     loss: Literal["nonsaturating", "hinge", "wgan-gp"] = opt(
         "nonsaturating",
@@ -83,21 +88,43 @@ class SpectralNorm(nn.Module):
         return F.linear(x, weight, self.layer.bias)
 
 
+class ClassNorm(nn.Module):
+    """Group norm with a per-class gain and shift (SNGAN/BigGAN's conditional batch norm, per sample so that
+    every layout computes the same); with no classes, a plain group norm."""
+
+    def __init__(self, channels: int, groups: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, affine=num_classes == 0)
+        self.class_gain = nn.Embedding(num_classes, channels) if num_classes else None
+        self.class_shift = nn.Embedding(num_classes, channels) if num_classes else None
+
+    def forward(self, h_BCHW: torch.Tensor, label_B: torch.Tensor) -> torch.Tensor:
+        h_BCHW = self.norm(h_BCHW)
+        if self.class_gain is None:
+            return h_BCHW
+        return h_BCHW * self.class_gain(label_B)[:, :, None, None] + self.class_shift(label_B)[:, :, None, None]
+
+
 class Generator(nn.Module):
-    """z (+ class embedding) -> 4x4 -> [upsample x2, conv, group norm, ReLU] per level -> conv -> tanh."""
+    """z (+ class embedding) -> 4x4 -> [upsample x2, conv, (class) group norm, ReLU] per level -> conv -> tanh."""
 
     def __init__(self, cfg: GANConfig) -> None:
         super().__init__()
         self.cfg = cfg
         width = cfg.channels * 2**cfg.levels
-        self.embed = nn.Embedding(cfg.num_classes, cfg.latent_dim) if cfg.num_classes else None
+        by_input = cfg.num_classes and cfg.conditioning == "input"
+        by_norm = cfg.num_classes if cfg.conditioning == "norm" else 0
+        self.embed = nn.Embedding(cfg.num_classes, cfg.latent_dim) if by_input else None
         self.project = nn.Linear(cfg.latent_dim, width * 16)
         self.ups = nn.ModuleList()
         for level in range(cfg.levels):
             c_in, c_out = width // 2**level, width // 2 ** (level + 1)
             self.ups.append(
                 nn.ModuleDict(
-                    {"conv": nn.Conv2d(c_in, c_out, 3, padding=1), "norm": nn.GroupNorm(min(cfg.groups, c_out), c_out)}
+                    {
+                        "conv": nn.Conv2d(c_in, c_out, 3, padding=1),
+                        "norm": ClassNorm(c_out, min(cfg.groups, c_out), by_norm),
+                    }
                 )
             )
         self.out = nn.Conv2d(cfg.channels, cfg.in_channels, 3, padding=1)
@@ -108,7 +135,7 @@ class Generator(nn.Module):
         h = self.project(z).unflatten(1, (-1, 4, 4))
         for up in self.ups:
             h = F.interpolate(h, scale_factor=2, mode="nearest")
-            h = F.relu(up["norm"](up["conv"](h)))
+            h = F.relu(up["norm"](up["conv"](h), label))
         return torch.tanh(self.out(h))
 
 
@@ -205,6 +232,10 @@ class GAN(nn.Module):
             tensor.zero_()
         elif name == "generator.embed.weight":  # added to z ~ N(0, I): on the same scale, so the class shows
             tensor.normal_(0.0, 1.0, generator=generator)
+        elif name.endswith("class_gain.weight"):  # the group norm's identity to start, for every class
+            tensor.fill_(1.0)
+        elif name.endswith("class_shift.weight"):
+            tensor.zero_()
         elif ".norm." in name:
             tensor.fill_(1.0)
         elif leaf == "weight":
