@@ -40,14 +40,16 @@ def test_flows_beat_the_uniform_baseline(kind, tmp_path):
 
 @pytest.mark.slow
 def test_conditional_gan_learns_shapes_and_classes(tmp_path):
-    """sngan-cond-tiny (hinge, spectral norm, projection discriminator, TTUR, EMA), 1500 steps, ~3 min.
-    FID with the project's shapes features over 200 samples: untrained (after 1 step) 127, trained 42;
-    samples classified as the requested class: 16.5 % untrained (chance 1/6), 52 % trained."""
+    """sngan-cond-tiny (hinge, spectral norm, class-conditional group norms, projection discriminator, TTUR,
+    EMA), 1500 steps. Over the 200 in-loop samples: FID (shapes features) untrained 126, trained 5.6;
+    samples classified as the requested class 58 % (chance 1/6); within-class diversity 1.44. With the class
+    added to z instead of in the norms, the generator drew one image per class: diversity 0.22, FID 45."""
     untrained = train("gan/configs/sngan-cond-tiny.yaml", tmp_path, "untrained", "--train.steps", "1")
     trained = train("gan/configs/sngan-cond-tiny.yaml", tmp_path, "trained", "--eval.interval", "1500")
     fid_before, fid_after = last(untrained, "eval/fid_shapes"), last(trained, "eval/fid_shapes")
-    assert fid_after < 0.6 * fid_before, (fid_before, fid_after)
-    assert last(trained, "eval/class_accuracy_shapes") > 1 / 6 + 0.15
+    assert fid_after < 0.2 * fid_before, (fid_before, fid_after)
+    assert last(trained, "eval/class_accuracy_shapes") > 1 / 6 + 0.2
+    assert last(trained, "eval/diversity_shapes") > 0.6  # no per-class mode collapse
 
 
 @pytest.mark.slow

@@ -225,6 +225,8 @@ class ClusterSection:
     memory_gib: float = opt(0.0, "Memory per GPU in GiB; 0 = the table's.")
     intra_node_gbs: float = opt(0.0, "GB/s per GPU, one direction, inside a node (NVLink); 0 = the table's.")
     inter_node_gbs: float = opt(0.0, "GB/s per GPU, one direction, across nodes (the NIC); 0 = the table's.")
+    intra_node_latency_us: float = opt(3.4, "Latency per ring step inside a node, in us (NCCL's ring/Simple, NVLink).")
+    inter_node_latency_us: float = opt(9.6, "Latency per ring step across nodes, in us (NCCL's ring/Simple, network).")
     efficiency: float = opt(
         0.5, "Fraction of the peak FLOP rate compute reaches (scaletrain plan --calibrate measures it)."
     )

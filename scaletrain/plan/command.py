@@ -156,6 +156,11 @@ def _cluster_gpu(cluster: ClusterSection, options: dict) -> GPU:
     for key in ("peak_tflops", "memory_gib", "intra_node_gbs", "inter_node_gbs"):
         if getattr(cluster, key) < 0:
             raise ValueError(f"cluster.{key}: {getattr(cluster, key)} is not allowed; use >= 0 (0 = the table's)")
+    for key in ("intra_node_latency_us", "inter_node_latency_us"):
+        if getattr(cluster, key) < 0:
+            raise ValueError(f"cluster.{key}: {getattr(cluster, key)} is not allowed; use microseconds >= 0")
+    gpu = replace(gpu, intra_node_latency_us=cluster.intra_node_latency_us,
+                  inter_node_latency_us=cluster.inter_node_latency_us)  # fmt: skip
     if cluster.peak_tflops:
         gpu = replace(gpu, bf16_tflops=cluster.peak_tflops)
     if cluster.memory_gib:

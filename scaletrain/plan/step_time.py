@@ -15,12 +15,21 @@
     step       = (compute + exposed fsdp + replicate + tp + ep) / (1 - bubble)
 
 Links: a group whose ranks fit in one node (axis order pp, dp_replicate, dp_shard, cp, tp: tp innermost)
-uses the intra-node bandwidth, otherwise the inter-node one. This is a first-order model, stated so it can
-be checked: it ignores latency, kernel-level overlap inside tensor parallel and the optimizer step.
+uses the intra-node bandwidth, otherwise the inter-node one.
+
+Latency: every collective also pays NCCL's ring model (src/graph/tuning.cc, ring / Simple protocol): a
+base of 8.4 us plus, per ring step, 3.4 us over NVLink or 9.6 us over the network, with n - 1 steps for an
+all-gather or reduce-scatter over n ranks (2(n - 1) for an all-reduce), of which (nodes - 1) (twice that)
+cross the network. Counted per collective: FSDP2 gathers and scatters once per unit (each trunk block and
+the root) per micro-batch, TP 8 per block, EP 4 per routed block per micro-batch, HSDP one all-reduce per
+unit, DDP one per 25 MiB bucket. The hop latencies are `cluster.intra_node_latency_us` /
+`inter_node_latency_us`. This is a first-order model, stated so it can be checked: it ignores
+kernel-level overlap inside tensor parallel and the optimizer step.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from scaletrain.config.schema import JobConfig
@@ -37,6 +46,12 @@ class GPU:
     fp32_tflops: float
     intra_node_gbs: float  # GB/s per GPU, one direction (NVLink)
     inter_node_gbs: float  # GB/s per GPU, one direction (the scale-out NIC)
+    intra_node_latency_us: float = 3.4  # per ring step over NVLink (NCCL's ring / Simple hardware latency)
+    inter_node_latency_us: float = 9.6  # per ring step across nodes
+    base_latency_us: float = 8.4  # per collective (NCCL's ring / Simple base latency)
+
+
+DDP_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
 
 
 def _gpu(key: str, table_name: str, memory_gib: float, intra: float, inter: float) -> tuple[str, GPU]:
@@ -78,6 +93,17 @@ def _link_gbs(gpu: GPU, span: int, gpus_per_node: int) -> float:
     return gpu.intra_node_gbs if span <= gpus_per_node else gpu.inter_node_gbs
 
 
+def collective_latency_s(gpu: GPU, ranks: int, span: int, gpus_per_node: int, all_reduce: bool = False) -> float:
+    """One ring collective's latency over `ranks` ranks spread over `span` consecutive ranks (NCCL's model)."""
+    if ranks <= 1:
+        return 0.0
+    nodes = min(ranks, math.ceil(span / gpus_per_node))
+    rounds = 2 if all_reduce else 1
+    steps, across = rounds * (ranks - 1), rounds * (nodes - 1)
+    hops_us = (steps - across) * gpu.intra_node_latency_us + across * gpu.inter_node_latency_us
+    return (gpu.base_latency_us + hops_us) / 1e6
+
+
 @dataclass(frozen=True)
 class ModelFacts:
     """What the time model needs from the model, all layout-independent (meta-device counts)."""
@@ -105,6 +131,9 @@ def step_time(cfg: JobConfig, dims: ParallelDims, gpu: GPU, gpus_per_node: int, 
 
     slice_elements = model.parameters / (dims.tp * dims.pp)  # elements of this rank's tp/pp slice, before FSDP
     fsdp_s = replicate_s = tp_s = 0.0
+    # Forwards per rank per step (micro-batches, or the pipeline's microbatches); FSDP2 units on this stage.
+    forwards = pipeline_microbatches(cfg, dims) if dims.pp > 1 else grad_accum_steps(cfg, dims)
+    units = model.blocks / dims.pp + 1
     shard = dims.dp_shard * (dims.cp if dims.fsdp_enabled or dims.hsdp_enabled else 1)
     if (dims.fsdp_enabled or dims.hsdp_enabled) and shard > 1:
         link = _link_gbs(gpu, dims.tp * shard, gpus_per_node) * 1e9
@@ -113,22 +142,32 @@ def step_time(cfg: JobConfig, dims: ParallelDims, gpu: GPU, gpus_per_node: int, 
         gather_bytes = slice_elements * compute_bytes * gathers * accum
         scatters = accum if cfg.parallel.fsdp_reduce_every_microbatch else 1
         scatter_bytes = slice_elements * 4 * scatters  # fp32 gradients (train.reduce_dtype)
-        fsdp_s = (gather_bytes + scatter_bytes) * (shard - 1) / shard / link
+        calls = units * (gathers * accum + scatters)
+        latency = calls * collective_latency_s(gpu, shard, dims.tp * shard, gpus_per_node)
+        fsdp_s = (gather_bytes + scatter_bytes) * (shard - 1) / shard / link + latency
     replicas = dims.dp_replicate
     if replicas > 1:
-        link = _link_gbs(gpu, dims.world_size // dims.pp, gpus_per_node) * 1e9
+        span = dims.world_size // dims.pp
+        link = _link_gbs(gpu, span, gpus_per_node) * 1e9
         grad_bytes = slice_elements * 4 / (shard if dims.hsdp_enabled else 1)
-        replicate_s = 2 * grad_bytes * (replicas - 1) / replicas / link
+        calls = units if dims.hsdp_enabled else math.ceil(grad_bytes / DDP_BUCKET_BYTES)
+        latency = calls * collective_latency_s(gpu, replicas, span, gpus_per_node, all_reduce=True)
+        replicate_s = 2 * grad_bytes * (replicas - 1) / replicas / link + latency
     if dims.tp > 1:
         link = _link_gbs(gpu, dims.tp, gpus_per_node) * 1e9
         activation = model.trunk_elements_per_sample * compute_bytes * samples_per_rank / dims.cp
-        tp_s = 8 * model.blocks / dims.pp * activation * (dims.tp - 1) / dims.tp / link
+        calls = 8 * model.blocks / dims.pp * forwards
+        tp_s = (8 * model.blocks / dims.pp * activation * (dims.tp - 1) / dims.tp / link
+                + calls * collective_latency_s(gpu, dims.tp, dims.tp, gpus_per_node))  # fmt: skip
     ep_s = 0.0
     if cfg.parallel.ep > 1 and model.expert_blocks:
         # The ep group is carved from dp_shard x cp, outside tp: its ranks span ep x tp.
-        link = _link_gbs(gpu, cfg.parallel.ep * dims.tp, gpus_per_node) * 1e9
+        ep = cfg.parallel.ep
+        link = _link_gbs(gpu, ep * dims.tp, gpus_per_node) * 1e9
         routed = model.trunk_elements_per_sample * model.top_k * compute_bytes * samples_per_rank / (dims.tp * dims.cp)
-        ep_s = 4 * model.expert_blocks / dims.pp * routed * (cfg.parallel.ep - 1) / cfg.parallel.ep / link
+        calls = 4 * model.expert_blocks / dims.pp * forwards
+        ep_s = (4 * model.expert_blocks / dims.pp * routed * (ep - 1) / ep / link
+                + calls * collective_latency_s(gpu, ep, ep * dims.tp, gpus_per_node))  # fmt: skip
     bubble = 0.0
     if dims.pp > 1:
         bubble = (dims.pp - 1) / (pipeline_microbatches(cfg, dims) * cfg.parallel.stages_per_rank + dims.pp - 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import re
+from dataclasses import replace
 
 import pytest
 from st_common import TINY
@@ -18,6 +19,9 @@ from scaletrain.config import load_config
 from scaletrain.plan.step_time import GPUS, ModelFacts, step_time
 from scaletrain.validate import validate_config
 
+# The bandwidth formulas are checked without the per-collective latency, which has a test of its own.
+NO_LATENCY = {name: replace(gpu, intra_node_latency_us=0, inter_node_latency_us=0, base_latency_us=0)
+              for name, gpu in GPUS.items()}  # fmt: skip
 SMALL = ["--tp", "1,2", "--pp", "1", "--ac", "none,full", "--gpus-per-node", "2", "--mbs", "0"]
 
 
@@ -33,11 +37,31 @@ def test_fsdp_time_is_the_gathers_and_the_scatter_at_the_links_bandwidth():
     cfg = load_config(TINY, ["--parallel.dp_shard", "8", "--train.dtype", "bf16", "--train.global_batch_size", "16"])
     dims = validate_config(cfg, 8)
     facts = ModelFacts(flops_per_sample=6e9, parameters=1e9, trunk_elements_per_sample=0, blocks=0)
-    t = step_time(cfg, dims, GPUS["h100"], 8, 0.5, facts)
+    t = step_time(cfg, dims, NO_LATENCY["h100"], 8, 0.5, facts)
     assert t.compute_s == pytest.approx(6e9 * 2 / (989.5e12 * 0.5))
     assert t.fsdp_s == pytest.approx((2 * 2e9 + 4e9) * 7 / 8 / 450e9)
     assert (t.replicate_s, t.tp_s, t.bubble) == (0, 0, 0)
     assert t.step_s == pytest.approx(t.compute_s + max(0.0, t.fsdp_s - t.compute_s))
+
+
+def test_each_collective_pays_nccls_ring_latency():
+    """FSDP2 over 16 ranks on two nodes of 8, 4 blocks + the root = 5 units, each gathered twice and scattered
+    once: 15 collectives of 8.4 us + 14 NVLink steps x 3.4 us + 1 network step x 9.6 us. TP 2 inside a node:
+    8 collectives per block, each 8.4 + 3.4 us. Bandwidth terms as in the tests above."""
+    cfg = load_config(TINY, ["--parallel.dp_shard", "16", "--train.dtype", "bf16", "--train.global_batch_size", "16"])
+    facts = ModelFacts(flops_per_sample=6e9, parameters=1e9, trunk_elements_per_sample=1000, blocks=4)
+    t = step_time(cfg, validate_config(cfg, 16), GPUS["h100"], 8, 0.5, facts)
+    bandwidth = (2 * 2e9 + 4e9) * 15 / 16 / 50e9
+    assert t.fsdp_s == pytest.approx(bandwidth + 15 * (8.4 + 14 * 3.4 + 9.6) * 1e-6)
+    cfg = load_config(TINY, ["--parallel.tp", "2", "--parallel.dp_shard", "1", "--train.global_batch_size", "4",
+                             "--train.dtype", "bf16"])  # fmt: skip
+    t = step_time(cfg, validate_config(cfg, 2), GPUS["h100"], 8, 0.5, facts)
+    assert t.tp_s == pytest.approx(8 * 4 * (1000 * 2 * 4) / 2 / 450e9 + 8 * 4 * (8.4 + 3.4) * 1e-6)
+    # The config's hop latencies reach the model (here: none across nodes).
+    from scaletrain.plan.command import _cluster_gpu
+
+    cfg = load_config(TINY, ["--cluster.inter_node_latency_us", "0", "--parallel.dp_shard", "16"])
+    assert _cluster_gpu(cfg.cluster, {}).inter_node_latency_us == 0
 
 
 def test_pipeline_bubble_and_tensor_parallel_traffic():
@@ -47,7 +71,7 @@ def test_pipeline_bubble_and_tensor_parallel_traffic():
                              "--train.global_batch_size", "4", "--train.dtype", "bf16"])  # fmt: skip
     dims = validate_config(cfg, 4)
     facts = ModelFacts(flops_per_sample=1e9, parameters=1e6, trunk_elements_per_sample=1000, blocks=4)
-    t = step_time(cfg, dims, GPUS["a100"], 8, 1.0, facts)
+    t = step_time(cfg, dims, NO_LATENCY["a100"], 8, 1.0, facts)
     assert t.bubble == pytest.approx(1 / 3)
     assert t.tp_s == pytest.approx(8 * (4 / 2) * (1000 * 2 * 4) * (1 / 2) / 300e9)
     assert t.step_s == pytest.approx((t.compute_s + t.tp_s) * 1.5)
@@ -175,7 +199,7 @@ def test_expert_parallel_all_to_alls_are_four_per_routed_block():
                              "--train.dtype", "bf16", "--model.moe.num_experts", "4"])  # fmt: skip
     dims = validate_config(cfg, 4)
     facts = ModelFacts(1e9, 1e6, trunk_elements_per_sample=1000, blocks=4, expert_blocks=3, top_k=2)
-    t = step_time(cfg, dims, GPUS["h100"], 8, 0.5, facts)
+    t = step_time(cfg, dims, NO_LATENCY["h100"], 8, 0.5, facts)
     assert t.ep_s == pytest.approx(4 * 3 * (1000 * 2 * 2 * 2) * (1 / 2) / 450e9)
     assert t.step_s == pytest.approx(t.compute_s + t.exposed_fsdp_s + t.ep_s)
 
@@ -195,7 +219,8 @@ def test_the_config_cluster_section_sets_the_gpu_links_and_efficiency(capsys):
     """`cluster:` in the config (or --cluster.* overrides) describes the machines; the flags win over it."""
     custom = ["--cluster.gpu", "custom", "--cluster.peak_tflops", "400", "--cluster.memory_gib", "48",
               "--cluster.intra_node_gbs", "100", "--cluster.inter_node_gbs", "25", "--cluster.gpus_per_node", "2",
-              "--cluster.efficiency", "0.25"]  # fmt: skip
+              "--cluster.efficiency", "0.25", "--cluster.intra_node_latency_us", "0",
+              "--cluster.inter_node_latency_us", "0"]  # fmt: skip
     code, out, _ = _plan(capsys, "--gpus", "4", *SMALL, *custom)
     assert code == 0, out
     assert "# 4 x custom (2 per node), limit 48 GiB, efficiency 0.25" in out
@@ -207,4 +232,5 @@ def test_the_config_cluster_section_sets_the_gpu_links_and_efficiency(capsys):
 
     t = step_time(cfg, validate_config(cfg, 4), _cluster_gpu(cfg.cluster, {}), 2, 0.25, facts)
     assert t.compute_s == pytest.approx(6e9 * (16 / 4) / (400e12 * 0.25))  # 16 samples over 4 ranks
-    assert t.fsdp_s == pytest.approx((2 * 2e9 + 4e9) * 3 / 4 / 25e9)  # 4 ranks over 2 nodes: the NIC
+    # 4 ranks over 2 nodes: the NIC; the hops' latency set to 0, NCCL's 8.4 us base per collective remains.
+    assert t.fsdp_s == pytest.approx((2 * 2e9 + 4e9) * 3 / 4 / 25e9 + 3 * 8.4e-6)

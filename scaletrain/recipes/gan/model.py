@@ -35,13 +35,9 @@ class GANConfig:
     channels: int = opt(32, "Width of the generator's last and the discriminator's first layer; doubles per level.")
     num_classes: int = opt(
         0,
-        "0 = unconditional; > 0 = class-conditional: the generator takes the class (see `conditioning`), and "
-        "the discriminator adds a projection term (Miyato & Koyama 2018).",
-    )
-    conditioning: Literal["norm", "input"] = opt(
-        "norm",
-        "How the generator takes the class: norm = each level's group norm gets a per-class gain and shift "
-        "(the conditional batch norm of SNGAN/BigGAN, per sample here); input = a class embedding added to z.",
+        "0 = unconditional; > 0 = class-conditional: each generator level's group norm takes a per-class gain "
+        "and shift (SNGAN/BigGAN's conditional batch norm), and the discriminator adds a projection term "
+        "(Miyato & Koyama 2018).",
     )
     loss: Literal["nonsaturating", "hinge", "wgan-gp"] = opt(
         "nonsaturating",
@@ -106,15 +102,16 @@ class ClassNorm(nn.Module):
 
 
 class Generator(nn.Module):
-    """z (+ class embedding) -> 4x4 -> [upsample x2, conv, (class) group norm, ReLU] per level -> conv -> tanh."""
+    """z -> 4x4 -> [upsample x2, conv, (class-conditional) group norm, ReLU] per level -> conv -> tanh.
+
+    The class enters through the norms, not the input: with a class embedding added to z instead, the
+    conditional shapes run (docs/families.md) drew one image per class whatever z was (within-class
+    diversity 0.23, FID 44); with the class in the norms, 1.38 and FID 4.5."""
 
     def __init__(self, cfg: GANConfig) -> None:
         super().__init__()
         self.cfg = cfg
         width = cfg.channels * 2**cfg.levels
-        by_input = cfg.num_classes and cfg.conditioning == "input"
-        by_norm = cfg.num_classes if cfg.conditioning == "norm" else 0
-        self.embed = nn.Embedding(cfg.num_classes, cfg.latent_dim) if by_input else None
         self.project = nn.Linear(cfg.latent_dim, width * 16)
         self.ups = nn.ModuleList()
         for level in range(cfg.levels):
@@ -123,15 +120,13 @@ class Generator(nn.Module):
                 nn.ModuleDict(
                     {
                         "conv": nn.Conv2d(c_in, c_out, 3, padding=1),
-                        "norm": ClassNorm(c_out, min(cfg.groups, c_out), by_norm),
+                        "norm": ClassNorm(c_out, min(cfg.groups, c_out), cfg.num_classes),
                     }
                 )
             )
         self.out = nn.Conv2d(cfg.channels, cfg.in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        if self.embed is not None:
-            z = z + self.embed(label)
         h = self.project(z).unflatten(1, (-1, 4, 4))
         for up in self.ups:
             h = F.interpolate(h, scale_factor=2, mode="nearest")
@@ -223,15 +218,13 @@ class GAN(nn.Module):
         return (scores[n : 2 * n] - scores[:n] + self.cfg.gp_weight * penalty).mean()
 
     def init_tensor(self, name: str, tensor: torch.Tensor, generator: torch.Generator) -> None:
-        """DCGAN's init: weights N(0, 0.02), biases 0, norm gains 1; the generator's class embedding N(0, 1);
+        """DCGAN's init: weights N(0, 0.02), biases 0, norm gains 1 (per class too), per-class shifts 0;
         spectral norm's u a random unit vector."""
         leaf = name.rsplit(".", 1)[-1]
         if leaf == "u":
             tensor.copy_(F.normalize(torch.randn(tensor.shape, generator=generator, device=tensor.device), dim=0))
         elif leaf == "bias":
             tensor.zero_()
-        elif name == "generator.embed.weight":  # added to z ~ N(0, I): on the same scale, so the class shows
-            tensor.normal_(0.0, 1.0, generator=generator)
         elif name.endswith("class_gain.weight"):  # the group norm's identity to start, for every class
             tensor.fill_(1.0)
         elif name.endswith("class_shift.weight"):
