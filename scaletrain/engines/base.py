@@ -64,6 +64,22 @@ def autocast_to(device_type: str, dtype: torch.dtype | None) -> AbstractContextM
 
 
 @dataclass(frozen=True)
+class DataParallelCost:
+    """What an engine that owns data parallelism holds and moves per rank in one optimizer step, for
+    `scaletrain plan` (scaletrain/plan/step_time.py, ranks.py). Bytes on the wire are per rank, with the ring's
+    (n-1)/n already applied; `*_calls` count ring passes (an all-reduce is two)."""
+
+    parameter_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int  # moments, and fp32 master weights where the engine keeps them
+    buffer_bytes: int  # the engine's own (communication buckets)
+    overlapped_bytes: int  # prefetched parameter gathers and in-backward reductions, hidden behind compute
+    overlapped_calls: int
+    exposed_bytes: int  # what the step waits for (a boundary reduction, the gather after the update)
+    exposed_calls: int
+
+
+@dataclass(frozen=True)
 class EngineSpec:
     name: str
     # (job config, resolved dims) -> None; raises ValueError naming the field, before any process group.
@@ -79,3 +95,6 @@ class EngineSpec:
     show: Callable[[JobConfig, ParallelDims], list[str]] | None = None
     # Named settings `scaletrain bench --engines NAME:PRESET` runs (e.g. deepspeed:zero3-offload), as overrides.
     presets: dict[str, list[str]] = field(default_factory=dict)
+    # (job config, dims, parameters, trainable parameters) -> its data parallelism's memory and traffic per rank,
+    # for engines that own data parallelism and that `scaletrain plan` can search (None: not planned).
+    plan_cost: Callable[[JobConfig, ParallelDims, int, int], DataParallelCost] | None = None

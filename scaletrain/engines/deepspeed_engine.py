@@ -12,6 +12,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import warnings
 from contextlib import AbstractContextManager
@@ -23,7 +24,7 @@ from torch import nn
 
 from scaletrain.checkpoint.store import CheckpointState, ModuleState, flat_optimizer_entries, flat_param_state
 from scaletrain.config.schema import TORCH_DTYPES, JobConfig
-from scaletrain.engines.base import EngineSpec, autocast_to
+from scaletrain.engines.base import DataParallelCost, EngineSpec, autocast_to
 from scaletrain.optim import ADAMW_MOMENTS, adamw_initial_state, build_optimizer, set_lr
 from scaletrain.parallel.batching import grad_accum_steps, micro_batch_size
 from scaletrain.parallel.dims import ParallelDims
@@ -365,12 +366,69 @@ def _preset(stage: int, offload: bool = False) -> list[str]:
     return flags
 
 
+DEFAULT_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's reduce_bucket_size and allgather_bucket_size defaults
+
+
+def _elements(zero: dict[str, Any], key: str) -> int:
+    """A bucket size from the ZeRO section: DeepSpeed's default when absent or "auto" (Hugging Face JSONs)."""
+    value = zero.get(key)
+    return int(value) if isinstance(value, (int, float)) and value > 0 else DEFAULT_BUCKET_ELEMENTS
+
+
+def plan_cost(cfg: JobConfig, dims: ParallelDims, parameters: int, trainable: int) -> DataParallelCost:
+    """ZeRO's memory and traffic per rank (Rajbhandari et al. 2020), as this engine runs it: the module's
+    weights and gradients in the compute dtype (fp32, or 2 bytes under bf16/fp16) with fp32 master weights
+    and AdamW's two fp32 moments beside them (no masters in fp32). Stage 1 partitions the optimizer state,
+    2 also the gradients, 3 also the weights; stage 1 still holds every gradient during backward, the peak
+    counted here. Traffic over n ranks: stage 0 all-reduces the gradients at the boundary; 1 reduce-scatters
+    them there and 2 after every micro-batch (in backward, overlapped); both all-gather the updated weights
+    after the step; 3 gathers the weights in forward and backward and reduce-scatters gradients every
+    micro-batch, prefetched like FSDP2. Stage 3 also keeps a reduce bucket (reduce_bucket_size elements, 5e8
+    by default: 0.93 GiB in bf16, measured, docs/engines.md). Offload is not planned."""
+    zero = deepspeed_config(cfg, dims)["zero_optimization"]
+    stage, n = zero["stage"], dims.dp_shard
+    low = cfg.train.dtype in ("bf16", "fp16")
+    width = 2 if low else 4
+    partitioned = n if stage >= 1 else 1
+    masters = 4 * trainable if low else 0
+    ring = (n - 1) / n
+    accum = grad_accum_steps(cfg, dims)
+    bucket = _elements(zero, "reduce_bucket_size")
+    buckets = math.ceil(trainable / bucket)
+    gathers = math.ceil(parameters / _elements(zero, "allgather_bucket_size"))
+    gradients, weights = width * trainable * ring, width * parameters * ring
+    overlapped = exposed = 0.0
+    overlapped_calls = exposed_calls = 0
+    if n > 1 and stage == 0:
+        exposed, exposed_calls = 2 * gradients, 2 * buckets
+    elif n > 1 and stage in (1, 2):
+        if stage == 1:
+            exposed, exposed_calls = gradients, buckets
+        else:
+            overlapped, overlapped_calls = accum * gradients, accum * buckets
+        exposed, exposed_calls = exposed + weights, exposed_calls + gathers
+    elif n > 1:
+        units = accum * (2 * gathers + buckets)
+        overlapped, overlapped_calls = accum * (2 * weights + gradients), units
+    return DataParallelCost(
+        parameter_bytes=width * parameters // (n if stage == 3 else 1),
+        gradient_bytes=width * trainable // (n if stage >= 2 else 1),
+        optimizer_bytes=(masters + 8 * trainable) // partitioned,
+        buffer_bytes=width * min(trainable, bucket) if stage == 3 else 0,
+        overlapped_bytes=round(overlapped),
+        overlapped_calls=overlapped_calls,
+        exposed_bytes=round(exposed),
+        exposed_calls=exposed_calls,
+    )
+
+
 SPEC = EngineSpec(
     name="deepspeed",
     validate=validate,
     build=DeepSpeedEngine,
     owns_data_parallel=True,
     show=show,
+    plan_cost=plan_cost,
     presets={
         **{f"zero{stage}": _preset(stage) for stage in range(4)},
         "zero2-offload": _preset(2, offload=True),  # optimizer states and update on the CPU

@@ -38,7 +38,8 @@ USAGE = """usage: scaletrain plan CONFIG [--memory-limit-gb G] [--world-size N] 
        scaletrain plan CONFIG --calibrate [--steps 6] [--world-size N] [overrides]
        scaletrain plan CONFIG --gpus N [--gpu h100|h200|a100] [--gpus-per-node 8] [--top 10] [--tp 1,2,4,8]
                        [--pp 1,2,4] [--pp-schedule 1f1b,...] [--microbatches M,...] [--cp 1] [--ep 1]
-                       [--ac none,selective,full] [--mbs 1,2,4] [--efficiency 0.5]
+                       [--ac none,selective,full] [--mbs 1,2,4] [--engines native,zero1,zero2,zero3]
+                       [--efficiency 0.5]
                        [--intra-node-gbs B] [--inter-node-gbs B] [--memory-limit-gb G] [--size-all]
                        [--csv FILE] [--png DIR] [--jobs J] [overrides]
 Per-rank memory of CONFIG's layout, predicted in this process without a GPU or a process group: the model
@@ -55,7 +56,9 @@ config's train.micro_batch_size if set, else 1,2,4; 0 = global batch / dp) layou
 (rejected ones say why), timed by a first-order model (scaletrain/plan/step_time.py)
 and sized fastest first until --top of them fit (--size-all: every one); ranked by tokens/s per GPU among
 those that fit (--memory-limit-gb, default the GPU's memory). --png DIR: memory.png (model state and
-activations per layout against the limit) and step_time.png (compute, exposed communication, bubble)."""
+activations per layout against the limit) and step_time.png (compute, exposed communication, bubble).
+--engines: native (the default) and/or DeepSpeed's ZeRO stages zero0..zero3 over all N GPUs, sized by the
+engine's own account of its model state (EngineSpec.plan_cost) plus the activations of DDP over as many."""
 
 
 def memory_table(ranks: list[RankMemory], limit_gib: float | None) -> list[str]:
@@ -127,7 +130,8 @@ SEARCH_OPTIONS = {"memory-limit-gb": float, "world-size": int, "gpus": int, "gpu
                   "top": int, "tp": _ints, "pp": _ints, "ac": _names, "efficiency": float, "intra-node-gbs": float,
                   "inter-node-gbs": float, "csv": str, "png": str, "exact": bool, "cp": _ints, "mbs": _ints,
                   "size-all": bool, "jobs": int, "calibrate": bool, "steps": int, "ep": _ints,
-                  "pp-schedule": _names, "microbatches": _ints}  # fmt: skip
+                  "pp-schedule": _names, "microbatches": _ints, "engines": _names}  # fmt: skip
+ENGINE_CHOICES = {"native": None, **{f"zero{stage}": stage for stage in range(4)}}
 
 
 def _jobs(options: dict) -> int:
@@ -206,9 +210,15 @@ def search_command(config: str, overrides: list[str], options: dict) -> int:
     bad = [name for name in schedules if name and name not in SCHEDULE_NAMES]
     if bad:
         raise ValueError(f"--pp-schedule: {bad} not allowed; use some of {list(SCHEDULE_NAMES)}")
-    candidates = layouts(gpus, per_node, options.get("tp", [1, 2, 4, 8]), options.get("pp", [1, 2, 4]), acs,
-                         options.get("cp", [1]), options.get("mbs", default_mbs), options.get("ep", [1]), schedules,
-                         options.get("microbatches", [0]))  # fmt: skip
+    engines = options.get("engines", ["native"])
+    bad = [name for name in engines if name not in ENGINE_CHOICES]
+    if bad:
+        raise ValueError(f"--engines: {bad} not allowed; use some of {list(ENGINE_CHOICES)} (zeroN: DeepSpeed)")
+    tps = options.get("tp", [1, 2, 4, 8]) if "native" in engines else []  # no tp: no native layout
+    candidates = layouts(gpus, per_node, tps, options.get("pp", [1, 2, 4]), acs, options.get("cp", [1]),
+                         options.get("mbs", default_mbs), options.get("ep", [1]), schedules,
+                         options.get("microbatches", [0]),
+                         [ENGINE_CHOICES[name] for name in engines if name != "native"])  # fmt: skip
     if not candidates:
         raise ValueError(f"--gpus: no tp x pp x cp (x ep dividing the data-parallel ranks) of the given degrees "
                          f"divides {gpus} GPUs")

@@ -19,9 +19,10 @@ import multiprocessing
 from dataclasses import asdict, dataclass, replace
 
 from scaletrain.config.schema import JobConfig
+from scaletrain.engines import get_engine
 from scaletrain.parallel.dims import ParallelDims
 from scaletrain.parallel.pipeline import num_stages, split_layers, stage_ids_for_rank
-from scaletrain.plan.memory import ModelStateBytes, model_state_bytes
+from scaletrain.plan.memory import FP32, ModelStateBytes, model_state_bytes
 from scaletrain.plan.simulate import share_pipeline_input, simulate_rank
 from scaletrain.registry import get_recipe
 
@@ -44,7 +45,7 @@ def plan_memory(cfg: JobConfig, dims: ParallelDims, exact: bool = False, jobs: i
     deep models from two shallow copies unless `exact`. The simulations (each pipeline rank, each copy) run in
     `jobs` processes."""
     if cfg.engine.name != "native":
-        raise ValueError(f"engine.name: the planner predicts the native engine, not {cfg.engine.name!r}")
+        return _engine_memory(cfg, dims, exact, jobs)
     depths = None if exact else shallow_depths(cfg, dims)
     if depths is None:
         return _simulated([cfg], dims, jobs)[0]
@@ -55,6 +56,23 @@ def plan_memory(cfg: JobConfig, dims: ParallelDims, exact: bool = False, jobs: i
         _along_line(low, high, *(_rank_blocks(cfg, dims, low.pp_rank, d) for d in (*depths, full)))
         for low, high in zip(lows, highs, strict=True)
     ]
+
+
+def _engine_memory(cfg: JobConfig, dims: ParallelDims, exact: bool, jobs: int) -> list[RankMemory]:
+    """An engine that owns data parallelism (EngineSpec.plan_cost): its model state as it says, the activations
+    and the model's buffers as the native engine's DDP over as many ranks has them (a rank runs the same
+    micro-batch through the same module)."""
+    plan_cost = get_engine(cfg.engine.name).plan_cost
+    if plan_cost is None:
+        raise ValueError(f"engine.name: the planner predicts the native engine and DeepSpeed, not {cfg.engine.name!r}")
+    ddp = replace(cfg, engine=replace(cfg.engine, name="native"),
+                  parallel=replace(cfg.parallel, dp_replicate=dims.dp_shard, dp_shard=1))  # fmt: skip
+    (native,) = plan_memory(ddp, ParallelDims.resolve(ddp.parallel.degrees, dims.world_size), exact, jobs)
+    # Under DDP a rank holds every weight and gradient in fp32: the counts the engine's cost needs.
+    cost = plan_cost(cfg, dims, native.state.parameters // FP32, native.state.gradients // FP32)
+    state = ModelStateBytes(cost.parameter_bytes, cost.gradient_bytes, cost.optimizer_bytes, native.state.ema,
+                            native.state.buffers + cost.buffer_bytes, 0)  # fmt: skip
+    return [RankMemory(0, state, native.activations)]
 
 
 def shallow_depths(cfg: JobConfig, dims: ParallelDims) -> tuple[int, int] | None:

@@ -20,6 +20,7 @@ import torch
 
 from scaletrain.config import MissingDataError, load_config
 from scaletrain.config.schema import JobConfig
+from scaletrain.engines import get_engine
 from scaletrain.parallel.batching import micro_batch_size
 from scaletrain.parallel.dims import ParallelDims
 from scaletrain.plan.memory import GIB, display_unit
@@ -42,6 +43,7 @@ class Layout:
     ep: int = 1  # expert parallel, borrowed from dp_shard x cp
     schedule: str = ""  # pipeline schedule; "" = the config's
     microbatches: int = 0  # pipeline microbatches; 0 = the config's
+    zero_stage: int = -1  # DeepSpeed's ZeRO stage 0-3 (engine.name=deepspeed, over dp_shard); -1 = native engine
 
     @property
     def overrides(self) -> list[str]:
@@ -51,6 +53,8 @@ class Layout:
             pipeline += ["--parallel.pp_schedule", self.schedule, "--parallel.stages_per_rank", str(stages)]
         if self.microbatches:
             pipeline += ["--parallel.microbatches", str(self.microbatches)]
+        if self.zero_stage >= 0:
+            pipeline += ["--engine.name", "deepspeed", "--engine.deepspeed.zero_stage", str(self.zero_stage)]
         return ["--parallel.tp", str(self.tp), "--parallel.pp", str(self.pp), "--parallel.dp_replicate",
                 str(self.dp_replicate), "--parallel.dp_shard", str(self.dp_shard), "--parallel.cp", str(self.cp),
                 "--parallel.ep", str(self.ep), "--activation_checkpoint.mode", self.ac, *pipeline,
@@ -59,6 +63,8 @@ class Layout:
     @property
     def name(self) -> str:
         data = f"hsdp{self.dp_replicate}x{self.dp_shard}" if self.dp_replicate > 1 else f"fsdp{self.dp_shard}"
+        if self.zero_stage >= 0:
+            data = f"zero{self.zero_stage} dp{self.dp_shard}"
         pipeline = f"pp{self.pp}" if self.pp > 1 else ""
         if pipeline and (self.schedule or self.microbatches):
             pipeline += f"({self.schedule or 'config'}" + (f"/m{self.microbatches})" if self.microbatches else ")")
@@ -88,10 +94,12 @@ class Row:
 
 def layouts(gpus: int, gpus_per_node: int, tps: list[int], pps: list[int], acs: list[str], cps: list[int] = (1,),
             micro_batches: list[int] = (0,), eps: list[int] = (1,), schedules: list[str] = ("",),
-            pipeline_microbatches: list[int] = (0,)) -> list[Layout]:  # fmt: skip
+            pipeline_microbatches: list[int] = (0,), zero_stages: list[int] = ()) -> list[Layout]:  # fmt: skip
     """Every combination that divides `gpus`; pipeline schedules and microbatch counts only where pp > 1, expert
-    parallel only where it divides the data-parallel ranks it is carved from (dp_shard x cp)."""
-    found = []
+    parallel only where it divides the data-parallel ranks it is carved from (dp_shard x cp); DeepSpeed's
+    `zero_stages` over all the GPUs (its data parallelism is all it does)."""
+    found = [Layout(1, 1, 1, 1, gpus, ac, mbs, zero_stage=stage)
+             for stage, ac, mbs in itertools.product(zero_stages, acs, micro_batches)]  # fmt: skip
     for tp, pp, cp, ac, mbs, ep in itertools.product(tps, pps, cps, acs, micro_batches, eps):
         if gpus % (tp * pp * cp):
             continue
@@ -150,6 +158,11 @@ def model_state_floor(cfg: JobConfig, dims: ParallelDims, facts: ModelFacts) -> 
     """The fewest bytes of model state the fullest rank can hold: each parameter's fp32 master, and for the
     trainable ones a gradient and AdamW's two moments (and EMA's copy), spread over the ranks that split them
     (the fullest holds at least their mean). What ranks.py simulates is never less."""
+    plan_cost = get_engine(cfg.engine.name).plan_cost
+    if plan_cost is not None:  # the engine's own account (DeepSpeed's ZeRO formulas), exact
+        cost = plan_cost(cfg, dims, facts.parameters, facts.trainable or facts.parameters)
+        ema = 4 * (facts.trainable or facts.parameters) if cfg.train.ema_decay > 0 else 0
+        return cost.parameter_bytes + cost.gradient_bytes + cost.optimizer_bytes + ema
     per_trainable = 16 + (4 if cfg.train.ema_decay > 0 else 0)
     total = 4 * (facts.parameters - facts.trainable) + per_trainable * facts.trainable
     sharded = dims.fsdp_enabled or dims.hsdp_enabled
@@ -208,7 +221,7 @@ def _needs_at_least(row: Row, other: Row) -> bool:
     shard the model state and the activations over fewer ranks, never more)."""
     a, b = row.layout, other.layout
     return (
-        (a.pp, a.schedule, a.microbatches) == (b.pp, b.schedule, b.microbatches)
+        (a.pp, a.schedule, a.microbatches, a.zero_stage) == (b.pp, b.schedule, b.microbatches, b.zero_stage)
         and a.ep <= b.ep
         and MORE_CHECKPOINTING[a.ac] <= MORE_CHECKPOINTING[b.ac]
         and row.micro_batch >= other.micro_batch

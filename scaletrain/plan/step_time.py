@@ -12,6 +12,9 @@
     ep         = expert parallel's all-to-alls: each routed token's activation (top_k copies) dispatched and
                  combined in the forward and again in the backward, (ep-1)/ep each, exposed
     bubble     = pipeline idle fraction (pp-1) / (microbatches x stages per rank + pp - 1)
+    engines    = an engine that owns data parallelism (DeepSpeed's ZeRO stages) says what it moves
+                 (EngineSpec.plan_cost): its prefetched gathers and in-backward reductions count as fsdp
+                 (overlapped), what the step waits for as replicate (exposed)
     step       = (compute + exposed fsdp + replicate + tp + ep) / (1 - bubble)
 
 Links: a group whose ranks fit in one node (axis order pp, dp_replicate, dp_shard, cp, tp: tp innermost)
@@ -33,6 +36,7 @@ import math
 from dataclasses import dataclass
 
 from scaletrain.config.schema import JobConfig
+from scaletrain.engines import get_engine
 from scaletrain.metrics.device import lookup_spec
 from scaletrain.parallel.batching import grad_accum_steps, pipeline_microbatches
 from scaletrain.parallel.dims import ParallelDims
@@ -128,6 +132,16 @@ def step_time(cfg: JobConfig, dims: ParallelDims, gpu: GPU, gpus_per_node: int, 
     recompute = AC_RECOMPUTE[cfg.activation_checkpoint.mode]
     flops = model.flops_per_sample * samples_per_rank * recompute / (dims.tp * dims.cp * dims.pp)
     compute_s = flops / (peak * efficiency)
+
+    plan_cost = get_engine(cfg.engine.name).plan_cost
+    if plan_cost is not None:  # an engine that owns data parallelism (DeepSpeed ZeRO): no tp, pp, cp or ep
+        cost = plan_cost(cfg, dims, int(model.parameters), int(model.trainable or model.parameters))
+        link = _link_gbs(gpu, dims.dp_shard, gpus_per_node) * 1e9
+        latency = collective_latency_s(gpu, dims.dp_shard, dims.dp_shard, gpus_per_node)
+        fsdp_s = cost.overlapped_bytes / link + cost.overlapped_calls * latency
+        replicate_s = cost.exposed_bytes / link + cost.exposed_calls * latency
+        busy = compute_s + max(0.0, fsdp_s - compute_s) + replicate_s
+        return StepTime(compute_s, fsdp_s, replicate_s, 0.0, 0.0, busy)
 
     slice_elements = model.parameters / (dims.tp * dims.pp)  # elements of this rank's tp/pp slice, before FSDP
     fsdp_s = replicate_s = tp_s = 0.0

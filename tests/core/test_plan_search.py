@@ -16,6 +16,7 @@ from st_common import TINY
 
 from scaletrain import cli
 from scaletrain.config import load_config
+from scaletrain.plan.search import model_state_floor
 from scaletrain.plan.step_time import GPUS, ModelFacts, step_time
 from scaletrain.validate import validate_config
 
@@ -62,6 +63,39 @@ def test_each_collective_pays_nccls_ring_latency():
 
     cfg = load_config(TINY, ["--cluster.inter_node_latency_us", "0", "--parallel.dp_shard", "16"])
     assert _cluster_gpu(cfg.cluster, {}).inter_node_latency_us == 0
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_zero_stages_are_timed_and_held_as_the_zero_paper_says(stage):
+    """ZeRO over 8 ranks of a node, bf16, Ψ = 1e9 trainable parameters, 2 micro-batches: the bytes a rank
+    holds and what it moves, by hand (latency zeroed)."""
+    cfg = load_config(TINY, ["--engine.name", "deepspeed", "--engine.deepspeed.zero_stage", str(stage),
+                             "--parallel.dp_shard", "8", "--train.dtype", "bf16", "--train.global_batch_size", "16",
+                             "--train.micro_batch_size", "1"])  # fmt: skip
+    dims = validate_config(cfg, 8)
+    facts = ModelFacts(flops_per_sample=6e9, parameters=int(1e9), trunk_elements_per_sample=0, blocks=0,
+                       trainable=int(1e9))  # fmt: skip
+    t = step_time(cfg, dims, NO_LATENCY["h100"], 8, 0.5, facts)
+    ring, link = 7 / 8, 450e9
+    grads = weights = 2e9 * ring  # bf16
+    overlapped, exposed = {0: (0, 2 * grads), 1: (0, grads + weights), 2: (2 * grads, weights),
+                           3: (2 * (2 * weights + grads), 0)}[stage]  # fmt: skip
+    assert t.fsdp_s == pytest.approx(overlapped / link) and t.replicate_s == pytest.approx(exposed / link)
+    floor = model_state_floor(cfg, dims, facts)
+    held = {0: 2 + 2 + 12, 1: 2 + 2 + 12 / 8, 2: 2 + 14 / 8, 3: 16 / 8}[stage] * 1e9
+    assert floor == pytest.approx(held)
+
+
+def test_search_ranks_zero_stages_beside_native_layouts(capsys):
+    """--engines adds DeepSpeed's ZeRO stages over every GPU; each is validated (DeepSpeed's own checks),
+    timed and sized like the native layouts, and ranked among them."""
+    pytest.importorskip("deepspeed")
+    code, out, _ = _plan(capsys, "--gpus", "2", *SMALL, "--engines", "native,zero2,zero3", "--size-all")
+    assert code == 0, out
+    rows = [line for line in out.splitlines() if "ac=" in line]
+    assert any(line.strip().startswith("zero2 dp2 ac=none") for line in rows), out
+    assert any(line.strip().startswith("zero3 dp2 ac=full") for line in rows), out
+    assert any(line.strip().startswith("fsdp2 ac=none") for line in rows), out
 
 
 def test_pipeline_bubble_and_tensor_parallel_traffic():
@@ -121,6 +155,8 @@ def test_no_layout_under_the_limit_fails_naming_the_smallest(capsys):
         (["--gpus", "4", "--ac", "some"], r"--ac: \['some'\] not allowed"),
         (["--gpus", "4", "--efficiency", "1.5"], r"--efficiency: 1.5 is not allowed"),
         (["--gpus", "0"], r"--gpus / --gpus-per-node: 0 / 8 are not allowed"),
+        (["--gpus", "4", "--engines", "native,zero4"], r"--engines: \['zero4'\] not allowed; use some of"),
+        (["--gpus", "4", "--cluster.inter_node_latency_us", "-1"], r"cluster.inter_node_latency_us: -1.0 is not "),
     ],
 )
 def test_bad_search_input_is_refused_before_any_simulation(args, message, capsys):

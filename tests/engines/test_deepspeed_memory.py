@@ -23,7 +23,10 @@ from st_common import TINY
 
 from scaletrain.config import load_config
 from scaletrain.parity import run_layout
+from scaletrain.plan.memory import loader_index_bytes
+from scaletrain.plan.ranks import plan_memory
 from scaletrain.registry import get_recipe
+from scaletrain.validate import validate_config
 
 pytest.importorskip("deepspeed")
 
@@ -63,3 +66,12 @@ def test_zero_model_state_matches_the_paper(stage, nproc, tmp_path):
     measured = next(r["model_state_gib"] for r in rows if "model_state_gib" in r) * 2**30
     expected = FORMULAS[stage](nproc) * _parameters()
     assert abs(measured / expected - 1) <= TOLERANCE, f"ZeRO-{stage}, N={nproc}: {measured:,.0f} vs {expected:,.0f}"
+    # `scaletrain plan`'s prediction for the same layout (the engine's plan_cost; census terms as in
+    # st_common.assert_model_state_predicted). ZeRO-1's is its backward peak, with every gradient: at the
+    # boundary the census sees them partitioned.
+    cfg = load_config(TINY, RUN + engine)
+    (rank,) = plan_memory(cfg, validate_config(cfg, nproc))
+    predicted = rank.state.total + loader_index_bytes(cfg)
+    if stage == 1:
+        predicted -= rank.state.gradients * (nproc - 1) // nproc
+    assert abs(predicted / measured - 1) <= TOLERANCE, f"ZeRO-{stage}, N={nproc}: {predicted:,} vs {measured:,.0f}"
