@@ -45,8 +45,8 @@ USAGE = """usage: scaletrain plan CONFIG [--memory-limit-gb G] [--world-size N] 
 Per-rank memory of CONFIG's layout, predicted in this process without a GPU or a process group: the model
 state from the layout's real parameter shards and the activation peak from its training step run on fake
 tensors (the recipe's own parallelize, micro step and pipeline schedule). --memory-limit-gb: fail (exit 1)
-when a rank's total exceeds it. Native engine, one-loss recipes. A deep model is sized from copies 3 and 4
-blocks deep per stage, carried to its depth (scaletrain/plan/ranks.py); --exact simulates it whole.
+when a rank's total exceeds it. Native engine or DeepSpeed ZeRO, one-loss recipes. A deep model is sized from
+copies 3 and 4 blocks deep per stage, carried to its depth (scaletrain/plan/ranks.py); --exact simulates it whole.
 --jobs: processes for the simulations (default: this machine's CPUs).
 --calibrate: the prediction beside a real run of the layout here (torchrun, --steps steps): model state,
 activation peak, step time per component, and the efficiency to give the search (scaletrain/plan/calibrate.py).
