@@ -41,7 +41,8 @@ def test_startup_names_the_eval_feature_extractor_when_evaluating(interval):
     with torch.device("meta"):
         model = DiT(cfg.model)
     notes = get_recipe("dit").model.startup_notes(model, cfg, validate_config(cfg, 1))
-    named = [n for n in notes if n.startswith("eval features: fid_shapes/kid_shapes/class_accuracy_shapes: ")]
+    shapes_keys = "fid_shapes/kid_shapes/class_accuracy_shapes/diversity_shapes"
+    named = [n for n in notes if n.startswith(f"eval features: {shapes_keys}: ")]
     assert len(named) == (1 if interval else 0), notes
     assert notes[0].startswith("kernels: attention "), notes
 
@@ -125,9 +126,9 @@ def test_train_then_sample_writes_a_png_grid(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "images/s" in done.stdout
     # --metrics: FID/KID against real shapes, labelled with the extractor that made them.
-    label = "features: fid_shapes/kid_shapes/class_accuracy_shapes: shapes classifier (trained by this project"
-    assert label in done.stdout
-    assert all(f"\n{key}: " in done.stdout for key in ("fid_shapes", "kid_shapes", "class_accuracy_shapes"))
+    keys = ("fid_shapes", "kid_shapes", "class_accuracy_shapes", "diversity_shapes")
+    assert f"features: {'/'.join(keys)}: shapes classifier (trained by this project" in done.stdout
+    assert all(f"\n{key}: " in done.stdout for key in keys)
     grid = np.asarray(Image.open(out))
     assert grid.shape == (2 * 18 + 2, 8 * 18 + 2, 3)  # 10 images of 16 px, 8 per row, 2 px gaps
     if "config" in json.loads((ckpt / "trainer.json").read_text()):  # cores that store the resolved config
