@@ -144,7 +144,7 @@ def test_plan_prints_each_pipeline_ranks_memory_and_checks_the_limit(capsys):
     ("args", "message"),
     [
         (["--memory-limit-gb", "0"], r"--memory-limit-gb: 0.0 is not allowed"),
-        (["--engine.name", "deepspeed"], r"engine\.name: the planner predicts the native engine"),
+        (["--engine.name", "fairscale"], r"engine\.name: the planner predicts the native engine and DeepSpeed, not"),
     ],
 )
 def test_plan_refuses_bad_input(args, message, capsys):
