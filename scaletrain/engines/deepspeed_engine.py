@@ -396,20 +396,15 @@ def plan_cost(cfg: JobConfig, dims: ParallelDims, parameters: int, trainable: in
     bucket = _elements(zero, "reduce_bucket_size")
     buckets = math.ceil(trainable / bucket)
     gathers = math.ceil(parameters / _elements(zero, "allgather_bucket_size"))
-    gradients, weights = width * trainable * ring, width * parameters * ring
-    overlapped = exposed = 0.0
-    overlapped_calls = exposed_calls = 0
-    if n > 1 and stage == 0:
-        exposed, exposed_calls = 2 * gradients, 2 * buckets
-    elif n > 1 and stage in (1, 2):
-        if stage == 1:
-            exposed, exposed_calls = gradients, buckets
-        else:
-            overlapped, overlapped_calls = accum * gradients, accum * buckets
-        exposed, exposed_calls = exposed + weights, exposed_calls + gathers
-    elif n > 1:
-        units = accum * (2 * gathers + buckets)
-        overlapped, overlapped_calls = accum * (2 * weights + gradients), units
+    gradients, weights = width * trainable * ring, width * parameters * ring  # 0 bytes on one rank
+    # stage -> ((overlapped bytes, calls), (exposed bytes, calls))
+    overlapped_exposed = {
+        0: ((0, 0), (2 * gradients, 2 * buckets)),
+        1: ((0, 0), (gradients + weights, buckets + gathers)),
+        2: ((accum * gradients, accum * buckets), (weights, gathers)),
+        3: ((accum * (2 * weights + gradients), accum * (2 * gathers + buckets)), (0, 0)),
+    }
+    ((overlapped, overlapped_calls), (exposed, exposed_calls)) = overlapped_exposed[stage] if n > 1 else ((0, 0),) * 2
     return DataParallelCost(
         parameter_bytes=width * parameters // (n if stage == 3 else 1),
         gradient_bytes=width * trainable // (n if stage >= 2 else 1),
